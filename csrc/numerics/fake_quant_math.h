@@ -1,0 +1,169 @@
+#pragma once
+// The per-element numerics of DESIGN section 2, shared by the CPU kernels and
+// CUDA. Every function is branch-free (selects only) so the CPU loops
+// auto-vectorize, and the fp32 operation order is the contract: CPU, CUDA and
+// the test reference agree bit for bit.
+#include <cstdint>
+#include <cstring>
+
+#include "numerics/host_device.h"
+#include "numerics/qtype.h"
+
+namespace qwix {
+
+// sqrt(FLT_MIN): smaller scales (and non-positive ones) become 1, as in Qwix.
+constexpr float kMinScale = 1.0842021724855044e-19f;
+
+QWIX_HD uint32_t float_bits(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(v);
+#else
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+#endif
+}
+
+QWIX_HD float bits_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+#endif
+}
+
+// Round half to even. Exact for |v| < 2^22, which every caller guarantees by
+// clamping first; NaN stays NaN. (The magic-number form vectorizes on CPUs.)
+QWIX_HD float round_half_even(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  return (v + magic) - magic;
+#endif
+}
+
+// Clamp that propagates NaN (a NaN fails both comparisons and passes through).
+QWIX_HD float clamp_keep_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Round a finite |v| <= format max to a float format with `mbits` mantissa bits
+// and smallest normal exponent `emin` (subnormals included), ties to even.
+QWIX_HD float round_to_float_format(float v, int mbits, int emin) {
+  int32_t e = static_cast<int32_t>((float_bits(v) >> 23) & 0xffu) - 127;
+  e = e < emin ? emin : e;
+  const int32_t q = e - mbits;  // log2 of the spacing of representable values near v
+  const float spacing = bits_float(static_cast<uint32_t>(q + 127) << 23);
+  const float inv_spacing = bits_float(static_cast<uint32_t>(127 - q) << 23);
+  return round_half_even(v * inv_spacing) * spacing;  // power-of-two scalings are exact
+}
+
+// The 16 NF4 levels (QLoRA) and the fp32 midpoints between neighbours.
+struct NF4Table {
+  static QWIX_HD float level(int i) {
+    constexpr float kLevels[16] = {-1.0f,
+                                   -0.6961928009986877f,
+                                   -0.5250730514526367f,
+                                   -0.39491748809814453f,
+                                   -0.28444138169288635f,
+                                   -0.18477343022823334f,
+                                   -0.09105003625154495f,
+                                   0.0f,
+                                   0.07958029955625534f,
+                                   0.16093020141124725f,
+                                   0.24611230194568634f,
+                                   0.33791524171829224f,
+                                   0.44070982933044434f,
+                                   0.5626170039176941f,
+                                   0.7229568362236023f,
+                                   1.0f};
+    return kLevels[i];
+  }
+};
+
+// Float thresholds between neighbouring levels: the largest float <= the exact
+// midpoint, so `v > threshold` is exactly "v is closer to the upper level"
+// (a value exactly on a midpoint goes to the lower level).
+QWIX_HD float nf4_threshold(int i) {
+  constexpr float kThresholds[15] = {-0.8480964303016663f,  -0.6106329560279846f, -0.4599952697753906f,
+                                     -0.33967944979667664f, -0.23460741341114044f, -0.13791173696517944f,
+                                     -0.045525018125772476f, 0.03979014977812767f, 0.120255246758461f,
+                                     0.2035212516784668f,    0.2920137643814087f,  0.3893125355243683f,
+                                     0.5016633868217468f,    0.6427869200706482f,  0.8614783883094788f};
+  return kThresholds[i];
+}
+
+// Nearest NF4 level of v in [-1, 1]; NaN stays NaN.
+QWIX_HD float round_to_nf4(float v) {
+  float r = NF4Table::level(0);
+#if defined(__CUDACC__)
+#pragma unroll
+#else
+#pragma GCC unroll 16
+#endif
+  for (int i = 0; i < 15; ++i) r = v > nf4_threshold(i) ? NF4Table::level(i + 1) : r;
+  return v != v ? v : r;
+}
+
+// Per-group quantization parameters. [lo, hi] is the range the straight-through
+// gradient is masked to (when the gradient is clipped).
+struct GroupParams {
+  float scale;
+  float zero_point;
+  float lo;
+  float hi;
+};
+
+QWIX_HD float guard_scale(float s) { return s < kMinScale ? 1.0f : s; }
+
+// Symmetric: scale = absmax / B. NaN absmax (a group with NaN/Inf) stays NaN.
+QWIX_HD GroupParams symmetric_params(float absmax, const QParams& q) {
+  return {guard_scale(absmax / q.bound), 0.0f, -absmax, absmax};
+}
+
+// Asymmetric (integer qtypes): the range is widened to contain 0.
+QWIX_HD GroupParams asymmetric_params(float mn, float mx, const QParams& q) {
+  const float lo = mn > 0.0f ? 0.0f : mn;  // NaN-propagating min(mn, 0)
+  const float hi = mx < 0.0f ? 0.0f : mx;  // NaN-propagating max(mx, 0)
+  const float scale = guard_scale((hi - lo) / (q.qmax - q.qmin));
+  const float zp = round_half_even(clamp_keep_nan(q.qmin - lo / scale, q.qmin, q.qmax));
+  return {scale, zp, lo, hi};
+}
+
+// Given (static) scale and zero point: the mask range is what the grid covers.
+QWIX_HD GroupParams given_params(float scale, float zero_point, const QParams& q) {
+  const float s = guard_scale(scale);
+  if (q.kind == QKind::Int) return {s, zero_point, (q.qmin - zero_point) * s, (q.qmax - zero_point) * s};
+  return {s, 0.0f, q.qmin * s, q.qmax * s};
+}
+
+// quantize then dequantize one value, in fp32.
+template <QKind K>
+QWIX_HD float fake_quant_value(float x, float scale, float zero_point, const QParams& q) {
+  if constexpr (K == QKind::Int) {
+    const float v = clamp_keep_nan(x / scale + zero_point, q.qmin, q.qmax);
+    return (round_half_even(v) - zero_point) * scale;
+  } else if constexpr (K == QKind::Float) {
+    const float v = clamp_keep_nan(x / scale, q.qmin, q.qmax);
+    return round_to_float_format(v, q.mantissa_bits, q.min_exponent) * scale;
+  } else {
+    const float v = clamp_keep_nan(x / scale, -1.0f, 1.0f);
+    return round_to_nf4(v) * scale;
+  }
+}
+
+QWIX_HD bool in_range(float x, float lo, float hi) { return x >= lo && x <= hi; }
+
+// Order-preserving map of float bits to int32 (for vectorizable min/max reductions).
+QWIX_HD int32_t sortable_bits(float v) {
+  const int32_t b = static_cast<int32_t>(float_bits(v));
+  return b ^ ((b >> 31) & 0x7fffffff);
+}
+QWIX_HD float from_sortable_bits(int32_t s) { return bits_float(static_cast<uint32_t>(s ^ ((s >> 31) & 0x7fffffff))); }
+
+// |v| as bits: an unsigned max over these is max|v|, and anything >= 0x7f800000 is Inf/NaN.
+QWIX_HD uint32_t abs_bits(float v) { return float_bits(v) & 0x7fffffffu; }
+constexpr uint32_t kNonFiniteAbsBits = 0x7f800000u;
+
+}  // namespace qwix

@@ -1,0 +1,34 @@
+#pragma once
+#include <string>
+
+#include "numerics/host_device.h"
+
+namespace qwix {
+
+// How values are snapped to the grid; the kernels are templated on it.
+enum class QKind : int { Int = 0, Float = 1, NF4 = 2 };
+
+// Plain-old-data view of a qtype, passed by value into CPU and CUDA kernels.
+struct QParams {
+  QKind kind;
+  float qmin;    // Int: lowest grid value; Float/NF4: -max
+  float qmax;    // Int: highest grid value; Float/NF4: +max
+  float bound;   // symmetric bound B: scale = absmax / B
+  int mantissa_bits;  // Float: explicit mantissa bits
+  int min_exponent;   // Float: unbiased exponent of the smallest normal
+};
+
+struct QType {
+  std::string name;  // canonical name
+  QParams p;
+  bool is_integer() const { return p.kind == QKind::Int; }
+};
+
+// Parses a qtype name (Qwix spelling or an accepted alias). Throws a
+// c10::Error naming the bad value and listing the valid names.
+QType parse_qtype(const std::string& name);
+
+// The valid names, comma separated, for error messages and docs.
+const std::string& valid_qtype_names();
+
+}  // namespace qwix

@@ -1,0 +1,90 @@
+// The C++ API of <qwix/qwix.h>: thin typed calls into the dispatcher.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+#include "qwix/qwix.h"
+
+namespace qwix {
+namespace {
+
+c10::OperatorHandle op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+}  // namespace
+
+std::pair<std::vector<int64_t>, std::vector<int64_t>> resolve_tiled_axes(c10::IntArrayRef sizes,
+                                                                         const TiledAxes& tiled_axes) {
+  std::vector<int64_t> axes, tiles;
+  const int64_t rank = static_cast<int64_t>(sizes.size());
+  for (const auto& [axis, tile] : tiled_axes) {
+    TORCH_CHECK_INDEX(axis >= -rank && axis < rank, "qwix: tiled axis ", axis,
+                      " is out of range for a tensor of rank ", rank);
+    const int64_t dim = sizes[axis < 0 ? axis + rank : axis];
+    int64_t t;
+    if (tile > 0.0 && tile < 1.0) {
+      t = static_cast<int64_t>(std::nearbyint(static_cast<double>(dim) * tile));
+      TORCH_CHECK_VALUE(t > 0, "qwix: fractional tile ", tile, " of axis ", axis, " (size ", dim,
+                        ") rounds to 0 elements");
+    } else {
+      TORCH_CHECK_VALUE(tile >= 1.0 && tile == std::floor(tile), "qwix: tile ", tile, " for axis ", axis,
+                        " must be a positive integer (elements) or a fraction in (0, 1)");
+      t = static_cast<int64_t>(tile);
+    }
+    axes.push_back(axis);
+    tiles.push_back(t);
+  }
+  return {axes, tiles};
+}
+
+at::Tensor fake_quant(const at::Tensor& x, const std::string& qtype, const FakeQuantOptions& o) {
+  static auto h = op("qwix::fake_quant")
+                      .typed<at::Tensor(const at::Tensor&, c10::string_view, c10::string_view, at::IntArrayRef,
+                                        at::IntArrayRef, at::IntArrayRef, c10::optional<bool>)>();
+  const auto [axes, tiles] = resolve_tiled_axes(x.sizes(), o.tiled_axes);
+  return h.call(x, qtype, o.calibration_method, o.channelwise_axes, axes, tiles, o.clip_gradient);
+}
+
+at::Tensor fake_quant_with_scale(const at::Tensor& x, const at::Tensor& scale, const std::string& qtype,
+                                 const c10::optional<at::Tensor>& zero_point, bool clip_gradient) {
+  static auto h = op("qwix::fake_quant_with_scale")
+                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                        c10::string_view, bool)>();
+  return h.call(x, scale, zero_point, qtype, clip_gradient);
+}
+
+std::vector<at::Tensor> calibrate(const at::Tensor& x, const std::string& method,
+                                  const std::vector<int64_t>& channelwise_axes, const TiledAxes& tiled_axes) {
+  static auto h = op("qwix::calibrate")
+                      .typed<std::vector<at::Tensor>(const at::Tensor&, c10::string_view, at::IntArrayRef,
+                                                     at::IntArrayRef, at::IntArrayRef)>();
+  const auto [axes, tiles] = resolve_tiled_axes(x.sizes(), tiled_axes);
+  return h.call(x, method, channelwise_axes, axes, tiles);
+}
+
+std::vector<at::Tensor> compute_scale(const std::vector<at::Tensor>& calibration, const std::string& qtype) {
+  static auto h = op("qwix::compute_scale").typed<std::vector<at::Tensor>(at::TensorList, c10::string_view)>();
+  return h.call(calibration, qtype);
+}
+
+std::vector<at::Tensor> srq_scale(const at::Tensor& x, const at::Tensor& count, const std::vector<at::Tensor>& sums,
+                                  const std::string& qtype, const std::string& method,
+                                  const std::vector<int64_t>& channelwise_axes, const TiledAxes& tiled_axes) {
+  static auto h = op("qwix::srq_scale")
+                      .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, at::TensorList,
+                                                     c10::string_view, c10::string_view, at::IntArrayRef,
+                                                     at::IntArrayRef, at::IntArrayRef)>();
+  const auto [axes, tiles] = resolve_tiled_axes(x.sizes(), tiled_axes);
+  return h.call(x, count, sums, qtype, method, channelwise_axes, axes, tiles);
+}
+
+void update_quant_stat(at::Tensor& count, std::vector<at::Tensor>& sums, const std::vector<at::Tensor>& calibration,
+                       const std::vector<int64_t>& batch_axes, int64_t count_increment) {
+  static auto h = op("qwix::update_quant_stat")
+                      .typed<void(const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, int64_t)>();
+  h.call(count, sums, calibration, batch_axes, count_increment);
+}
+
+}  // namespace qwix

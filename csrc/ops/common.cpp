@@ -1,0 +1,71 @@
+#include "ops/common.h"
+
+#include <ATen/ATen.h>
+
+namespace qwix {
+
+void check_float_input(const at::Tensor& x, const char* what) {
+  const auto st = x.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "qwix: ", what,
+                   " must be a floating tensor (float32, float16, bfloat16 or float64), got ", st);
+}
+
+at::Tensor dense_input(const at::Tensor& x) { return x.is_non_overlapping_and_dense() ? x : x.contiguous(); }
+
+int64_t mask_bytes(int64_t numel, bool with_mask) { return with_mask ? (numel + 7) / 8 : 0; }
+
+DynamicSpec make_dynamic_spec(const at::Tensor& x, const std::string* qtype, const std::string& method,
+                              c10::IntArrayRef channelwise_axes, c10::IntArrayRef tiled_axes,
+                              c10::IntArrayRef tile_sizes) {
+  check_float_input(x, "input");
+  DynamicSpec s;
+  if (qtype) s.qtype = parse_qtype(*qtype);
+  s.calibration = parse_calibration(method);
+  if (qtype) {
+    TORCH_CHECK_VALUE(s.qtype.is_integer() || s.calibration.symmetric(), "qwix: calibration method '", method,
+                      "' is asymmetric, which needs an integer qtype; '", *qtype,
+                      "' is a floating-point qtype (use absmax, rms or a symmetric fixed range)");
+  }
+  s.groups = groups_from_axes(x.sizes(), channelwise_axes, tiled_axes, tile_sizes);
+  if (s.calibration.is_fixed()) s.groups.assign(s.groups.size(), 1);
+  return s;
+}
+
+Groups check_scale_args(const at::Tensor& x, const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
+                        const QType& qtype) {
+  check_float_input(x, "input");
+  TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), "qwix: scale must be a floating tensor, got ",
+                   scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.device() == x.device(), "qwix: scale is on ", scale.device(), " but the input is on ",
+                    x.device());
+  Groups g = groups_from_scale_shape(x.sizes(), scale.sizes(), "scale");
+  if (zero_point.has_value()) {
+    TORCH_CHECK_VALUE(qtype.is_integer(), "qwix: a zero point needs an integer qtype; '", qtype.name,
+                      "' is symmetric only");
+    TORCH_CHECK_VALUE(zero_point->device() == x.device(), "qwix: zero_point is on ", zero_point->device(),
+                      " but the input is on ", x.device());
+    TORCH_CHECK_TYPE(zero_point->scalar_type() != at::kBool && !at::isComplexType(zero_point->scalar_type()),
+                     "qwix: zero_point must be a real tensor, got ", zero_point->scalar_type());
+    TORCH_CHECK_VALUE(zero_point->sizes() == scale.sizes(), "qwix: zero_point of shape ", zero_point->sizes(),
+                      " must have the scale's shape ", scale.sizes());
+  }
+  return g;
+}
+
+void check_calibration_list(at::TensorList calibration, const QType* qtype) {
+  TORCH_CHECK_VALUE(calibration.size() == 1 || calibration.size() == 2,
+                    "qwix: a calibration is [absmax] or [min, max], got ", calibration.size(), " tensors");
+  for (const auto& t : calibration) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qwix: calibration tensors are float32, got ", t.scalar_type());
+  }
+  if (calibration.size() == 2) {
+    TORCH_CHECK_VALUE(calibration[0].sizes() == calibration[1].sizes(), "qwix: calibration min of shape ",
+                      calibration[0].sizes(), " and max of shape ", calibration[1].sizes(), " differ");
+    TORCH_CHECK_VALUE(!qtype || qtype->is_integer(), "qwix: a [min, max] calibration needs an integer qtype; '",
+                      qtype->name, "' is symmetric only");
+  }
+}
+
+std::vector<int64_t> to_vector(const Groups& g) { return std::vector<int64_t>(g.begin(), g.end()); }
+
+}  // namespace qwix

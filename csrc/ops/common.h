@@ -1,0 +1,45 @@
+#pragma once
+// Validation and shape logic shared by the CPU, Meta and CUDA kernels, so every
+// backend raises the same errors and allocates the same outputs.
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <vector>
+
+#include "numerics/calibration.h"
+#include "numerics/granularity.h"
+#include "numerics/qtype.h"
+
+namespace qwix {
+
+// x is a floating tensor qwix can quantize (float16, bfloat16, float32, float64).
+void check_float_input(const at::Tensor& x, const char* what);
+
+// x itself when it is dense (any memory format), else a contiguous copy: the
+// kernels walk memory in order and outputs take this tensor's strides.
+at::Tensor dense_input(const at::Tensor& x);
+
+// Bytes of a bit-packed mask with one bit per element (0 when not requested).
+int64_t mask_bytes(int64_t numel, bool with_mask);
+
+// Everything a dynamic fake quant / calibration needs, validated.
+struct DynamicSpec {
+  QType qtype;
+  Calibration calibration;
+  Groups groups;  // fixed calibration: all ones (per-tensor)
+};
+DynamicSpec make_dynamic_spec(const at::Tensor& x, const std::string* qtype, const std::string& method,
+                              c10::IntArrayRef channelwise_axes, c10::IntArrayRef tiled_axes,
+                              c10::IntArrayRef tile_sizes);
+
+// Validates a given scale (and zero point) against x and the qtype.
+Groups check_scale_args(const at::Tensor& x, const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
+                        const QType& qtype);
+
+// Checks a calibration list (1 tensor: absmax; 2: min, max) against a qtype.
+void check_calibration_list(at::TensorList calibration, const QType* qtype);
+
+// Shape helpers.
+std::vector<int64_t> to_vector(const Groups& g);
+
+}  // namespace qwix

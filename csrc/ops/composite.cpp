@@ -1,0 +1,96 @@
+// Backend-generic kernels (CompositeExplicitAutograd): the public ops forward to
+// their *_forward kernels; SRQ helpers are compositions of qwix and ATen ops.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "ops/common.h"
+#include "ops/forward_ops.h"
+
+namespace qwix {
+namespace {
+
+at::Tensor fake_quant_composite(const at::Tensor& x, c10::string_view qtype, c10::string_view method,
+                                at::IntArrayRef channelwise_axes, at::IntArrayRef tiled_axes,
+                                at::IntArrayRef tile_sizes, c10::optional<bool>) {
+  return std::get<0>(call_fake_quant_forward(x, qtype, method, channelwise_axes, tiled_axes, tile_sizes, false));
+}
+
+at::Tensor fake_quant_with_scale_composite(const at::Tensor& x, const at::Tensor& scale,
+                                           const c10::optional<at::Tensor>& zero_point, c10::string_view qtype,
+                                           bool) {
+  return std::get<0>(call_fake_quant_with_scale_forward(x, scale, zero_point, qtype, false));
+}
+
+// The statistic's average, broadcast to x's calibration shape.
+at::Tensor static_range(const at::Tensor& sum, const at::Tensor& count, const Groups& groups) {
+  TORCH_CHECK_VALUE(sum.dim() <= static_cast<int64_t>(groups.size()), "qwix: statistic of shape ", sum.sizes(),
+                    " does not fit the calibration shape ", c10::IntArrayRef(groups));
+  for (int64_t i = 0; i < sum.dim(); ++i) {
+    const int64_t g = groups[groups.size() - sum.dim() + i];
+    TORCH_CHECK_VALUE(sum.size(i) == 1 || sum.size(i) == g, "qwix: statistic of shape ", sum.sizes(),
+                      " does not broadcast to the calibration shape ", c10::IntArrayRef(groups));
+  }
+  return (sum.to(at::kFloat) / count.to(at::kFloat)).expand(groups).contiguous();
+}
+
+std::vector<at::Tensor> srq_scale_composite(const at::Tensor& x, const at::Tensor& count, at::TensorList sums,
+                                            c10::string_view qtype, c10::string_view method,
+                                            at::IntArrayRef channelwise_axes, at::IntArrayRef tiled_axes,
+                                            at::IntArrayRef tile_sizes) {
+  const std::string qname(qtype);
+  const DynamicSpec spec = make_dynamic_spec(x, &qname, std::string(method), channelwise_axes, tiled_axes, tile_sizes);
+  const size_t want = spec.calibration.symmetric() ? 1 : 2;
+  TORCH_CHECK_VALUE(sums.size() == want, "qwix: calibration method '", method, "' keeps ", want,
+                    " statistic(s), got ", sums.size());
+  TORCH_CHECK_VALUE(count.numel() == 1 && !at::isFloatingType(count.scalar_type()),
+                    "qwix: count must be an integer scalar tensor, got ", count.scalar_type(), " of shape ",
+                    count.sizes());
+  auto dynamic = [&] { return call_calibrate(x, method, channelwise_axes, tiled_axes, tile_sizes); };
+  auto from_stats = [&] {
+    std::vector<at::Tensor> r;
+    for (const auto& s : sums) r.push_back(static_range(s, count, spec.groups));
+    return r;
+  };
+  std::vector<at::Tensor> cal;
+  if (count.device().is_cpu()) {  // reading a CPU scalar is no device sync
+    cal = count.item<int64_t>() > 0 ? from_stats() : dynamic();
+  } else {  // no host sync: select on the device
+    const std::vector<at::Tensor> st = from_stats(), dy = dynamic();
+    const at::Tensor have = count.reshape({}) > 0;
+    for (size_t i = 0; i < st.size(); ++i) cal.push_back(at::where(have, st[i], dy[i]));
+  }
+  return call_compute_scale(cal, qtype);
+}
+
+void update_quant_stat_composite(const at::Tensor& count, at::TensorList sums, at::TensorList calibration,
+                                 at::IntArrayRef batch_axes, int64_t count_increment) {
+  TORCH_CHECK_VALUE(sums.size() == calibration.size(), "qwix: update_quant_stat got ", sums.size(), " sums but ",
+                    calibration.size(), " calibration tensors");
+  TORCH_CHECK_VALUE(count.numel() == 1 && !at::isFloatingType(count.scalar_type()) && count.scalar_type() != at::kBool,
+                    "qwix: count must be an integer scalar tensor, got ", count.scalar_type(), " of shape ",
+                    count.sizes());
+  for (size_t i = 0; i < sums.size(); ++i) {
+    const at::Tensor& c = calibration[i];
+    at::Tensor avg = c.to(at::kFloat);
+    if (!batch_axes.empty()) avg = avg.mean(batch_axes, /*keepdim=*/true);
+    TORCH_CHECK_VALUE(sums[i].sizes() == avg.sizes(), "qwix: statistic ", i, " has shape ", sums[i].sizes(),
+                      " but the calibration of shape ", c.sizes(), " averaged over batch axes ", batch_axes,
+                      " has shape ", avg.sizes());
+    TORCH_CHECK_TYPE(sums[i].scalar_type() == at::kFloat, "qwix: statistics are float32, got ",
+                     sums[i].scalar_type());
+    const_cast<at::Tensor&>(sums[i]).add_(avg);
+  }
+  const_cast<at::Tensor&>(count).add_(count_increment);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qwix, CompositeExplicitAutograd, m) {
+  m.impl("fake_quant", &fake_quant_composite);
+  m.impl("fake_quant_with_scale", &fake_quant_with_scale_composite);
+  m.impl("srq_scale", &srq_scale_composite);
+  m.impl("update_quant_stat", &update_quant_stat_composite);
+}
+
+}  // namespace qwix

@@ -1,0 +1,96 @@
+// Meta kernels: output shapes only (FakeTensor, torch.compile), SymInt-safe.
+// They validate exactly as the real kernels do where sizes are concrete.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "ops/common.h"
+
+namespace qwix {
+namespace {
+
+bool has_symbolic_sizes(const at::Tensor& x) { return x.unsafeGetTensorImpl()->has_symbolic_sizes_strides(); }
+
+at::Tensor meta_mask(const at::Tensor& x, bool with_mask) {
+  return at::empty_symint({with_mask ? (x.sym_numel() + 7) / 8 : c10::SymInt(0)}, x.options().dtype(at::kByte));
+}
+
+// The calibration shape, symbolic where x's sizes are.
+std::vector<c10::SymInt> sym_groups(const at::Tensor& x, const Calibration& cal, at::IntArrayRef ch,
+                                    at::IntArrayRef tiled, at::IntArrayRef tiles) {
+  const int64_t rank = x.dim();
+  std::vector<c10::SymInt> g(rank, c10::SymInt(1));
+  if (cal.is_fixed()) return g;
+  for (int64_t a : ch) {
+    const int64_t ax = a < 0 ? a + rank : a;
+    g[ax] = x.sym_size(ax);
+  }
+  for (size_t i = 0; i < tiled.size(); ++i) {
+    const int64_t ax = tiled[i] < 0 ? tiled[i] + rank : tiled[i];
+    g[ax] = x.sym_size(ax) / tiles[i];
+  }
+  return g;
+}
+
+// Validates like the real kernels (sizes-dependent checks only when concrete).
+DynamicSpec meta_spec(const at::Tensor& x, const std::string* qtype, c10::string_view method, at::IntArrayRef ch,
+                      at::IntArrayRef tiled, at::IntArrayRef tiles) {
+  if (!has_symbolic_sizes(x)) return make_dynamic_spec(x, qtype, std::string(method), ch, tiled, tiles);
+  // Symbolic sizes: check what does not depend on them.
+  std::vector<int64_t> ones(x.dim(), 1);
+  std::vector<int64_t> fake_tiles(tiles.size(), 1);
+  return make_dynamic_spec(at::empty(ones, x.options().device(at::kMeta)), qtype, std::string(method), ch, tiled,
+                           fake_tiles);
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_forward_meta(const at::Tensor& x, c10::string_view qtype,
+                                                           c10::string_view method, at::IntArrayRef ch,
+                                                           at::IntArrayRef tiled, at::IntArrayRef tiles,
+                                                           bool with_mask) {
+  const std::string q(qtype);
+  meta_spec(x, &q, method, ch, tiled, tiles);
+  return {at::empty_like(dense_input(x)), meta_mask(x, with_mask)};
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_with_scale_forward_meta(const at::Tensor& x, const at::Tensor& scale,
+                                                                      const c10::optional<at::Tensor>& zero_point,
+                                                                      c10::string_view qtype, bool with_mask) {
+  const QType qt = parse_qtype(std::string(qtype));
+  if (!has_symbolic_sizes(x) && !has_symbolic_sizes(scale)) check_scale_args(x, scale, zero_point, qt);
+  return {at::empty_like(dense_input(x)), meta_mask(x, with_mask)};
+}
+
+at::Tensor fake_quant_backward_meta(const at::Tensor& grad, const at::Tensor& mask) {
+  check_float_input(grad, "grad");
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.dim() == 1, "qwix: mask must be a 1-D uint8 tensor, got ",
+                    mask.scalar_type(), " of shape ", mask.sym_sizes());
+  return at::empty_like(dense_input(grad));
+}
+
+std::vector<at::Tensor> calibrate_meta(const at::Tensor& x, c10::string_view method, at::IntArrayRef ch,
+                                       at::IntArrayRef tiled, at::IntArrayRef tiles) {
+  const DynamicSpec spec = meta_spec(x, nullptr, method, ch, tiled, tiles);
+  const auto shape = sym_groups(x, spec.calibration, ch, tiled, tiles);
+  const auto opts = x.options().dtype(at::kFloat);
+  if (spec.calibration.symmetric()) return {at::empty_symint(shape, opts)};
+  return {at::empty_symint(shape, opts), at::empty_symint(shape, opts)};
+}
+
+std::vector<at::Tensor> compute_scale_meta(at::TensorList calibration, c10::string_view qtype) {
+  const QType qt = parse_qtype(std::string(qtype));
+  check_calibration_list(calibration, &qt);
+  std::vector<at::Tensor> out;
+  for (const auto& c : calibration) out.push_back(at::empty_symint(c.sym_sizes(), c.options()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qwix, Meta, m) {
+  m.impl("fake_quant_forward", &fake_quant_forward_meta);
+  m.impl("fake_quant_with_scale_forward", &fake_quant_with_scale_forward_meta);
+  m.impl("fake_quant_backward", &fake_quant_backward_meta);
+  m.impl("calibrate", &calibrate_meta);
+  m.impl("compute_scale", &compute_scale_meta);
+}
+
+}  // namespace qwix

@@ -1,0 +1,63 @@
+// GoogleTest: the C++ API and the registered ops, against hand-computed cases.
+#include <gtest/gtest.h>
+#include <qwix/qwix.h>
+#include <torch/torch.h>
+
+namespace {
+
+TEST(FakeQuant, QwixHandCasesInt8) {
+  const auto x = torch::tensor({1.2f, 3.5f, -127.5f, 129.0f, -1300.0f});
+  const auto y = qwix::fake_quant_with_scale(x, torch::ones({}), "int8");
+  EXPECT_TRUE(torch::equal(y, torch::tensor({1.0f, 4.0f, -128.0f, 127.0f, -128.0f})));
+}
+
+TEST(FakeQuant, QwixHandCasesInt4AndUint8) {
+  EXPECT_TRUE(torch::equal(qwix::fake_quant_with_scale(torch::tensor({1.2f, 3.5f, 8.0f, -1300.0f}), torch::ones({}), "int4"),
+                           torch::tensor({1.0f, 4.0f, 7.0f, -8.0f})));
+  EXPECT_TRUE(torch::equal(qwix::fake_quant_with_scale(torch::tensor({-1.2f, 3.5f, 129.0f, 1300.0f}), torch::ones({}), "uint8"),
+                           torch::tensor({0.0f, 4.0f, 129.0f, 255.0f})));
+}
+
+TEST(FakeQuant, PerRowDynamicMatchesFormula) {
+  torch::manual_seed(0);
+  const auto x = torch::randn({16, 64});
+  const auto y = qwix::fake_quant(x, "int8", {.channelwise_axes = {0}});
+  const auto s = x.abs().amax(-1, true) / 127.5;
+  const auto ref = (x / s).round().clamp(-128, 127) * s;
+  EXPECT_TRUE(torch::equal(y, ref));
+}
+
+TEST(FakeQuant, StraightThroughGradient) {
+  auto x = torch::tensor({-2.0f, -1.0f, 0.0f, 1.0f, 2.0f}, torch::requires_grad());
+  qwix::fake_quant(x, "int8", {.calibration_method = "absmax,0.5"}).sum().backward();
+  EXPECT_TRUE(torch::equal(x.grad(), torch::tensor({0.0f, 1.0f, 1.0f, 1.0f, 0.0f})));
+  auto x2 = torch::randn({4, 8}, torch::requires_grad());
+  qwix::fake_quant(x2, "int4").sum().backward();
+  EXPECT_TRUE(torch::equal(x2.grad(), torch::ones({4, 8})));
+}
+
+TEST(FakeQuant, TiledFractionAndErrors) {
+  const auto x = torch::randn({4, 32});
+  const auto a = qwix::fake_quant(x, "int8", {.tiled_axes = {{1, 0.25}}});
+  const auto b = qwix::fake_quant(x, "int8", {.tiled_axes = {{1, 8.0}}});
+  EXPECT_TRUE(torch::equal(a, b));
+  EXPECT_THROW(qwix::fake_quant(x, "int9"), c10::ValueError);
+  EXPECT_THROW(qwix::fake_quant(x, "int8", {.tiled_axes = {{1, 5.0}}}), c10::ValueError);
+  EXPECT_THROW(qwix::fake_quant(x, "int8", {.channelwise_axes = {2}}), c10::IndexError);
+  EXPECT_THROW(qwix::fake_quant(x, "float8_e4m3fn", {.calibration_method = "minmax"}), c10::ValueError);
+}
+
+TEST(QuantStat, UpdateThenStaticScale) {
+  auto count = torch::zeros({}, torch::kInt32);
+  std::vector<at::Tensor> sums = {torch::zeros({1, 1})};
+  const auto x = torch::randn({8, 16});
+  const auto cal = qwix::calibrate(x, "absmax", {0});
+  qwix::update_quant_stat(count, sums, cal, {0}, 1);
+  EXPECT_EQ(count.item<int>(), 1);
+  EXPECT_TRUE(torch::allclose(sums[0], x.abs().amax(-1, true).mean(0, true)));
+  const auto scale = qwix::srq_scale(x, count, sums, "int8", "absmax", {0})[0];
+  EXPECT_EQ(scale.sizes(), (std::vector<int64_t>{8, 1}));
+  EXPECT_TRUE(torch::equal(scale[3], sums[0][0] / 127.5f));
+}
+
+}  // namespace

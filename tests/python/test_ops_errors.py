@@ -1,0 +1,201 @@
+"""Bad inputs raise clear errors that name the bad value."""
+import re
+
+import pytest
+import torch
+
+import qwix_torch as qwix
+import reference as ref
+
+ops = torch.ops.qwix
+
+
+def x24():
+    return torch.randn(4, 6)
+
+
+# ------------------------------------------------------------------------------------------------
+# qtypes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["int9", "int1", "int32", "float16", "bfloat16", "INT8x", ""])
+def test_unknown_qtype(bad):
+    pat = rf"(?s)'{re.escape(bad)}'.*int8|int8.*'{re.escape(bad)}'"
+    with pytest.raises(ValueError, match=pat):
+        qwix.fake_quant(x24(), bad)
+    with pytest.raises(ValueError, match=pat):
+        qwix.fake_quant_with_scale(x24(), torch.ones(()), bad)
+    with pytest.raises(ValueError, match=pat):
+        qwix.compute_scale({"absmax": torch.ones(1)}, bad)
+    with pytest.raises(ValueError, match=pat):
+        qwix.srq_scale(x24(), torch.zeros((), dtype=torch.int32), [torch.zeros(1, 1)], bad)
+
+
+def test_unknown_qtype_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        qwix.fake_quant(x24(), "int9")
+    msg = str(e.value)
+    for name in ["int2", "int4", "int8", "int16", "uint4", "uint8", "float8_e4m3fn", "float8_e5m2", "float4_e2m1fn", "nf4"]:
+        assert name in msg, f"{name} missing from: {msg}"
+
+
+@pytest.mark.parametrize("qtype", ["float8_e4m3fn", "fp8_e5m2", "float4_e2m1fn", "nf4"])
+@pytest.mark.parametrize("method", ["minmax", "minmax,0.9", "fixed,-1,3"])
+def test_float_qtype_with_asymmetric_method(qtype, method):
+    with pytest.raises(ValueError, match=re.escape(method)):
+        qwix.fake_quant(x24(), qtype, calibration_method=method)
+    with pytest.raises(ValueError, match=re.escape(qtype)):
+        qwix.fake_quant(x24(), qtype, calibration_method=method)
+    canonical = ref.ALIASES.get(qtype, qtype)
+    named = f"{re.escape(qtype)}|{re.escape(canonical)}"
+    with pytest.raises(ValueError, match=named):
+        qwix.compute_scale({"min": -torch.ones(1), "max": torch.ones(1)}, qtype)
+    with pytest.raises(ValueError, match=named):
+        qwix.srq_scale(x24(), torch.zeros((), dtype=torch.int32), [torch.zeros(1, 1)] * 2, qtype, method)
+
+
+# ------------------------------------------------------------------------------------------------
+# calibration methods
+# ------------------------------------------------------------------------------------------------
+
+MALFORMED = ["absmax,", "absmax,x", "foo", "fixed", "fixed,1,2", "fixed,-1,-0.5", "absmax,0.5,2", "minmax,,",
+             "rms,abc", "fixed,2,1", ",absmax", "absmax,inf", "fixed,nan"]
+
+
+@pytest.mark.parametrize("method", MALFORMED)
+def test_malformed_method(method):
+    pat = re.escape(method)
+    with pytest.raises(ValueError, match=pat):
+        qwix.fake_quant(x24(), "int8", calibration_method=method)
+    with pytest.raises(ValueError, match=pat):
+        qwix.compute_calibration(x24(), method)
+    with pytest.raises(ValueError, match=pat):
+        qwix.srq_scale(x24(), torch.zeros((), dtype=torch.int32), [torch.zeros(1, 1)], "int8", method)
+
+
+def test_meta_kernels_raise_the_same_errors():
+    """Meta (FakeTensor / compile) raises the same errors as the CPU kernel."""
+    x = torch.empty(4, 6, device="meta")
+    with pytest.raises(ValueError, match=re.escape("absmax,x")):
+        ops.fake_quant(x, "int8", "absmax,x", [], [], [], None)
+    with pytest.raises(ValueError, match="int9"):
+        ops.fake_quant(x, "int9", "absmax", [], [], [], None)
+    with pytest.raises(IndexError, match=r"\b5\b"):
+        ops.fake_quant(x, "int8", "absmax", [5], [], [], None)
+
+
+# ------------------------------------------------------------------------------------------------
+# axes and tiles
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axes", [(2,), (5,), (-3,), (0, 7)])
+def test_channelwise_axis_out_of_range(axes):
+    bad = [a for a in axes if not -2 <= a < 2][0]
+    pat = rf"(?<![\d-]){re.escape(str(bad))}(?!\d)"
+    with pytest.raises(IndexError, match=pat):
+        qwix.fake_quant(x24(), "int8", channelwise_axes=axes)
+    with pytest.raises(IndexError, match=pat):
+        qwix.compute_calibration(x24(), channelwise_axes=axes)
+    with pytest.raises(IndexError, match=pat):
+        ops.fake_quant(x24(), "int8", "absmax", [], [bad], [2], None)
+
+
+@pytest.mark.parametrize("axis", [2, -3, 9])
+def test_tiled_axis_out_of_range(axis):
+    with pytest.raises(IndexError, match=rf"(?<![\d-]){re.escape(str(axis))}(?!\d)"):
+        qwix.fake_quant(x24(), "int8", tiled_axes={axis: 2})
+
+
+@pytest.mark.parametrize("axes,tiles,bad", [((0, 0), None, 0), ((1, -1), None, 1), ((0,), {0: 2}, 0), ((), {1: 2, -1: 3}, 1)])
+def test_repeated_axis(axes, tiles, bad):
+    pat = rf"(?si)(repeat|more than once|twice|duplicate|both).*(?<!\d){bad}|(?<!\d){bad}.*(repeat|more than once|twice|duplicate|both)"
+    with pytest.raises(ValueError, match=pat):
+        qwix.fake_quant(x24(), "int8", channelwise_axes=axes, tiled_axes=tiles)
+
+
+@pytest.mark.parametrize("tile", [4, 5, 0, -2, 7])
+def test_bad_tile(tile):
+    with pytest.raises(ValueError, match=rf"(?<![\d-]){re.escape(str(tile))}(?!\d)"):
+        ops.fake_quant(x24(), "int8", "absmax", [], [1], [tile], None)
+    with pytest.raises(ValueError, match=rf"(?<![\d-]){re.escape(str(tile))}(?!\d)"):
+        ops.calibrate(x24(), "absmax", [], [1], [tile])
+
+
+def test_bad_fractional_tile():
+    # 0.25 of 6 -> round(1.5) = 2 divides; 0.3 of 10 -> 3 does not divide... use axis of 10
+    x = torch.randn(4, 10)
+    with pytest.raises(ValueError, match=r"\b3\b"):
+        qwix.fake_quant(x, "int8", tiled_axes={1: 0.3})
+    with pytest.raises(ValueError, match=r"1\.5"):
+        qwix.fake_quant(x, "int8", tiled_axes={1: 1.5})
+
+
+def test_tiled_axes_and_tile_sizes_length_mismatch():
+    with pytest.raises(ValueError):
+        ops.fake_quant(x24(), "int8", "absmax", [], [1], [], None)
+
+
+# ------------------------------------------------------------------------------------------------
+# input dtypes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x,name", [
+    (torch.arange(24).reshape(4, 6), r"(?i)long|int64"),
+    (torch.arange(24, dtype=torch.int32).reshape(4, 6), r"(?i)\bint\b|int32"),
+    (torch.ones(4, 6, dtype=torch.uint8), r"(?i)byte|uint8"),
+    (torch.ones(4, 6, dtype=torch.bool), r"(?i)bool"),
+    (torch.ones(4, 6, dtype=torch.complex64), r"(?i)complex"),
+])
+def test_non_float_input(x, name):
+    with pytest.raises(TypeError, match=name):
+        qwix.fake_quant(x, "int8")
+    with pytest.raises(TypeError, match=name):
+        qwix.fake_quant_with_scale(x, torch.ones(()), "int8")
+    with pytest.raises(TypeError, match=name):
+        qwix.compute_calibration(x)
+    with pytest.raises(TypeError, match=name):
+        qwix.srq_scale(x, torch.zeros((), dtype=torch.int32), [torch.zeros(1, 1)], "int8")
+
+
+# ------------------------------------------------------------------------------------------------
+# scales and zero points
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_shape", [(5,), (4, 4), (3, 1), (2, 4, 6), (4, 5)])
+def test_scale_of_wrong_shape(scale_shape):
+    with pytest.raises(ValueError, match=re.escape(str(list(scale_shape))) + "|" + re.escape(str(scale_shape))):
+        qwix.fake_quant_with_scale(x24(), torch.ones(scale_shape), "int8")
+
+
+def test_scale_with_more_dims_than_input():
+    with pytest.raises(ValueError, match=r"scale"):
+        qwix.fake_quant_with_scale(torch.randn(6), torch.ones(1, 6), "int8")
+
+
+def test_zero_point_with_float_qtype():
+    for qtype in ["float8_e4m3fn", "nf4", "float4_e2m1fn"]:
+        with pytest.raises(ValueError, match=rf"(?si)zero.?point.*{qtype}|{qtype}.*zero.?point"):
+            qwix.fake_quant_with_scale(x24(), torch.ones(4, 1), qtype, zero_point=torch.zeros(4, 1))
+
+
+def test_zero_point_of_wrong_shape():
+    with pytest.raises(ValueError, match=r"(?i)zero.?point"):
+        qwix.fake_quant_with_scale(x24(), torch.ones(4, 1), "int8", zero_point=torch.zeros(6))
+
+
+def test_non_float_scale():
+    with pytest.raises(TypeError, match=r"(?i)scale"):
+        qwix.fake_quant_with_scale(x24(), torch.ones((), dtype=torch.int64), "int8")
+
+
+def test_calibration_lists():
+    with pytest.raises(ValueError):
+        ops.compute_scale([torch.ones(1)] * 3, "int8")
+    with pytest.raises(ValueError, match=r"(?s)\[2\].*\[3\]|\[3\].*\[2\]"):
+        ops.compute_scale([torch.ones(2), torch.ones(3)], "int8")
+    with pytest.raises(ValueError, match=r"(?i)keys"):
+        qwix.compute_scale({"absmax": torch.ones(1), "min": torch.ones(1)}, "int8")
