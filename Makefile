@@ -26,14 +26,18 @@ $(VENV)/.stamp: requirements-dev.txt
 
 # The Python extension, built in place and installed editable (--no-build-isolation: against this torch).
 ext: venv
-	$(LOCK) bash -c 'MAX_JOBS=$(JOBS) $(PY) setup.py -q build_ext --inplace && \
-	  { $(PY) -c "import qwix_torch" 2>/dev/null || $(PY) -m pip install -q --no-build-isolation --no-deps -e . ; }'
+	@mkdir -p build
+	@echo "building the extension qwix_torch._C (log: build/ext.log)"
+	@$(LOCK) bash -c 'MAX_JOBS=$(JOBS) $(PY) setup.py build_ext --inplace > build/ext.log 2>&1 || { tail -n 80 build/ext.log; exit 1; }; \
+	  $(PY) -c "import qwix_torch" 2>/dev/null || QWIX_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e . '
 
 cmake: venv
-	$(LOCK) bash -c '$(CMAKE) -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	@echo "building the CMake tree $(CMAKE_BUILD) (log: build/cmake.log)"
+	@mkdir -p build
+	@$(LOCK) bash -c '{ $(CMAKE) -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_MAKE_PROGRAM=$$(realpath $(VENV)/bin/ninja) \
 	  -DCMAKE_PREFIX_PATH=$$($(PY) -c "import torch; print(torch.utils.cmake_prefix_path)") \
-	  -DPython3_EXECUTABLE=$$(realpath $(PY)) > /dev/null && $(CMAKE) --build $(CMAKE_BUILD) -j $(JOBS)'
+	  -DPython3_EXECUTABLE=$$(realpath $(PY)) && $(CMAKE) --build $(CMAKE_BUILD) -j $(JOBS); } > build/cmake.log 2>&1 || { tail -n 80 build/cmake.log; exit 1; }'
 
 build: ext cmake
 
@@ -43,7 +47,20 @@ test-cpp: cmake
 test-python: ext
 	$(PY) -m pytest tests/python -q -x -p no:cacheprovider
 
-test: build test-cpp test-python
+# CI has nvcc but no GPU: compile every .cu file for sm_80 and sm_90 against torch's headers.
+NVCC ?= nvcc
+CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+TORCH_INC = $(shell $(PY) -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
+CU_OBJS := $(patsubst cuda/%.cu,build/cuda-check/%.o,$(wildcard cuda/*.cu))
+cuda-check: venv
+	@command -v $(NVCC) > /dev/null || { echo "error: nvcc not found (needed by cuda-check)"; exit 1; }
+	@$(MAKE) --no-print-directory -j $(JOBS) $(CU_OBJS)
+	@echo "cuda-check: compiled $(words $(CU_OBJS)) CUDA files for sm_80 and sm_90"
+build/cuda-check/%.o: cuda/%.cu $(wildcard cuda/*.cuh) $(wildcard csrc/numerics/*.h) csrc/ops/common.h
+	@mkdir -p $(@D)
+	$(NVCC) -c -std=c++20 -O3 --expt-relaxed-constexpr $(CUDA_ARCHS) -Icsrc -I. -Icuda/compile_check $(TORCH_INC) $< -o $@
+
+test: build cuda-check test-cpp test-python
 
 demo: build
 	$(PY) examples/qat_digits.py

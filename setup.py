@@ -27,7 +27,7 @@ if _use_cuda():
     ext = cpp_extension.CUDAExtension(
         "qwix_torch._C",
         sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc"), ROOT],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         extra_link_args=["-fopenmp"],
     )
@@ -46,7 +46,8 @@ setup(
     description="Quantization-aware training for PyTorch with Qwix's rules-based workflow",
     package_dir={"": "python"},
     packages=find_packages("python"),
-    ext_modules=[ext],
+    # QWIX_NO_EXT=1: install the package only (the Makefile builds the extension in place first).
+    ext_modules=[] if os.environ.get("QWIX_NO_EXT") == "1" else [ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.4", "tqdm"],
     python_requires=">=3.9",

@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "ops/forward_ops.h"
 #include "qwix/qwix.h"
 
 namespace qwix {
@@ -57,16 +58,12 @@ at::Tensor fake_quant_with_scale(const at::Tensor& x, const at::Tensor& scale, c
 
 std::vector<at::Tensor> calibrate(const at::Tensor& x, const std::string& method,
                                   const std::vector<int64_t>& channelwise_axes, const TiledAxes& tiled_axes) {
-  static auto h = op("qwix::calibrate")
-                      .typed<std::vector<at::Tensor>(const at::Tensor&, c10::string_view, at::IntArrayRef,
-                                                     at::IntArrayRef, at::IntArrayRef)>();
   const auto [axes, tiles] = resolve_tiled_axes(x.sizes(), tiled_axes);
-  return h.call(x, method, channelwise_axes, axes, tiles);
+  return call_calibrate(x, method, channelwise_axes, axes, tiles);
 }
 
 std::vector<at::Tensor> compute_scale(const std::vector<at::Tensor>& calibration, const std::string& qtype) {
-  static auto h = op("qwix::compute_scale").typed<std::vector<at::Tensor>(at::TensorList, c10::string_view)>();
-  return h.call(calibration, qtype);
+  return call_compute_scale(calibration, qtype);
 }
 
 std::vector<at::Tensor> srq_scale(const at::Tensor& x, const at::Tensor& count, const std::vector<at::Tensor>& sums,

@@ -66,6 +66,19 @@ void check_calibration_list(at::TensorList calibration, const QType* qtype) {
   }
 }
 
-std::vector<int64_t> to_vector(const Groups& g) { return std::vector<int64_t>(g.begin(), g.end()); }
+at::Tensor to_group_order(const at::Tensor& t, const Groups& groups, const Layout& l) {
+  std::vector<int64_t> shape(groups.size() - t.dim(), 1);
+  shape.insert(shape.end(), t.sizes().begin(), t.sizes().end());
+  return t.to(at::kFloat).reshape(shape).expand(groups).permute(l.perm).contiguous().reshape({-1});
+}
+
+at::Tensor from_group_order(const at::Tensor& flat, const Groups& groups, const Layout& l) {
+  std::vector<int64_t> permuted, inverse(l.perm.size());
+  for (size_t i = 0; i < l.perm.size(); ++i) {
+    permuted.push_back(groups[l.perm[i]]);
+    inverse[l.perm[i]] = static_cast<int64_t>(i);
+  }
+  return flat.reshape(permuted).permute(inverse).contiguous();
+}
 
 }  // namespace qwix

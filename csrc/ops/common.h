@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "numerics/calibration.h"
@@ -39,7 +40,22 @@ Groups check_scale_args(const at::Tensor& x, const at::Tensor& scale, const c10:
 // Checks a calibration list (1 tensor: absmax; 2: min, max) against a qtype.
 void check_calibration_list(at::TensorList calibration, const QType* qtype);
 
-// Shape helpers.
-std::vector<int64_t> to_vector(const Groups& g);
+// A scale/zero point (calibration-shaped, right-aligned) as a flat float32
+// tensor in x's group order (the layout's memory order), and back.
+at::Tensor to_group_order(const at::Tensor& t, const Groups& groups, const Layout& l);
+at::Tensor from_group_order(const at::Tensor& flat, const Groups& groups, const Layout& l);
+
+// Calls f with std::integral_constant<QKind, k> (kernels are templated on the kind).
+template <typename F>
+void dispatch_kind(QKind k, const F& f) {
+  switch (k) {
+    case QKind::Int:
+      return f(std::integral_constant<QKind, QKind::Int>{});
+    case QKind::Float:
+      return f(std::integral_constant<QKind, QKind::Float>{});
+    case QKind::NF4:
+      return f(std::integral_constant<QKind, QKind::NF4>{});
+  }
+}
 
 }  // namespace qwix

@@ -9,6 +9,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <cstdint>
+#include <optional>
+#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -56,5 +59,115 @@ void update_quant_stat(at::Tensor& count, std::vector<at::Tensor>& sums, const s
 // Splits {axis: tile} into the ops' (tiled_axes, tile_sizes), resolving fractions.
 std::pair<std::vector<int64_t>, std::vector<int64_t>> resolve_tiled_axes(c10::IntArrayRef sizes,
                                                                          const TiledAxes& tiled_axes);
+
+// ===========================================================================
+// Rules and providers (DESIGN section 3), implemented in csrc/rules/.
+// The one engine: the per-op decisions (which rule, which qtype, calibration,
+// channelwise and tiled axes, static or dynamic, batch axes, clip_gradient) for
+// every operand of linear / conv / matmul / bmm / einsum are made here, and the
+// Python nn.Module path, the C++ frontend path and the TorchScript path only
+// intercept ops and keep module bookkeeping.
+// ===========================================================================
+
+// The op names a rule's op_names can list; op ids are <op name><n> (linear0, ...).
+const std::vector<std::string>& valid_op_names();
+
+// Qwix's QuantizationRule (same field names and defaults); clip_gradient is ours.
+struct QuantizationRule {
+  // std::regex (ECMAScript) full match on the dotted module path; the root is "".
+  std::string module_path = ".*";
+  // Empty: every op. Otherwise names from valid_op_names().
+  std::vector<std::string> op_names = {};
+  std::optional<std::string> weight_qtype = std::nullopt;
+  std::optional<std::string> act_qtype = std::nullopt;
+  // Tiles the contracting axis: >= 1 (an integer) counts elements; in (0, 1)
+  // it is a fraction of the axis. Not allowed for conv (an error at plan time).
+  std::optional<double> tile_size = std::nullopt;
+  // SRQ: activations use a scale from running statistics (QuantStat).
+  bool act_static_scale = false;
+  std::string weight_calibration_method = "absmax";
+  std::string act_calibration_method = "absmax";
+  // SRQ: the statistics are averaged over these activation axes.
+  std::vector<int64_t> act_batch_axes = {0};
+  // Mask the straight-through gradient to the quantization range. nullopt:
+  // dynamic scales mask when the method can clip; static scales do not.
+  std::optional<bool> clip_gradient = std::nullopt;
+};
+
+// Throws c10::ValueError (Python: ValueError) naming the bad field and value:
+// an invalid regex, an unknown op name or qtype, a malformed calibration method,
+// an asymmetric method with a floating-point qtype, a non-positive or
+// non-integer tile, act_static_scale without act_qtype, repeated batch axes.
+void validate_rule(const QuantizationRule& rule);
+
+// A readable one-line form, for messages: QuantizationRule(module_path='...', ...).
+std::string rule_repr(const QuantizationRule& rule);
+
+enum class Operand : int { Lhs = 0, Rhs = 1 };
+
+// What to do with one operand of an intercepted op.
+struct OperandPlan {
+  bool quantize = false;  // false: leave the operand as it is (no qtype for its role)
+  bool is_weight = false;
+  std::string qtype;               // canonical name
+  std::string calibration_method;  // as the rule spells it
+  std::vector<int64_t> channelwise_axes;  // non-negative, sorted
+  TiledAxes tiled_axes;                   // at most one {axis, tile}; resolve with resolve_tiled_axes
+  bool static_scale = false;              // SRQ: scale from a QuantStat named <op id>_lhs / _rhs
+  std::vector<int64_t> batch_axes;        // SRQ: non-negative, sorted
+  // Pass to fake_quant (dynamic) as is; static scales get a plain bool.
+  std::optional<bool> clip_gradient = std::nullopt;
+};
+
+// The decision for one operand of `op_name` (one of valid_op_names()).
+//   linear  lhs [..., in]: per token (all axes but the last); rhs (W [out, in]): per output channel.
+//   conv*   lhs [N, C, ...] (or unbatched): per batch item; rhs (W [out, in/g, k...]): per output channel.
+//   matmul / bmm / einsum: every non-contracting axis is channelwise.
+// tile_size tiles the (last) contracting axis; it is an error for conv.
+// einsum_equation is read for einsum only (two operands, explicit or implicit output).
+OperandPlan plan_operand(const QuantizationRule& rule, const std::string& op_name, Operand operand, bool is_weight,
+                         int64_t rank, const std::string& einsum_equation = "");
+
+struct OperandInfo {
+  int64_t rank = 0;
+  bool is_weight = false;
+};
+
+struct OpPlan {
+  int64_t rule_index = -1;  // into QatProvider::rules()
+  OperandPlan lhs, rhs;
+};
+
+OpPlan plan_op(const QuantizationRule& rule, const std::string& op_name, const OperandInfo& lhs,
+               const OperandInfo& rhs, const std::string& einsum_equation = "");
+
+// Qwix's QatProvider: an ordered rule list; the first rule whose module_path
+// fully matches and whose op_names (if any) include the op wins.
+class QatProvider {
+ public:
+  QatProvider() = default;
+  explicit QatProvider(std::vector<QuantizationRule> rules);  // validates every rule
+
+  const std::vector<QuantizationRule>& rules() const { return rules_; }
+
+  // Index of the first matching rule, or nullopt; does not mark it used.
+  std::optional<int64_t> match_rule(const std::string& module_path, const std::string& op_name) const;
+  // As match_rule, and marks the rule used.
+  std::optional<int64_t> find_rule(const std::string& module_path, const std::string& op_name);
+  // find_rule + plan_op: nullopt when no rule matches. Errors name the module path.
+  std::optional<OpPlan> plan(const std::string& module_path, const std::string& op_name, const OperandInfo& lhs,
+                             const OperandInfo& rhs, const std::string& einsum_equation = "");
+
+  // Rules that matched no op so far (Qwix's get_unused_rules), in order.
+  std::vector<QuantizationRule> get_unused_rules() const;
+  std::vector<int64_t> unused_rule_indices() const;
+  bool is_used(int64_t index) const;
+  void mark_used(int64_t index);
+
+ private:
+  std::vector<QuantizationRule> rules_;
+  std::vector<std::regex> regexes_;
+  std::vector<char> used_;
+};
 
 }  // namespace qwix

@@ -11,36 +11,20 @@ namespace qwix {
 namespace cpu {
 namespace {
 
-// A float tensor with the calibration shape, filled in x's group order.
-struct GroupOrderTensor {
-  at::Tensor storage;  // groups permuted to memory order, contiguous
-  std::vector<int64_t> inverse;
-  GroupOrderTensor(const Groups& groups, const Layout& l, const at::TensorOptions& opts) : inverse(l.perm.size()) {
-    std::vector<int64_t> permuted;
-    for (size_t i = 0; i < l.perm.size(); ++i) {
-      permuted.push_back(groups[l.perm[i]]);
-      inverse[l.perm[i]] = static_cast<int64_t>(i);
-    }
-    storage = at::empty(permuted, opts);
-  }
-  float* data() { return storage.mutable_data_ptr<float>(); }
-  at::Tensor logical() const { return storage.permute(inverse).contiguous(); }
-};
-
 std::vector<at::Tensor> calibrate_cpu(const at::Tensor& x, c10::string_view method, at::IntArrayRef channelwise_axes,
                                       at::IntArrayRef tiled_axes, at::IntArrayRef tile_sizes) {
   const DynamicSpec spec = make_dynamic_spec(x, nullptr, std::string(method), channelwise_axes, tiled_axes, tile_sizes);
   const at::Tensor xd = dense_input(x);
   const Layout l = make_layout(xd.sizes(), xd.strides(), spec.groups);
   const auto opts = x.options().dtype(at::kFloat);
-  GroupOrderTensor a(spec.groups, l, opts);
+  at::Tensor a = at::empty({l.num_groups}, opts);
   if (spec.calibration.symmetric()) {
-    group_calibration(xd, l, spec.calibration, a.data(), nullptr);
-    return {a.logical()};
+    group_calibration(xd, l, spec.calibration, a.mutable_data_ptr<float>(), nullptr);
+    return {from_group_order(a, spec.groups, l)};
   }
-  GroupOrderTensor b(spec.groups, l, opts);
-  group_calibration(xd, l, spec.calibration, a.data(), b.data());
-  return {a.logical(), b.logical()};
+  at::Tensor b = at::empty({l.num_groups}, opts);
+  group_calibration(xd, l, spec.calibration, a.mutable_data_ptr<float>(), b.mutable_data_ptr<float>());
+  return {from_group_order(a, spec.groups, l), from_group_order(b, spec.groups, l)};
 }
 
 std::vector<at::Tensor> compute_scale_cpu(at::TensorList calibration, c10::string_view qtype) {

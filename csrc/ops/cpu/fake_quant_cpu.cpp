@@ -7,6 +7,7 @@
 
 #include "ops/common.h"
 #include "ops/cpu/group_stats.h"
+#include "ops/cpu/huge_pages.h"
 #include "ops/cpu/loops.h"
 #include "ops/cpu/parallel.h"
 
@@ -71,18 +72,6 @@ void fused_rows(const T* x, T* y, uint8_t* bits, const Layout& l, const Calibrat
   });
 }
 
-template <typename F>
-void dispatch_kind(QKind k, const F& f) {
-  switch (k) {
-    case QKind::Int:
-      return f(std::integral_constant<QKind, QKind::Int>{});
-    case QKind::Float:
-      return f(std::integral_constant<QKind, QKind::Float>{});
-    case QKind::NF4:
-      return f(std::integral_constant<QKind, QKind::NF4>{});
-  }
-}
-
 at::Tensor new_mask(const at::Tensor& x, bool with_mask) {
   return at::zeros({mask_bytes(x.numel(), with_mask)}, x.options().dtype(at::kByte));
 }
@@ -95,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_forward_cpu(const at::Tensor& x, c
   const DynamicSpec spec = make_dynamic_spec(x, &qname, std::string(method), channelwise_axes, tiled_axes, tile_sizes);
   const at::Tensor xd = dense_input(x);
   at::Tensor y = at::empty_like(xd);
+  advise_huge_pages(y);
   at::Tensor mask = new_mask(x, with_mask);
   if (x.numel() == 0) return {y, mask};
   const Layout l = make_layout(xd.sizes(), xd.strides(), spec.groups);
@@ -118,11 +108,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_forward_cpu(const at::Tensor& x, c
   return {y, mask};
 }
 
-// The scale (or zero point) as float32 in x's group order.
+// The scale (or zero point) as float32 values in x's group order.
 std::vector<float> in_group_order(const at::Tensor& t, const Groups& groups, const Layout& l) {
-  std::vector<int64_t> shape(groups.size() - t.dim(), 1);
-  shape.insert(shape.end(), t.sizes().begin(), t.sizes().end());
-  const at::Tensor c = t.to(at::kFloat).reshape(shape).permute(l.perm).contiguous();
+  const at::Tensor c = to_group_order(t, groups, l);
   return std::vector<float>(c.const_data_ptr<float>(), c.const_data_ptr<float>() + c.numel());
 }
 
@@ -133,6 +121,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_scale_forward_cpu(const at::T
   const Groups groups = check_scale_args(x, scale, zero_point, qt);
   const at::Tensor xd = dense_input(x);
   at::Tensor y = at::empty_like(xd);
+  advise_huge_pages(y);
   at::Tensor mask = new_mask(x, with_mask);
   if (x.numel() == 0) return {y, mask};
   const Layout l = make_layout(xd.sizes(), xd.strides(), groups);
@@ -159,6 +148,7 @@ at::Tensor fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& mas
                     " bytes for a grad of ", gd.numel(), " elements, got ", mask.scalar_type(), " of shape ",
                     mask.sizes());
   at::Tensor out = at::empty_like(gd);
+  advise_huge_pages(out);
   const at::Tensor m = mask.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gd.scalar_type(), "qwix_fake_quant_backward", [&] {
     const scalar_t* g = gd.const_data_ptr<scalar_t>();

@@ -1,0 +1,218 @@
+// QuantizationRule validation and QatProvider matching (DESIGN section 3).
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "numerics/calibration.h"
+#include "numerics/qtype.h"
+#include "qwix/qwix.h"
+#include "rules/internal.h"
+
+namespace qwix {
+
+const std::vector<std::string>& valid_op_names() {
+  static const std::vector<std::string> names = {"linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm", "einsum"};
+  return names;
+}
+
+namespace rules_internal {
+
+std::string join(const std::vector<std::string>& parts, const char* sep) {
+  std::string out;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    if (i) out += sep;
+    out += parts[i];
+  }
+  return out;
+}
+
+std::string format_number(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+std::string message(const c10::Error& e) {
+  std::string m = e.what_without_backtrace();
+  const std::string prefix = "qwix: ";
+  if (m.rfind(prefix, 0) == 0) m = m.substr(prefix.size());
+  return m;
+}
+
+std::regex compile_module_path(const std::string& pattern) {
+  try {
+    return std::regex(pattern, std::regex::ECMAScript);
+  } catch (const std::regex_error& e) {
+    TORCH_CHECK_VALUE(false, "qwix: QuantizationRule.module_path '", pattern,
+                      "' is not a valid regular expression (std::regex ECMAScript syntax; Python-only syntax such as "
+                      "(?P<name>...) or lookbehind is not supported): ",
+                      e.what());
+    throw;  // unreachable
+  }
+}
+
+}  // namespace rules_internal
+
+using rules_internal::format_number;
+using rules_internal::join;
+
+namespace {
+
+std::string quote(const std::string& s) { return "'" + s + "'"; }
+
+std::string axes_repr(const std::vector<int64_t>& axes) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < axes.size(); ++i) os << (i ? ", " : "") << axes[i];
+  os << (axes.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+// Re-throws a ValueError of the numerics parsers with the rule field in front.
+template <typename F>
+auto with_field(const char* field, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const c10::ValueError& e) {
+    TORCH_CHECK_VALUE(false, "qwix: QuantizationRule.", field, ": ", rules_internal::message(e));
+    throw;  // unreachable
+  }
+}
+
+}  // namespace
+
+std::string rule_repr(const QuantizationRule& r) {
+  std::ostringstream os;
+  os << "QuantizationRule(module_path=" << quote(r.module_path);
+  if (!r.op_names.empty()) {
+    std::vector<std::string> q;
+    for (const auto& n : r.op_names) q.push_back(quote(n));
+    os << ", op_names=(" << join(q, ", ") << (q.size() == 1 ? ",)" : ")");
+  }
+  if (r.weight_qtype) os << ", weight_qtype=" << quote(*r.weight_qtype);
+  if (r.act_qtype) os << ", act_qtype=" << quote(*r.act_qtype);
+  if (r.tile_size) os << ", tile_size=" << format_number(*r.tile_size);
+  if (r.act_static_scale) os << ", act_static_scale=True";
+  if (r.weight_calibration_method != "absmax") os << ", weight_calibration_method=" << quote(r.weight_calibration_method);
+  if (r.act_calibration_method != "absmax") os << ", act_calibration_method=" << quote(r.act_calibration_method);
+  if (r.act_batch_axes != std::vector<int64_t>{0}) os << ", act_batch_axes=" << axes_repr(r.act_batch_axes);
+  if (r.clip_gradient) os << ", clip_gradient=" << (*r.clip_gradient ? "True" : "False");
+  os << ")";
+  return os.str();
+}
+
+void validate_rule(const QuantizationRule& r) {
+  rules_internal::compile_module_path(r.module_path);
+
+  const auto& valid = valid_op_names();
+  for (const auto& name : r.op_names) {
+    TORCH_CHECK_VALUE(std::find(valid.begin(), valid.end(), name) != valid.end(), "qwix: QuantizationRule.op_names: ",
+                      "unknown op name '", name, "'; valid op names: ", join(valid, ", "));
+  }
+
+  const auto check_pair = [](const char* qfield, const std::optional<std::string>& qtype, const char* cfield,
+                             const std::string& method) {
+    const Calibration c = with_field(cfield, [&] { return parse_calibration(method); });
+    if (!qtype) return;
+    const QType q = with_field(qfield, [&] { return parse_qtype(*qtype); });
+    TORCH_CHECK_VALUE(q.is_integer() || c.symmetric(), "qwix: QuantizationRule.", cfield, " '", method,
+                      "' is asymmetric, which needs an integer qtype, but ", qfield, " is '", *qtype,
+                      "' (use absmax, rms or a symmetric fixed range)");
+  };
+  check_pair("weight_qtype", r.weight_qtype, "weight_calibration_method", r.weight_calibration_method);
+  check_pair("act_qtype", r.act_qtype, "act_calibration_method", r.act_calibration_method);
+
+  if (r.tile_size) {
+    const double t = *r.tile_size;
+    TORCH_CHECK_VALUE(std::isfinite(t) && t > 0.0, "qwix: QuantizationRule.tile_size must be positive, got ",
+                      format_number(t));
+    TORCH_CHECK_VALUE(t < 1.0 || t == std::floor(t), "qwix: QuantizationRule.tile_size ", format_number(t),
+                      " must be an integer number of elements (>= 1) or a fraction of the axis in (0, 1)");
+  }
+
+  TORCH_CHECK_VALUE(!r.act_static_scale || r.act_qtype,
+                    "qwix: QuantizationRule.act_static_scale=True needs an act_qtype (static scales are for "
+                    "activations), but act_qtype is None");
+
+  std::vector<int64_t> axes = r.act_batch_axes;
+  std::sort(axes.begin(), axes.end());
+  TORCH_CHECK_VALUE(std::adjacent_find(axes.begin(), axes.end()) == axes.end(),
+                    "qwix: QuantizationRule.act_batch_axes ", axes_repr(r.act_batch_axes), " repeats an axis");
+}
+
+QatProvider::QatProvider(std::vector<QuantizationRule> rules) : rules_(std::move(rules)) {
+  regexes_.reserve(rules_.size());
+  for (size_t i = 0; i < rules_.size(); ++i) {
+    try {
+      validate_rule(rules_[i]);
+    } catch (const c10::ValueError& e) {
+      TORCH_CHECK_VALUE(false, "qwix: QatProvider rule ", i, ": ", rules_internal::message(e));
+      throw;  // unreachable
+    }
+    regexes_.push_back(rules_internal::compile_module_path(rules_[i].module_path));
+  }
+  used_.assign(rules_.size(), 0);
+}
+
+std::optional<int64_t> QatProvider::match_rule(const std::string& module_path, const std::string& op_name) const {
+  for (size_t i = 0; i < rules_.size(); ++i) {
+    const auto& names = rules_[i].op_names;
+    if (!names.empty() && std::find(names.begin(), names.end(), op_name) == names.end()) continue;
+    if (std::regex_match(module_path, regexes_[i])) return static_cast<int64_t>(i);
+  }
+  return std::nullopt;
+}
+
+std::optional<int64_t> QatProvider::find_rule(const std::string& module_path, const std::string& op_name) {
+  auto i = match_rule(module_path, op_name);
+  if (i) used_[*i] = 1;
+  return i;
+}
+
+std::optional<OpPlan> QatProvider::plan(const std::string& module_path, const std::string& op_name,
+                                        const OperandInfo& lhs, const OperandInfo& rhs,
+                                        const std::string& einsum_equation) {
+  const auto& valid = valid_op_names();
+  TORCH_CHECK_VALUE(std::find(valid.begin(), valid.end(), op_name) != valid.end(), "qwix: unknown op name '", op_name,
+                    "'; valid op names: ", join(valid, ", "));
+  const auto i = find_rule(module_path, op_name);
+  if (!i) return std::nullopt;
+  try {
+    OpPlan p = plan_op(rules_[*i], op_name, lhs, rhs, einsum_equation);
+    p.rule_index = *i;
+    return p;
+  } catch (const c10::ValueError& e) {
+    TORCH_CHECK_VALUE(false, "qwix: module '", module_path, "' (", rule_repr(rules_[*i]), "): ",
+                      rules_internal::message(e));
+    throw;  // unreachable
+  }
+}
+
+std::vector<int64_t> QatProvider::unused_rule_indices() const {
+  std::vector<int64_t> out;
+  for (size_t i = 0; i < used_.size(); ++i)
+    if (!used_[i]) out.push_back(static_cast<int64_t>(i));
+  return out;
+}
+
+std::vector<QuantizationRule> QatProvider::get_unused_rules() const {
+  std::vector<QuantizationRule> out;
+  for (int64_t i : unused_rule_indices()) out.push_back(rules_[i]);
+  return out;
+}
+
+bool QatProvider::is_used(int64_t index) const {
+  TORCH_CHECK_INDEX(index >= 0 && index < static_cast<int64_t>(used_.size()), "qwix: rule index ", index,
+                    " out of range for ", used_.size(), " rules");
+  return used_[index] != 0;
+}
+
+void QatProvider::mark_used(int64_t index) {
+  TORCH_CHECK_INDEX(index >= 0 && index < static_cast<int64_t>(used_.size()), "qwix: rule index ", index,
+                    " out of range for ", used_.size(), " rules");
+  used_[index] = 1;
+}
+
+}  // namespace qwix
