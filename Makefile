@@ -9,7 +9,7 @@ CMAKE_BUILD := build/cmake
 CMAKE := $(VENV)/bin/cmake
 LOCK := flock /tmp/qwix-torch-build.lock
 
-.PHONY: all build venv ext cmake test test-cpp test-python demo bench cuda-check clean
+.PHONY: all build venv ext cmake cpp-example test test-cpp test-python demo bench cuda-check clean
 
 all: build
 
@@ -41,6 +41,16 @@ cmake: venv
 
 build: ext cmake
 
+# Installs the CMake package and builds examples/cpp against it with find_package(qwix_torch).
+cpp-example: cmake
+	@echo "installing the CMake package and building examples/cpp (log: build/example.log)"
+	@$(LOCK) bash -c '{ $(CMAKE) --install $(CMAKE_BUILD) --prefix build/install && \
+	  $(CMAKE) -S examples/cpp -B build/example -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_MAKE_PROGRAM=$$(realpath $(VENV)/bin/ninja) \
+	  -DCMAKE_PREFIX_PATH="$$(realpath build/install);$$($(PY) -c "import torch; print(torch.utils.cmake_prefix_path)")" && \
+	  $(CMAKE) --build build/example; } > build/example.log 2>&1 || { tail -n 60 build/example.log; exit 1; }'
+	./build/example/train_qat
+
 test-cpp: cmake
 	cd $(CMAKE_BUILD) && ../../$(VENV)/bin/ctest --output-on-failure
 
@@ -60,7 +70,7 @@ build/cuda-check/%.o: cuda/%.cu $(wildcard cuda/*.cuh) $(wildcard csrc/numerics/
 	@mkdir -p $(@D)
 	$(NVCC) -c -std=c++20 -O3 --expt-relaxed-constexpr $(CUDA_ARCHS) -Icsrc -I. -Icuda/compile_check $(TORCH_INC) $< -o $@
 
-test: build cuda-check test-cpp test-python
+test: build cuda-check test-cpp cpp-example test-python
 
 demo: build
 	$(PY) examples/qat_digits.py

@@ -11,8 +11,17 @@ from qwix_torch.ops import (
     srq_scale,
     update_quant_stat_,
 )
+from qwix_torch.qat import QuantStat, calibrate, is_quantized, quantize_model, set_quant_stats_update
+from qwix_torch.rules import QatProvider, QuantizationRule
 
 __all__ = [
+    "QatProvider",
+    "QuantStat",
+    "QuantizationRule",
+    "calibrate",
+    "is_quantized",
+    "quantize_model",
+    "set_quant_stats_update",
     "compute_calibration",
     "compute_scale",
     "fake_quant",

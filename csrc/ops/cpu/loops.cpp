@@ -1,6 +1,8 @@
 #include "ops/cpu/loops.h"
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 
 #include "ops/cpu/elem.h"
 
@@ -129,19 +131,30 @@ void pack_bits(const uint8_t* m, int64_t n, uint8_t* bits, int64_t bit_offset) {
   }
   uint8_t* out = bits + (bit_offset + i) / 8;
   for (; i + 8 <= n; i += 8) {
-    uint8_t b = 0;
-    for (int j = 0; j < 8; ++j) b |= static_cast<uint8_t>(m[i + j] << j);
-    *out++ = b;
+    // Eight 0/1 bytes -> one byte, bit j from byte j: the multiply gathers them into the top byte.
+    uint64_t v;
+    std::memcpy(&v, m + i, 8);
+    *out++ = static_cast<uint8_t>((v * 0x0102040810204080ull) >> 56);
   }
   for (int j = 0; i < n; ++i, ++j) *out |= static_cast<uint8_t>(m[i] << j);
 }
 
 template <typename T>
 QWIX_CLONES void masked_copy(const T* __restrict g, const uint8_t* __restrict bits, T* __restrict out, int64_t n) {
-  const T zero = T(0);
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = ((bits[i >> 3] >> (i & 7)) & 1) ? g[i] : zero;
+  // Zeroing by AND-ing the raw bits with 0 or ~0: no branch, any element type.
+  using U = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
+  auto keep = [&](int64_t i, unsigned bit) {
+    U v;
+    std::memcpy(&v, g + i, sizeof(T));
+    v &= U(0) - static_cast<U>(bit & 1u);
+    std::memcpy(out + i, &v, sizeof(T));
+  };
+  const int64_t full = n / 8;
+  for (int64_t b = 0; b < full; ++b) {
+    const unsigned m = bits[b];
+    for (int j = 0; j < 8; ++j) keep(b * 8 + j, m >> j);
   }
+  for (int64_t i = full * 8; i < n; ++i) keep(i, bits[i >> 3] >> (i & 7));
 }
 
 #define QWIX_INSTANTIATE_TYPE(T)                                                                                   \

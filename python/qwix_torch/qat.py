@@ -1,0 +1,422 @@
+"""Quantization-aware training for ``torch.nn.Module`` models (DESIGN sections 1 and 3).
+
+``quantize_model`` keeps the model as it is (same classes, same parameter
+names) and adds forward hooks: while the model runs, a
+``torch.overrides.TorchFunctionMode`` intercepts ``linear``, ``conv1d/2d/3d``,
+``matmul`` / ``@``, ``bmm`` and two-operand ``einsum`` and attributes each call
+to the innermost module whose forward is running (a module stack kept by
+forward pre/post hooks on every submodule), so an op belongs to its module's
+own forward, never to a parent's. The per-op decision (rule, qtypes,
+calibration, channelwise and tiled axes, static or dynamic, SRQ batch axes,
+clip_gradient) comes from the C++ engine (``csrc/rules``, via ``QatProvider``);
+this module only intercepts, names ops, keeps ``QuantStat`` modules and calls
+the ``torch.ops.qwix`` operators. Dynamo traces all of it, so
+``torch.compile(qat_model, fullgraph=True)`` works, SRQ updates included.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from qwix_torch.ops import resolve_tiled_axes
+from qwix_torch.rules import OpPlan, OperandPlan, QatProvider
+
+__all__ = ["QuantStat", "quantize_model", "set_quant_stats_update", "calibrate", "is_quantized"]
+
+
+# ------------------------------------------------------------------------------------------------
+# SRQ statistics
+# ------------------------------------------------------------------------------------------------
+
+
+class QuantStat(nn.Module):
+    """Running statistics of one quantized activation (SRQ, ``act_static_scale=True``).
+
+    Buffers: ``count`` (int32 scalar: how many updates) and ``sum_of_absmax``
+    (symmetric calibrations) or ``sum_of_min`` and ``sum_of_max`` (asymmetric
+    ones), float32, shaped like the activation's calibration averaged over the
+    rule's ``act_batch_axes`` (keepdim). The static scale is computed from
+    ``sum / count``; while ``count`` is 0 the scale is dynamic.
+
+    The statistics stay float32 when the model is cast (``model.to(bfloat16)``,
+    ``.half()``): only device moves apply to them. Loading a state_dict that
+    lacks them (an fp checkpoint) keeps the current values instead of reporting
+    missing keys, so fp checkpoints load into QAT models with ``strict=True``.
+    """
+
+    def __init__(self, shape: Sequence[int], symmetric: bool = True, device: Optional[torch.device] = None):
+        super().__init__()
+        self.symmetric = bool(symmetric)
+        self.register_buffer("count", torch.zeros((), dtype=torch.int32, device=device))
+        if self.symmetric:
+            self.register_buffer("sum_of_absmax", torch.zeros(tuple(shape), dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("sum_of_min", torch.zeros(tuple(shape), dtype=torch.float32, device=device))
+            self.register_buffer("sum_of_max", torch.zeros(tuple(shape), dtype=torch.float32, device=device))
+
+    @property
+    def sums(self) -> List[torch.Tensor]:
+        """``[sum_of_absmax]`` or ``[sum_of_min, sum_of_max]`` (the order the ops use)."""
+        if self.symmetric:
+            return [self.sum_of_absmax]
+        return [self.sum_of_min, self.sum_of_max]
+
+    def average(self) -> dict:
+        """The averaged calibration ``{'absmax': ...}`` or ``{'min': ..., 'max': ...}`` (NaN while count is 0)."""
+        c = self.count.to(torch.float32)
+        if self.symmetric:
+            return {"absmax": self.sum_of_absmax / c}
+        return {"min": self.sum_of_min / c, "max": self.sum_of_max / c}
+
+    def reset(self) -> None:
+        """Forgets the statistics (count 0: the scale is dynamic again)."""
+        with torch.no_grad():
+            self.count.zero_()
+            for s in self.sums:
+                s.zero_()
+
+    def extra_repr(self) -> str:
+        names = ["sum_of_absmax"] if self.symmetric else ["sum_of_min", "sum_of_max"]
+        shape = tuple(self.sums[0].shape)
+        count = int(self.count) if self.count.device.type != "meta" else "?"
+        return f"count={count}, " + ", ".join(f"{n}=<float32 {list(shape)}>" for n in names)
+
+    def _apply(self, fn, recurse=True):
+        # Casts (model.to(dtype), .half()) would lose the statistics' precision: apply device moves only.
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            new = fn(buf)
+            if new.dtype != buf.dtype:
+                new = buf.to(device=new.device)
+            self._buffers[name] = new
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ours = [prefix + n for n in self._buffers]
+        absent = [k for k in ours if k not in state_dict]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(absent) == len(ours):  # an fp checkpoint: keep the statistics (a partial one stays an error)
+            for k in absent:
+                if k in missing_keys:
+                    missing_keys.remove(k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model state and interception
+# ------------------------------------------------------------------------------------------------
+
+
+class _QatState:
+    """Per QAT model: the provider, the plans, flags and the running module stack."""
+
+    def __init__(self, provider: QatProvider):
+        self.provider = provider
+        self.plans: dict = {}  # (path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation) -> OpPlan | None
+        self.stack: list = []  # (module, path, op counts, mode or None) of the running forwards
+        self.update_enabled = True  # set_quant_stats_update
+        self.force_update = False  # calibrate(): update in eval mode too
+        self.creating = False  # quantize_model's example forward: create QuantStats, update nothing
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["stack"] = []
+        return d
+
+
+@torch.compiler.assume_constant_result
+def _make_plan(provider: QatProvider, path: str, op: str, lhs_rank: int, lhs_w: bool, rhs_rank: int, rhs_w: bool,
+               equation: str) -> Optional[OpPlan]:
+    # Under torch.compile this runs at trace time and its result is a constant of the graph.
+    return provider.plan(path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation)
+
+
+def _pre_hook(state: _QatState, path: str, module: nn.Module, args) -> None:
+    mode = None
+    if not state.stack:
+        mode = _QatMode(state)
+        mode.__enter__()
+    state.stack.append((module, path, {}, mode))
+
+
+def _post_hook(state: _QatState, path: str, module: nn.Module, args, output) -> None:
+    frame = state.stack.pop()
+    if frame[3] is not None:
+        frame[3].__exit__(None, None, None)
+
+
+def _is_weight(t: torch.Tensor) -> bool:
+    """A parameter, or a view of one (``self.w.t()``, ``self.w[None]``, ...)."""
+    if isinstance(t, nn.Parameter):
+        return True
+    base = t._base
+    return base is not None and isinstance(base, nn.Parameter)
+
+
+def _op_name(func) -> Optional[str]:
+    if func is F.linear:
+        return "linear"
+    if func is torch.matmul or func is torch.Tensor.matmul or func is torch.Tensor.__matmul__:
+        return "matmul"
+    if func is torch.Tensor.__rmatmul__:
+        return "rmatmul"
+    if func is torch.bmm or func is torch.Tensor.bmm:
+        return "bmm"
+    if func is torch.conv2d:
+        return "conv2d"
+    if func is torch.conv1d:
+        return "conv1d"
+    if func is torch.conv3d:
+        return "conv3d"
+    if func is torch.einsum:
+        return "einsum"
+    return None
+
+
+class _QatMode(TorchFunctionMode):
+    def __init__(self, state: _QatState):
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        op = _op_name(func)
+        if op is None or not self.state.stack:
+            return func(*args, **kwargs)
+        return _intercept(self.state, op, func, args, kwargs)
+
+
+_OPERAND_NAMES = {
+    "linear": ("input", "weight"),
+    "conv1d": ("input", "weight"),
+    "conv2d": ("input", "weight"),
+    "conv3d": ("input", "weight"),
+    "matmul": ("input", "other"),
+    "bmm": ("input", "mat2"),
+}
+
+
+def _intercept(state: _QatState, op: str, func, args, kwargs):
+    equation = ""
+    if op == "einsum":
+        # torch.einsum(eq, a, b) or torch.einsum(eq, [a, b]); other forms pass through.
+        operands = args[1:]
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = tuple(operands[0])
+        if len(args) < 1 or not isinstance(args[0], str) or len(operands) != 2 or kwargs:
+            return func(*args, **kwargs)
+        equation = args[0]
+        lhs, rhs = operands
+        rest: tuple = ()
+    elif op == "rmatmul":  # a.__rmatmul__(b) is b @ a
+        if len(args) != 2:
+            return func(*args, **kwargs)
+        op = "matmul"
+        lhs, rhs = args[1], args[0]
+        func = torch.matmul
+        rest = ()
+    else:
+        names = _OPERAND_NAMES[op]
+        if len(args) >= 2:
+            lhs, rhs, rest = args[0], args[1], tuple(args[2:])
+        elif len(args) == 1 and names[1] in kwargs:
+            kwargs = dict(kwargs)
+            lhs, rhs, rest = args[0], kwargs.pop(names[1]), ()
+        elif len(args) == 0 and names[0] in kwargs and names[1] in kwargs:
+            kwargs = dict(kwargs)
+            lhs, rhs, rest = kwargs.pop(names[0]), kwargs.pop(names[1]), ()
+        else:
+            return func(*args, **kwargs)
+    if not isinstance(lhs, torch.Tensor) or not isinstance(rhs, torch.Tensor):
+        return func(*args, **kwargs)
+
+    module, path, counts, _ = state.stack[-1]
+    n = counts.get(op, 0)
+    counts[op] = n + 1
+
+    lhs_w, rhs_w = _is_weight(lhs), _is_weight(rhs)
+    key = (path, op, lhs.dim(), lhs_w, rhs.dim(), rhs_w, equation)
+    if key in state.plans:
+        plan = state.plans[key]
+    else:
+        plan = _make_plan(state.provider, path, op, lhs.dim(), lhs_w, rhs.dim(), rhs_w, equation)
+        if not torch.compiler.is_compiling():
+            state.plans[key] = plan
+    if plan is None:
+        return _call(func, op, equation, lhs, rhs, rest, kwargs)
+
+    op_id = f"{op}{n}"
+    lhs = _quantize(state, module, path, op_id + "_lhs", lhs, plan.lhs)
+    rhs = _quantize(state, module, path, op_id + "_rhs", rhs, plan.rhs)
+    return _call(func, op, equation, lhs, rhs, rest, kwargs)
+
+
+def _call(func, op, equation, lhs, rhs, rest, kwargs):
+    if op == "einsum":
+        return func(equation, lhs, rhs)
+    return func(lhs, rhs, *rest, **kwargs)
+
+
+def _quantize(state: _QatState, module: nn.Module, path: str, name: str, x: torch.Tensor, p: OperandPlan):
+    if not p.quantize or not x.is_floating_point():
+        return x
+    if p.tiled_axes:
+        axes, tiles = resolve_tiled_axes(x.shape, dict(p.tiled_axes))
+    else:
+        axes, tiles = [], []
+    cw = list(p.channelwise_axes)
+    if not p.static_scale:
+        return torch.ops.qwix.fake_quant(x, p.qtype, p.calibration_method, cw, axes, tiles, p.clip_gradient)
+
+    stat = module._modules.get(name)
+    if stat is None:
+        stat = _create_stat(module, path, name, x, p, cw, axes, tiles)
+    xd = x.detach()
+    if not state.creating and (state.force_update or (state.update_enabled and module.training)):
+        _update_stat(stat, xd, p, cw, axes, tiles)
+    scale = torch.ops.qwix.srq_scale(xd, stat.count, stat.sums, p.qtype, p.calibration_method, cw, axes, tiles)
+    zero_point = scale[1] if len(scale) > 1 else None
+    return torch.ops.qwix.fake_quant_with_scale(x, scale[0], zero_point, p.qtype, bool(p.clip_gradient))
+
+
+def _create_stat(module, path, name, x, p, cw, axes, tiles) -> QuantStat:
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"qwix: the QuantStat {path + '.' if path else ''}{name} does not exist yet and cannot be created "
+            "inside torch.compile: give quantize_model example inputs (or run the model once eagerly) first")
+    with torch.no_grad():
+        cal = torch.ops.qwix.calibrate(x.detach(), p.calibration_method, cw, axes, tiles)
+    shape = list(cal[0].shape)
+    for a in p.batch_axes:
+        shape[a] = 1
+    stat = QuantStat(shape, symmetric=len(cal) == 1, device=x.device)
+    module.add_module(name, stat)
+    return stat
+
+
+def _update_stat(stat: QuantStat, x: torch.Tensor, p: OperandPlan, cw, axes, tiles) -> None:
+    """Update-before-read: count += 1 (world size), sums += the batch's calibration averaged over the batch axes."""
+    cal = torch.ops.qwix.calibrate(x, p.calibration_method, cw, axes, tiles)
+    increment = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            # Every rank adds the sum over ranks of their batch averages: the same statistics on every rank,
+            # equal to one process gathering all the batches.
+            batch_axes = list(p.batch_axes)
+            cal = [c.mean(dim=batch_axes, keepdim=True) if batch_axes else c for c in cal]
+            flat = torch.cat([c.reshape(-1) for c in cal])
+            torch.distributed.all_reduce(flat)
+            cal = [t.reshape(c.shape) for t, c in zip(flat.split([c.numel() for c in cal]), cal)]
+            increment = world
+    torch.ops.qwix.update_quant_stat(stat.count, stat.sums, cal, list(p.batch_axes), increment)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+
+
+def _states(model: nn.Module) -> List[_QatState]:
+    out = []
+    for m in model.modules():
+        s = m.__dict__.get("_qwix_state")
+        if s is not None and all(s is not o for o in out):
+            out.append(s)
+    return out
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` (or a submodule, e.g. inside DDP or torch.compile) was returned by quantize_model."""
+    return bool(_states(model))
+
+
+def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any, inplace: bool = False) -> nn.Module:
+    """Returns a QAT version of ``model`` (a deep copy unless ``inplace``).
+
+    The returned model has the same classes, submodules and parameter names;
+    inside each module's own forward the ops ``linear``, ``conv1d/2d/3d``,
+    ``matmul`` / ``@``, ``bmm`` and two-operand ``einsum`` are fake-quantized as
+    the provider's first matching rule says. With ``example_inputs`` the model
+    runs once (no gradients, no statistics updates) so that rules are matched
+    and every SRQ ``QuantStat`` (``<module>.<op id>_lhs`` / ``_rhs``) exists
+    before an optimizer, a state_dict or ``torch.compile`` sees the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"qwix: quantize_model needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise NotImplementedError("qwix: TorchScript modules are not supported by the Python pass yet")
+    if not isinstance(provider, QatProvider):
+        raise TypeError(f"qwix: quantize_model needs a QatProvider, got {type(provider).__name__}")
+    if is_quantized(model):
+        raise ValueError("qwix: this model is already quantized (quantize_model was applied to it)")
+    if not inplace:
+        model = copy.deepcopy(model)
+    state = _QatState(provider)
+    for path, module in model.named_modules():
+        module.register_forward_pre_hook(functools.partial(_pre_hook, state, path), prepend=True)
+        module.register_forward_hook(functools.partial(_post_hook, state, path), always_call=True)
+    model._qwix_state = state
+    if example_inputs:
+        state.creating = True
+        try:
+            with torch.no_grad():
+                model(*example_inputs)
+        finally:
+            state.creating = False
+    return model
+
+
+def set_quant_stats_update(model: nn.Module, enabled: bool) -> None:
+    """Enables or disables SRQ statistics updates in training mode (they never happen in eval mode,
+    except inside :func:`calibrate`)."""
+    states = _states(model)
+    if not states:
+        raise ValueError("qwix: set_quant_stats_update needs a model returned by quantize_model")
+    for s in states:
+        s.update_enabled = bool(enabled)
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> nn.Module:
+    """Standalone SRQ calibration: runs ``model`` forward only over ``batches``
+    under ``torch.no_grad()`` with every module in eval mode (dropout off,
+    batch-norm statistics frozen) while the QuantStats update; restores the
+    modules' modes afterwards. A batch is passed as ``model(batch)``,
+    ``model(*batch)`` (tuple or list) or ``model(**batch)`` (dict).
+    Shows a tqdm progress bar unless ``progress=False``.
+    """
+    states = _states(model)
+    if not states:
+        raise ValueError("qwix: calibrate needs a model returned by quantize_model")
+    from tqdm.auto import tqdm
+
+    modes = [(m, m.training) for m in model.modules()]
+    forced = [s.force_update for s in states]
+    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        model.eval()
+        for s in states:
+            s.force_update = True
+        with torch.no_grad():
+            for batch in tqdm(batches, total=total, desc="qwix calibrate", disable=not progress, leave=False):
+                if isinstance(batch, dict):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+    finally:
+        for s, f in zip(states, forced):
+            s.force_update = f
+        for m, t in modes:
+            m.training = t
+    return model
