@@ -77,6 +77,7 @@ demo: build
 
 bench: ext
 	$(PY) benchmarks/bench_ops.py --json build/bench_ops.json
+	$(PY) benchmarks/bench_qat.py --json build/bench_qat.json
 
 clean:
 	rm -rf build python/qwix_torch/*.so

@@ -50,5 +50,5 @@ setup(
     ext_modules=[] if os.environ.get("QWIX_NO_EXT") == "1" else [ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.4", "tqdm"],
-    python_requires=">=3.9",
+    python_requires=">=3.10",
 )

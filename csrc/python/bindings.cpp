@@ -21,6 +21,8 @@ qwix::Operand parse_operand(const std::string& s) {
 
 }  // namespace
 
+void qwix_init_jit_bindings(pybind11::module_& m);  // csrc/python/jit_bindings.cpp
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "qwix-torch C++ core: registers torch.ops.qwix.*";
   m.def("valid_qtype_names", &qwix::valid_qtype_names, "The qtype names the ops accept, comma separated.");
@@ -95,4 +97,20 @@ PYBIND11_MODULE(_C, m) {
       .def("unused_rule_indices", &qwix::QatProvider::unused_rule_indices)
       .def("is_used", &qwix::QatProvider::is_used)
       .def("mark_used", &qwix::QatProvider::mark_used);
+
+  // The C++ application of a plan (what the C++ and TorchScript passes run), for tests that
+  // check it against the Python pass. stat: (count, sums) or None.
+  m.def(
+      "quantize_operand",
+      [](const at::Tensor& x, const qwix::OperandPlan& plan, std::optional<at::Tensor> count,
+         std::optional<std::vector<at::Tensor>> sums, bool update) {
+        if (!plan.static_scale) return qwix::quantize_operand(x, plan);
+        TORCH_CHECK_VALUE(count && sums, "qwix: a static-scale plan needs count and sums");
+        qwix::QuantStatTensors stat{*count, *sums};
+        if (update) qwix::update_operand_stat(stat, qwix::calibrate_operand(x, plan), plan);
+        return qwix::quantize_operand(x, plan, &stat);
+      },
+      py::arg("x"), py::arg("plan"), py::arg("count") = py::none(), py::arg("sums") = py::none(),
+      py::arg("update") = false);
+  qwix_init_jit_bindings(m);
 }

@@ -10,8 +10,8 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
-#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -165,9 +165,82 @@ class QatProvider {
   void mark_used(int64_t index);
 
  private:
+  struct Matchers;  // the compiled module_path regexes (std::regex), immutable and shared by copies
   std::vector<QuantizationRule> rules_;
-  std::vector<std::regex> regexes_;
+  std::shared_ptr<const Matchers> matchers_;
   std::vector<char> used_;
 };
 
+// ---- Applying a plan (for the C++ frontend and TorchScript passes; the Python
+// pass calls the same ops itself so that Dynamo can trace them) ----
+
+// A QuantStat's tensors: count (int32 scalar) and [sum_of_absmax] or [sum_of_min, sum_of_max] (fp32).
+struct QuantStatTensors {
+  at::Tensor count;
+  std::vector<at::Tensor> sums;
+};
+
+// Zeros shaped like x's calibration for the plan averaged over plan.batch_axes (keepdim), on x's device.
+QuantStatTensors make_quant_stat(const at::Tensor& x, const OperandPlan& plan);
+
+// x's calibration for the plan: [absmax] or [min, max] (tiles resolved against x).
+std::vector<at::Tensor> calibrate_operand(const at::Tensor& x, const OperandPlan& plan);
+
+// SRQ update: count += count_increment; sums += calibration averaged over plan.batch_axes. Under
+// data parallelism, all-reduce (sum) the averaged calibration first and pass the world size.
+void update_operand_stat(QuantStatTensors& stat, const std::vector<at::Tensor>& calibration, const OperandPlan& plan,
+                         int64_t count_increment = 1);
+
+// Fake-quantizes one operand as planned: x itself when !plan.quantize or x is not floating point;
+// a dynamic scale, or for static plans the scale from `stat` (dynamic while its count is 0).
+// Statistics are not updated here (see update_operand_stat: update before reading).
+at::Tensor quantize_operand(const at::Tensor& x, const OperandPlan& plan, const QuantStatTensors* stat = nullptr);
+
 }  // namespace qwix
+
+// ===========================================================================
+// TorchScript path (DESIGN section 1), implemented in csrc/jit/.
+// Declarations only; call sites need the TorchScript headers (torch/script.h).
+// ===========================================================================
+namespace torch::jit {
+struct Module;
+}  // namespace torch::jit
+namespace c10 {
+struct IValue;
+}  // namespace c10
+
+namespace qwix::jit {
+
+// Quantizes a TorchScript module for QAT with the same rules, plans, ops and op
+// ids as the Python nn.Module path (same forward values for the same weights):
+// in each module's own forward, linear / conv1d-3d / matmul / bmm / two-operand
+// einsum get qwix::fake_quant, or for SRQ a QuantStat submodule <op id>_lhs/_rhs
+// plus qwix::srq_scale + qwix::fake_quant_with_scale (statistics updated before
+// the read in training mode). Parameter names do not change.
+//
+// example_inputs are run through forward once (no_grad) to learn the operands'
+// ranks and the op order; an op a rule matches that this forward does not run
+// raises when it runs later (and quantize_model warns).
+//
+// inplace = true: m is replaced by the quantized module, which holds the same
+// parameter tensors (an optimizer built on them stays valid); TorchScript types
+// cannot change in place, so other handles to the old module still see fp code.
+// inplace = false: m is left as it is and the result holds copies of its tensors.
+// Throws c10::ValueError (Python: ValueError) naming the module and op when an op
+// cannot be handled. Needs the qwix ops when the result is loaded (link qwix_torch).
+torch::jit::Module quantize_model(torch::jit::Module& m, QatProvider& provider,
+                                  std::vector<c10::IValue> example_inputs, bool inplace = true);
+torch::jit::Module quantize_model(torch::jit::Module& m, QatProvider&& provider,
+                                  std::vector<c10::IValue> example_inputs, bool inplace = true);
+
+// Whether m was returned by qwix::jit::quantize_model.
+bool is_quantized(const torch::jit::Module& m);
+
+// Enables or disables SRQ statistics updates in training mode (none in eval mode).
+void set_quant_stats_update(torch::jit::Module& m, bool enabled);
+
+// Standalone SRQ calibration: forward only (no_grad, every module in eval mode)
+// over the batches while the statistics update; the modules' modes are restored.
+void calibrate(torch::jit::Module& m, const std::vector<std::vector<c10::IValue>>& batches);
+
+}  // namespace qwix::jit

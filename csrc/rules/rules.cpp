@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <regex>
 #include <sstream>
 
 #include "numerics/calibration.h"
@@ -142,8 +144,13 @@ void validate_rule(const QuantizationRule& r) {
                     "qwix: QuantizationRule.act_batch_axes ", axes_repr(r.act_batch_axes), " repeats an axis");
 }
 
+struct QatProvider::Matchers {
+  std::vector<std::regex> regexes;
+};
+
 QatProvider::QatProvider(std::vector<QuantizationRule> rules) : rules_(std::move(rules)) {
-  regexes_.reserve(rules_.size());
+  auto matchers = std::make_shared<Matchers>();
+  matchers->regexes.reserve(rules_.size());
   for (size_t i = 0; i < rules_.size(); ++i) {
     try {
       validate_rule(rules_[i]);
@@ -151,8 +158,9 @@ QatProvider::QatProvider(std::vector<QuantizationRule> rules) : rules_(std::move
       TORCH_CHECK_VALUE(false, "qwix: QatProvider rule ", i, ": ", rules_internal::message(e));
       throw;  // unreachable
     }
-    regexes_.push_back(rules_internal::compile_module_path(rules_[i].module_path));
+    matchers->regexes.push_back(rules_internal::compile_module_path(rules_[i].module_path));
   }
+  matchers_ = std::move(matchers);
   used_.assign(rules_.size(), 0);
 }
 
@@ -160,7 +168,7 @@ std::optional<int64_t> QatProvider::match_rule(const std::string& module_path, c
   for (size_t i = 0; i < rules_.size(); ++i) {
     const auto& names = rules_[i].op_names;
     if (!names.empty() && std::find(names.begin(), names.end(), op_name) == names.end()) continue;
-    if (std::regex_match(module_path, regexes_[i])) return static_cast<int64_t>(i);
+    if (std::regex_match(module_path, matchers_->regexes[i])) return static_cast<int64_t>(i);
   }
   return std::nullopt;
 }

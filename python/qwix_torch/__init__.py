@@ -13,6 +13,7 @@ from qwix_torch.ops import (
 )
 from qwix_torch.qat import QuantStat, calibrate, is_quantized, quantize_model, set_quant_stats_update
 from qwix_torch.rules import QatProvider, QuantizationRule
+from qwix_torch.jit import jit_quantize_model  # noqa: F401  (the TorchScript path)
 
 __all__ = [
     "QatProvider",

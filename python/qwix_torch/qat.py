@@ -337,6 +337,10 @@ def _states(model: nn.Module) -> List[_QatState]:
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` (or a submodule, e.g. inside DDP or torch.compile) was returned by quantize_model."""
+    if isinstance(model, torch.jit.ScriptModule):
+        from qwix_torch.jit import jit_is_quantized
+
+        return jit_is_quantized(model)
     return bool(_states(model))
 
 
@@ -347,14 +351,17 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
     inside each module's own forward the ops ``linear``, ``conv1d/2d/3d``,
     ``matmul`` / ``@``, ``bmm`` and two-operand ``einsum`` are fake-quantized as
     the provider's first matching rule says. With ``example_inputs`` the model
-    runs once (no gradients, no statistics updates) so that rules are matched
+    runs once in its current mode (no gradients, no statistics updates; buffers such as
+    batch-norm statistics and the RNG state are restored afterwards) so that rules are matched
     and every SRQ ``QuantStat`` (``<module>.<op id>_lhs`` / ``_rhs``) exists
     before an optimizer, a state_dict or ``torch.compile`` sees the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"qwix: quantize_model needs a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise NotImplementedError("qwix: TorchScript modules are not supported by the Python pass yet")
+    if isinstance(model, torch.jit.ScriptModule):  # the C++ TorchScript pass (csrc/jit)
+        from qwix_torch.jit import jit_quantize_model
+
+        return jit_quantize_model(model, provider, *example_inputs, inplace=inplace)
     if not isinstance(provider, QatProvider):
         raise TypeError(f"qwix: quantize_model needs a QatProvider, got {type(provider).__name__}")
     if is_quantized(model):
@@ -367,18 +374,34 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
         module.register_forward_hook(functools.partial(_post_hook, state, path), always_call=True)
     model._qwix_state = state
     if example_inputs:
-        state.creating = True
-        try:
-            with torch.no_grad():
-                model(*example_inputs)
-        finally:
-            state.creating = False
+        _example_forward(model, state, example_inputs)
     return model
+
+
+def _example_forward(model: nn.Module, state: _QatState, example_inputs) -> None:
+    """Runs the model once in its current mode to match rules and create QuantStats, and leaves
+    everything else as it was: no gradients, buffers restored (batch-norm statistics), RNG restored."""
+    saved = {name: b.clone() for name, b in model.named_buffers()}
+    cuda = sorted({t.device.index or 0 for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda})
+    state.creating = True
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            model(*example_inputs)
+    finally:
+        state.creating = False
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
 
 
 def set_quant_stats_update(model: nn.Module, enabled: bool) -> None:
     """Enables or disables SRQ statistics updates in training mode (they never happen in eval mode,
     except inside :func:`calibrate`)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        from qwix_torch.jit import jit_set_quant_stats_update
+
+        return jit_set_quant_stats_update(model, enabled)
     states = _states(model)
     if not states:
         raise ValueError("qwix: set_quant_stats_update needs a model returned by quantize_model")
@@ -394,6 +417,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, progress: bool = True
     ``model(*batch)`` (tuple or list) or ``model(**batch)`` (dict).
     Shows a tqdm progress bar unless ``progress=False``.
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        from qwix_torch.jit import jit_calibrate
+
+        return jit_calibrate(model, batches, progress=progress)
     states = _states(model)
     if not states:
         raise ValueError("qwix: calibrate needs a model returned by quantize_model")

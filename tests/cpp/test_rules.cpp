@@ -4,6 +4,7 @@
 #include <qwix/qwix.h>
 
 #include <c10/util/Exception.h>
+#include <torch/torch.h>
 
 #include <string>
 
@@ -239,6 +240,46 @@ TEST(Plan, NoQtypeNoQuantization) {
   EXPECT_TRUE(aa.lhs.quantize && aa.rhs.quantize);
   r.act_qtype = "fp8_e4m3";
   EXPECT_EQ(qwix::plan_op(r, "linear", {2, false}, {2, true}).lhs.qtype, "float8_e4m3fn");  // canonical name
+}
+
+TEST(Apply, DynamicPlanEqualsTheOpCall) {
+  torch::manual_seed(0);
+  auto r = rule();
+  r.weight_qtype = "int4";
+  r.tile_size = 8;
+  const auto x = torch::randn({2, 3, 16});
+  const auto w = torch::randn({5, 16});
+  const auto p = qwix::plan_op(r, "linear", {3, false}, {2, true});
+  EXPECT_TRUE(torch::equal(qwix::quantize_operand(x, p.lhs),
+                           qwix::fake_quant(x, "int8", {.channelwise_axes = {0, 1}, .tiled_axes = {{2, 8.0}}})));
+  EXPECT_TRUE(torch::equal(qwix::quantize_operand(w, p.rhs),
+                           qwix::fake_quant(w, "int4", {.channelwise_axes = {0}, .tiled_axes = {{1, 8.0}}})));
+  QuantizationRule none;
+  const auto n = qwix::plan_op(none, "linear", {3, false}, {2, true});
+  EXPECT_TRUE(qwix::quantize_operand(x, n.lhs).is_same(x));
+}
+
+TEST(Apply, StaticPlanUpdateBeforeRead) {
+  torch::manual_seed(0);
+  auto r = rule();
+  r.act_static_scale = true;
+  const auto p = qwix::plan_op(r, "linear", {3, false}, {2, true}).lhs;
+  const auto x = torch::randn({4, 3, 8});
+  auto stat = qwix::make_quant_stat(x, p);
+  EXPECT_EQ(stat.count.scalar_type(), torch::kInt);
+  EXPECT_EQ(stat.count.dim(), 0);
+  ASSERT_EQ(stat.sums.size(), 1u);
+  EXPECT_EQ(stat.sums[0].sizes().vec(), (Axes{1, 3, 1}));
+  // count 0: the dynamic scale
+  EXPECT_TRUE(torch::equal(qwix::quantize_operand(x, p, &stat),
+                           qwix::fake_quant(x, "int8", {.channelwise_axes = {0, 1}})));
+  qwix::update_operand_stat(stat, qwix::calibrate_operand(x, p), p);
+  EXPECT_EQ(stat.count.item<int>(), 1);
+  const auto avg = x.abs().amax(-1, true).mean(0, true);
+  EXPECT_TRUE(torch::allclose(stat.sums[0], avg));
+  const auto scale = qwix::compute_scale({stat.sums[0] / 1.0}, "int8")[0];
+  EXPECT_TRUE(torch::equal(qwix::quantize_operand(x, p, &stat), qwix::fake_quant_with_scale(x, scale, "int8")));
+  expect_value_error([&] { qwix::quantize_operand(x, p); }, {"QuantStat"});
 }
 
 }  // namespace

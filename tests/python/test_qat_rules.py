@@ -208,3 +208,46 @@ def test_no_rule_is_an_identity():
     q = qwix.quantize_model(net, p, x)
     assert torch.equal(q(x), net(x))
     assert p.get_unused_rules() == list(p.rules)
+
+
+@pytest.mark.parametrize(
+    "rule, op, shapes, weights, equation",
+    [
+        (QuantizationRule(weight_qtype="int4", act_qtype="int8", tile_size=8), "linear", ((2, 3, 16), (5, 16)),
+         (False, True), ""),
+        (QuantizationRule(act_qtype="uint8", act_calibration_method="minmax", act_static_scale=True), "matmul",
+         ((4, 6, 8), (4, 8, 3)), (False, False), ""),
+        (QuantizationRule(weight_qtype="float8_e4m3fn", act_qtype="int8", act_static_scale=True,
+                          act_batch_axes=(0, 1)), "einsum", ((2, 3, 8), (8, 4)), (False, True), "btd,dh->bth"),
+        (QuantizationRule(weight_qtype="int8", act_qtype="int4", act_calibration_method="rms,2"), "conv2d",
+         ((2, 3, 5, 5), (4, 3, 3, 3)), (False, True), ""),
+    ],
+)
+def test_cpp_application_equals_the_python_pass(rule, op, shapes, weights, equation):
+    """The C++ quantize_operand (what the C++ and TorchScript passes run) and the Python pass agree."""
+    import qwix_torch.qat as qat
+    from qwix_torch import _C
+
+    torch.manual_seed(0)
+    provider = QatProvider([rule])
+    cpp = provider._cpp.plan("m", op, len(shapes[0]), weights[0], len(shapes[1]), weights[1], equation)
+    py = provider.plan("m", op, len(shapes[0]), weights[0], len(shapes[1]), weights[1], equation)
+    state = qat._QatState(provider)
+    state.force_update = True
+    module = nn.Module()
+    for which, shape, cplan, pplan in zip(("lhs", "rhs"), shapes, (cpp.lhs, cpp.rhs), (py.lhs, py.rhs)):
+        x = torch.randn(shape)
+        for step in range(2):  # count 0 -> 1 -> 2
+            xs = x * (step + 1)
+            expected = qat._quantize(state, module, "m", f"{op}0_{which}", xs, pplan)
+            if cplan.static_scale:
+                stat = module._modules[f"{op}0_{which}"]
+                if step == 0:
+                    count, sums = torch.zeros((), dtype=torch.int32), [torch.zeros_like(s) for s in stat.sums]
+                actual = _C.quantize_operand(xs, cplan, count, sums, True)
+                assert torch.equal(count, stat.count)
+                for a, b in zip(sums, stat.sums):
+                    assert torch.equal(a, b)
+            else:
+                actual = _C.quantize_operand(xs, cplan)
+            assert torch.equal(actual, expected), (which, step)

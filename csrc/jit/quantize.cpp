@@ -1,0 +1,767 @@
+// The TorchScript pass (DESIGN sections 1 and 3): qwix::jit::quantize_model.
+//
+// Per module of the tree, the ops linear / conv1d-3d / matmul / bmm / einsum
+// (two operands) of its own `forward` are quantized as the provider's plan
+// says, the same decisions and ops as the Python nn.Module path:
+//
+//  1. Each module's forward is its own graph (submodule calls stay
+//     prim::CallMethod "forward", the boundary of a module as a forward hook is
+//     in Python). Calls to free functions and to other methods (self._conv_forward,
+//     F.multi_head_attention_forward, ...) whose code holds such ops are inlined,
+//     so those ops belong to the calling module, as they do in Python.
+//  2. Shapes come from running the example inputs once: every module that some
+//     rule can match gets its own type (a TorchScript type is shared by all
+//     instances of a class), probe operators are inserted before each op and at
+//     the start of forward, and the forward runs under no_grad. The probes see
+//     the real operands: their ranks, dtypes, devices, whether each is a
+//     parameter or a view of one (the Python path's test), and the order in
+//     which a module's ops run, which gives the op ids (linear0, linear1, ...).
+//  3. The probes are removed and quantization nodes inserted: qwix::fake_quant
+//     (dynamic), or for SRQ a QuantStat submodule <op id>_lhs/_rhs and
+//     `if training: calibrate + update_quant_stat`, then srq_scale +
+//     fake_quant_with_scale. An op that a rule matches but the example did not
+//     run gets a prim::RaiseException guard (and a warning): it is never left in
+//     floating point silently.
+//  4. The tree is cloned once more so that instances whose code came out the
+//     same share one type again and untouched subtrees keep their original types.
+#include <ATen/ATen.h>
+#include <ATen/core/Generator.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <c10/util/Exception.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/jit/api/function_impl.h>
+#include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/ir/constants.h>
+#include <torch/csrc/jit/ir/ir.h>
+
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "jit/internal.h"
+#include "qwix/qwix.h"
+
+namespace qwix::jit {
+namespace {
+
+using jit_internal::OperandRecord;
+using jit_internal::ProbeEvent;
+using torch::jit::Block;
+using torch::jit::Graph;
+using torch::jit::Module;
+using torch::jit::NamedValue;
+using torch::jit::Node;
+using torch::jit::Value;
+using torch::jit::WithInsertPoint;
+
+constexpr const char* kQuantizedAttr = "_qwix_quantized";
+constexpr const char* kUpdateAttr = "_qwix_update_stats";
+constexpr const char* kForceAttr = "_qwix_force_update";
+
+std::optional<std::string> intercepted_op(const Node* n) {
+  static const std::vector<std::pair<c10::Symbol, std::string>> kinds = {
+      {c10::aten::linear, "linear"}, {c10::aten::conv1d, "conv1d"}, {c10::aten::conv2d, "conv2d"},
+      {c10::aten::conv3d, "conv3d"}, {c10::aten::matmul, "matmul"}, {c10::aten::bmm, "bmm"},
+      {c10::aten::einsum, "einsum"},
+  };
+  for (const auto& [k, name] : kinds)
+    if (n->kind() == k) return name;
+  return std::nullopt;
+}
+
+std::string quote(const std::string& s) { return "'" + s + "'"; }
+
+std::string location(const Node* n) {
+  if (auto flc = n->sourceRange().file_line_col()) {
+    const auto& [file, line, col] = *flc;
+    return file + ":" + std::to_string(line);
+  }
+  return "";
+}
+
+std::string join_ints(const std::vector<int64_t>& v) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << v[i];
+  os << "]";
+  return os.str();
+}
+
+// Inserts a call of an op that returns nothing (Graph::insert packs "no outputs" as an empty tuple).
+void insert_void(Graph& g, c10::Symbol op, std::vector<NamedValue> args) {
+  Value* packed = g.insert(op, args);
+  if (!packed->hasUses() && packed->node()->kind() == c10::prim::TupleConstruct) packed->node()->destroy();
+}
+
+// ---- inlining of calls whose code holds intercepted ops ----
+
+torch::jit::Function* inlinable_callee(const Node* n) {
+  if (n->kind() == c10::prim::CallFunction) {
+    auto ft = n->input(0)->type()->cast<c10::FunctionType>();
+    return ft ? ft->function() : nullptr;
+  }
+  if (n->kind() == c10::prim::CallMethod) {
+    auto cls = n->input(0)->type()->cast<c10::ClassType>();
+    if (!cls) return nullptr;  // an interface: dispatched at run time
+    const std::string& name = n->s(c10::attr::name);
+    if (cls->is_module() && name == "forward") return nullptr;  // a submodule call: its own module
+    return cls->findMethod(name);
+  }
+  return nullptr;
+}
+
+class Inliner {
+ public:
+  void run(Graph& g) {
+    while (inline_block(g.block())) {
+    }
+  }
+
+ private:
+  bool has_ops(torch::jit::Function* fn) {
+    if (!fn->isGraphFunction()) return false;
+    if (auto it = memo_.find(fn); it != memo_.end()) return it->second;
+    memo_[fn] = false;  // TorchScript has no recursion; this only guards the walk
+    const bool r = block_has_ops(torch::jit::toGraphFunction(*fn).graph()->block());
+    memo_[fn] = r;
+    return r;
+  }
+
+  bool block_has_ops(Block* b) {
+    for (Node* n : b->nodes()) {
+      if (intercepted_op(n)) return true;
+      if (auto* fn = inlinable_callee(n); fn && has_ops(fn)) return true;
+      for (Block* sb : n->blocks())
+        if (block_has_ops(sb)) return true;
+    }
+    return false;
+  }
+
+  bool inline_block(Block* b) {
+    bool changed = false;
+    for (auto it = b->nodes().begin(); it != b->nodes().end();) {
+      Node* n = *it;
+      ++it;
+      if (auto* fn = inlinable_callee(n); fn && has_ops(fn)) {
+        if (n->kind() == c10::prim::CallFunction) n->removeInput(0);
+        torch::jit::inlineCallTo(n, &torch::jit::toGraphFunction(*fn));
+        changed = true;
+        continue;
+      }
+      for (Block* sb : n->blocks()) changed |= inline_block(sb);
+    }
+    return changed;
+  }
+
+  std::unordered_map<torch::jit::Function*, bool> memo_;
+};
+
+// ---- per module bookkeeping ----
+
+struct Site {
+  Node* node = nullptr;
+  std::string op;
+  Value* lhs = nullptr;
+  Value* rhs = nullptr;
+  std::string equation;
+  std::string where;
+  // what the example forward showed
+  int64_t executions = 0;
+  std::set<int64_t> indices;  // n of the op ids <op><n> it ran as
+  OperandRecord lhs_rec, rhs_rec;
+  std::string inconsistency;  // non-empty: operands differed between runs
+};
+
+struct Instance {
+  Module module;  // in the working tree
+  std::string path;
+  c10::ClassTypePtr orig_type;
+  bool candidate = false;  // some rule matches this path for some op
+  bool modified = false;
+  std::string signature;
+  std::vector<Site> sites;
+  std::map<std::string, int64_t> counts;  // op counts of the running forward (probing)
+  bool ran = false;                       // its forward ran in the example forward
+};
+
+std::string site_name(const Instance& inst, const Site& s) {
+  std::string r = "module " + quote(inst.path) + ", op " + s.op;
+  if (s.indices.size() == 1) r += std::to_string(*s.indices.begin());
+  if (!s.where.empty()) r += " (" + s.where + ")";
+  return r;
+}
+
+std::string operand_signature(const OperandPlan& p) {
+  std::ostringstream os;
+  os << p.qtype << "/" << p.calibration_method << "/" << join_ints(p.channelwise_axes) << "/";
+  for (const auto& [a, t] : p.tiled_axes) os << a << ":" << t << ",";
+  os << "/" << p.static_scale << join_ints(p.batch_axes) << "/"
+     << (p.clip_gradient ? (*p.clip_gradient ? "1" : "0") : "n");
+  return os.str();
+}
+
+// ---- QuantStat submodules ----
+
+c10::ClassTypePtr quant_stat_type(const std::shared_ptr<torch::jit::CompilationUnit>& cu, bool symmetric) {
+  const c10::QualifiedName name(symmetric ? "__torch__.qwix_torch.jit.QuantStat"
+                                          : "__torch__.qwix_torch.jit.minmax.QuantStat");
+  const std::vector<std::string> attrs = symmetric ? std::vector<std::string>{"training", "count", "sum_of_absmax"}
+                                                   : std::vector<std::string>{"training", "count", "sum_of_min",
+                                                                              "sum_of_max"};
+  if (auto t = cu->get_class(name); t && t->is_module() && t->numAttributes() == attrs.size() && t->methods().empty()) {
+    bool same = true;
+    for (size_t i = 0; i < attrs.size(); ++i) same = same && t->getAttributeName(i) == attrs[i];
+    if (same) return t;
+  }
+  Module proto(name, cu, /*shouldMangle=*/true);
+  auto t = proto.type();
+  t->addAttribute("training", c10::BoolType::get());
+  for (size_t i = 1; i < attrs.size(); ++i)
+    t->addAttribute(attrs[i], c10::TensorType::get(), /*is_parameter=*/false, /*is_buffer=*/true);
+  return t;
+}
+
+std::vector<std::string> stat_sum_names(bool symmetric) {
+  return symmetric ? std::vector<std::string>{"sum_of_absmax"} : std::vector<std::string>{"sum_of_min", "sum_of_max"};
+}
+
+// Saves the buffers and the RNG states (CPU, and the CUDA devices the module uses) and restores
+// them when destroyed.
+class StateRestorer {
+ public:
+  explicit StateRestorer(const Module& m) {
+    std::set<c10::DeviceIndex> cuda;
+    for (const auto& b : m.buffers()) {
+      if (!b.defined()) continue;
+      buffers_.emplace_back(b, b.clone());
+      if (b.is_cuda()) cuda.insert(b.device().index());
+    }
+    for (const auto& p : m.parameters())
+      if (p.is_cuda()) cuda.insert(p.device().index());
+    save(at::detail::getDefaultCPUGenerator());
+    for (c10::DeviceIndex i : cuda) save(at::globalContext().defaultGenerator(c10::Device(c10::kCUDA, i)));
+  }
+  ~StateRestorer() {
+    for (auto& [gen, state] : rngs_) {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(state);
+    }
+    for (auto& [b, saved] : buffers_) b.copy_(saved);
+  }
+  StateRestorer(const StateRestorer&) = delete;
+  StateRestorer& operator=(const StateRestorer&) = delete;
+
+ private:
+  void save(at::Generator gen) {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    rngs_.emplace_back(gen, gen.get_state());
+  }
+  std::vector<std::pair<at::Tensor, at::Tensor>> buffers_;
+  std::vector<std::pair<at::Generator, at::Tensor>> rngs_;
+};
+
+// ---- the pass ----
+
+class Pass {
+ public:
+  Pass(QatProvider& provider, bool inplace) : provider_(provider), inplace_(inplace) {}
+
+  Module run(const Module& m, std::vector<c10::IValue> inputs) {
+    TORCH_CHECK_VALUE(!m.type()->hasAttribute(kQuantizedAttr),
+                      "qwix: this TorchScript module is already quantized (quantize_model was applied to it)");
+    TORCH_CHECK_VALUE(m.find_method("forward").has_value(),
+                      "qwix: quantize_model needs a TorchScript module with a forward method");
+    collect(m);
+    make_working_tree(m);
+    for (Instance& inst : instances_)
+      if (inst.candidate) prepare(inst);
+    probe(std::move(inputs));
+    for (Instance& inst : instances_)
+      if (inst.candidate) transform(inst);
+    warn_unexecuted();
+    return finish();
+  }
+
+ private:
+  // Paths (first occurrence, pre-order, as named_modules()) and which modules a rule can match.
+  void collect(const Module& root) {
+    std::function<void(const Module&, const std::string&)> walk = [&](const Module& mod, const std::string& path) {
+      if (!seen_.emplace(mod._ivalue().get(), orig_.size()).second) return;
+      orig_.push_back({mod, path});
+      for (const auto& c : mod.named_children()) walk(c.value, path.empty() ? c.name : path + "." + c.name);
+    };
+    walk(root, "");
+    std::function<bool(const Module&)> subtree = [&](const Module& mod) -> bool {
+      const auto* key = mod._ivalue().get();
+      if (auto it = subtree_.find(key); it != subtree_.end()) return it->second;
+      bool any = is_candidate(orig_[seen_.at(key)].second);
+      for (const auto& c : mod.children()) any = subtree(c) || any;
+      subtree_[key] = any;
+      return any;
+    };
+    subtree(root);
+  }
+
+  bool is_candidate(const std::string& path) const {
+    for (const auto& op : valid_op_names())
+      if (provider_.match_rule(path, op)) return true;
+    return false;
+  }
+
+  // The working tree: modules on a path to a candidate get a type of their own.
+  void make_working_tree(const Module& root) {
+    auto choose = [&](const Module& src) -> jit_internal::TypeChoice {
+      if (!subtree_.at(src._ivalue().get())) return {src.type(), ""};
+      std::ostringstream key;
+      key << "instance:" << static_cast<const void*>(src._ivalue().get());
+      return {nullptr, key.str()};
+    };
+    auto result = jit_internal::clone_module_tree(root, choose, /*copy_tensors=*/!inplace_);
+    work_ = result.module;
+    for (const auto& [mod, path] : orig_) {
+      Instance inst;
+      inst.module = Module(result.objects.at(mod._ivalue().get()));
+      inst.path = path;
+      inst.orig_type = mod.type();
+      inst.candidate = is_candidate(path);
+      index_[inst.module._ivalue().get()] = instances_.size();
+      instances_.push_back(std::move(inst));
+    }
+  }
+
+  std::shared_ptr<Graph> forward_graph(const Instance& inst) const {
+    torch::jit::Function* fn = inst.module.type()->findMethod("forward");
+    if (fn == nullptr || !fn->isGraphFunction()) return nullptr;
+    return torch::jit::toGraphFunction(*fn).graph();
+  }
+
+  // Inline, find the intercepted ops, insert the probes.
+  void prepare(Instance& inst) {
+    auto g = forward_graph(inst);
+    if (!g) return;
+    Inliner().run(*g);
+    const size_t ii = &inst - instances_.data();
+    std::function<void(Block*)> walk = [&](Block* b) {
+      for (Node* n : b->nodes()) {
+        if (auto op = intercepted_op(n)) add_site(inst, n, *op);
+        for (Block* sb : n->blocks()) walk(sb);
+      }
+    };
+    walk(g->block());
+    if (inst.sites.empty()) return;
+
+    Node* begin = g->create(jit_internal::probe_begin_symbol(), 0);
+    g->block()->prependNode(begin);
+    add_probe_input(*g, begin, static_cast<int64_t>(targets_.size()));
+    targets_.emplace_back(ii, -1);
+    for (size_t si = 0; si < inst.sites.size(); ++si) {
+      Site& s = inst.sites[si];
+      WithInsertPoint ip(s.node);
+      Node* p = g->insertNode(g->create(jit_internal::probe_symbol(), 0));
+      add_probe_input(*g, p, static_cast<int64_t>(targets_.size()));
+      p->addInput(s.lhs);
+      p->addInput(s.rhs);
+      targets_.emplace_back(ii, static_cast<int64_t>(si));
+    }
+  }
+
+  void add_probe_input(Graph& g, Node* probe, int64_t id) {
+    WithInsertPoint ip(probe);
+    probe->addInput(g.insertConstant(id));
+    probes_.push_back(probe);
+  }
+
+  void add_site(Instance& inst, Node* n, const std::string& op) {
+    Site s;
+    s.node = n;
+    s.op = op;
+    s.where = location(n);
+    if (op == "einsum") {
+      auto eq = torch::jit::toIValue(n->input(0));
+      Node* list = n->input(1)->node();
+      const bool literal = list->kind() == c10::prim::ListConstruct;
+      if (literal && list->inputs().size() != 2) return;  // not a two-operand einsum: not intercepted
+      if (!eq || !eq->isString() || !literal) {
+        TORCH_CHECK_VALUE(!provider_.match_rule(inst.path, op), "qwix: ", site_name(inst, s),
+                          ": cannot quantize an einsum whose equation is not a constant or whose operands are not "
+                          "a literal list of two tensors (write torch.einsum(\"...\", a, b))");
+        return;
+      }
+      s.equation = eq->toStringRef();
+      s.lhs = list->input(0);
+      s.rhs = list->input(1);
+    } else {
+      s.lhs = n->input(0);
+      s.rhs = n->input(1);
+    }
+    inst.sites.push_back(std::move(s));
+  }
+
+  // Runs the example forward as the Python path does: in the module's current mode, without
+  // gradients, leaving everything else as it was (buffers such as batch-norm statistics and the
+  // RNG states are restored afterwards).
+  void probe(std::vector<c10::IValue> inputs) {
+    if (probes_.empty() && inputs.empty()) return;
+    std::unordered_set<const c10::TensorImpl*> params;
+    for (const auto& p : work_.parameters()) params.insert(p.unsafeGetTensorImpl());
+    jit_internal::ProbeRecorder recorder(std::move(params));
+    {
+      at::NoGradGuard no_grad;
+      StateRestorer restore(work_);
+      try {
+        work_.get_method("forward")(std::move(inputs));
+      } catch (const std::exception& e) {
+        const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+        TORCH_CHECK(false, "qwix: quantize_model runs the example inputs through the TorchScript module once (to "
+                    "learn the operands' ranks and the op order), and that forward failed: ",
+                    c10_error ? c10_error->what_without_backtrace() : e.what());
+      }
+    }
+    for (const ProbeEvent& e : recorder.events) record(e);
+    for (Node* p : probes_) {
+      Node* c = p->input(0)->node();
+      p->destroy();
+      if (!c->hasUses()) c->destroy();
+    }
+    probes_.clear();
+  }
+
+  void record(const ProbeEvent& e) {
+    const auto [ii, si] = targets_.at(e.id);
+    Instance& inst = instances_[ii];
+    if (e.begin) {
+      inst.counts.clear();
+      inst.ran = true;
+      return;
+    }
+    Site& s = inst.sites[si];
+    s.indices.insert(inst.counts[s.op]++);
+    if (s.executions++ == 0) {
+      s.lhs_rec = e.lhs;
+      s.rhs_rec = e.rhs;
+      return;
+    }
+    if (!s.inconsistency.empty()) return;
+    const OperandRecord* seen[2] = {&s.lhs_rec, &s.rhs_rec};
+    const OperandRecord* now[2] = {&e.lhs, &e.rhs};
+    const char* names[2] = {"lhs", "rhs"};
+    for (int k = 0; k < 2; ++k) {
+      if (seen[k]->sizes.size() != now[k]->sizes.size()) {
+        s.inconsistency = std::string("its ") + names[k] + " had rank " + std::to_string(seen[k]->sizes.size()) +
+                          " in one call and rank " + std::to_string(now[k]->sizes.size()) + " in another";
+      } else if (seen[k]->is_weight != now[k]->is_weight) {
+        s.inconsistency = std::string("its ") + names[k] + " was a parameter (or a view of one) in one call and not " +
+                          "in another";
+      } else if (seen[k]->floating != now[k]->floating) {
+        s.inconsistency = std::string("its ") + names[k] + " was floating-point in one call and not in another";
+      }
+      if (!s.inconsistency.empty()) return;
+    }
+  }
+
+  void transform(Instance& inst) {
+    auto g = forward_graph(inst);
+    if (!g) return;
+    std::set<std::string> stat_names;
+    for (size_t si = 0; si < inst.sites.size(); ++si) {
+      Site& s = inst.sites[si];
+      if (!provider_.match_rule(inst.path, s.op)) continue;
+      std::string sig = "|" + std::to_string(si) + ":";
+      if (s.executions == 0) {
+        insert_guard(*g, inst, s);
+        inst.signature += sig + "guard";
+        inst.modified = true;
+        continue;
+      }
+      TORCH_CHECK_VALUE(s.inconsistency.empty(), "qwix: ", site_name(inst, s), ": ", s.inconsistency,
+                        " during the example forward; a TorchScript op gets one quantization plan, so its operands "
+                        "need the same rank and kind in every call");
+      const OperandInfo li{static_cast<int64_t>(s.lhs_rec.sizes.size()), s.lhs_rec.is_weight};
+      const OperandInfo ri{static_cast<int64_t>(s.rhs_rec.sizes.size()), s.rhs_rec.is_weight};
+      const auto plan = provider_.plan(inst.path, s.op, li, ri, s.equation);
+      TORCH_INTERNAL_ASSERT(plan.has_value());
+      sig += "r" + std::to_string(li.rank) + "," + std::to_string(ri.rank) + "#" +
+             (s.indices.size() == 1 ? std::to_string(*s.indices.begin()) : "*");  // SRQ names use the op id
+      Value* ql = s.lhs;
+      Value* qr = s.rhs;
+      if (plan->lhs.quantize && s.lhs_rec.floating) {
+        ql = quantize_operand(*g, inst, s, s.lhs, s.lhs_rec, plan->lhs, "_lhs", stat_names);
+        sig += "L" + operand_signature(plan->lhs);
+      }
+      if (plan->rhs.quantize && s.rhs_rec.floating) {
+        qr = quantize_operand(*g, inst, s, s.rhs, s.rhs_rec, plan->rhs, "_rhs", stat_names);
+        sig += "R" + operand_signature(plan->rhs);
+      }
+      if (ql == s.lhs && qr == s.rhs) continue;
+      if (s.op == "einsum") {
+        WithInsertPoint ip(s.node);
+        Node* old = s.node->input(1)->node();
+        Value* list = g->insertNode(g->createList(c10::TensorType::get(), {ql, qr}))->output();
+        s.node->replaceInput(1, list);
+        if (!old->hasUses()) old->destroy();
+      } else {
+        s.node->replaceInput(0, ql);
+        s.node->replaceInput(1, qr);
+      }
+      inst.signature += sig;
+      inst.modified = true;
+    }
+  }
+
+  void insert_guard(Graph& g, const Instance& inst, const Site& s) {
+    const std::string msg = "qwix: " + site_name(inst, s) +
+                            " matches a quantization rule but did not run during quantize_model's example forward, "
+                            "so it was not quantized; quantize the model again with example inputs (and train/eval "
+                            "mode) that run it";
+    WithInsertPoint ip(s.node);
+    insert_void(g, c10::prim::RaiseException, {NamedValue(c10::IValue(msg))});
+    std::string op = s.op;
+    if (!s.where.empty()) op += " (" + s.where + ")";
+    auto& entry = unexecuted_[inst.path];
+    entry.first = inst.ran;
+    entry.second.push_back(op);
+    ++unexecuted_count_;
+  }
+
+  // The plan of an activation depends on its rank (per-token axes, SRQ statistics' shape): a
+  // call with another rank than the example's raises instead of quantizing differently from
+  // the Python path (which plans per call).
+  void insert_rank_check(Graph& g, const Instance& inst, const Site& s, Value* x, int64_t rank, const char* operand) {
+    const std::string msg = "qwix: " + site_name(inst, s) + ": its " + operand + " has a rank other than " +
+                            std::to_string(rank) + ", the rank it had in quantize_model's example forward, for which "
+                            "its quantization was planned; quantize the model with example inputs of the rank it runs";
+    Value* bad = g.insert(c10::aten::ne, {g.insert(c10::aten::dim, {x}), c10::IValue(rank)});
+    Node* if_node = g.insertNode(g.create(c10::prim::If, {bad}, 0));
+    Block* raise = if_node->addBlock();
+    if_node->addBlock();
+    WithInsertPoint in_raise(raise);
+    insert_void(g, c10::prim::RaiseException, {NamedValue(c10::IValue(msg))});
+  }
+
+  // Returns the quantized operand; inserts the nodes before the op.
+  Value* quantize_operand(Graph& g, Instance& inst, const Site& s, Value* x, const OperandRecord& rec,
+                          const OperandPlan& p, const char* suffix, std::set<std::string>& stat_names) {
+    WithInsertPoint ip(s.node);
+    auto op = [&](const char* name, std::vector<NamedValue> args) {
+      return g.insert(c10::Symbol::fromQualString(name), args);
+    };
+    // Tiles: whole elements are constants; a fraction of the axis is resolved at run time,
+    // int(round(x.size(axis) * f)) (round half to even, as resolve_tiled_axes).
+    std::vector<int64_t> tiled_axes, const_tiles;
+    std::vector<Value*> tile_values;
+    bool dynamic_tiles = false;
+    for (const auto& [axis, tile] : p.tiled_axes) {
+      tiled_axes.push_back(axis);
+      if (tile >= 1.0) {
+        const_tiles.push_back(static_cast<int64_t>(tile));
+        tile_values.push_back(g.insertConstant(static_cast<int64_t>(tile)));
+      } else {
+        dynamic_tiles = true;
+        Value* dim = op("aten::size", {x, c10::IValue(axis)});
+        Value* f = op("aten::mul", {dim, c10::IValue(tile)});
+        Value* r = op("aten::round", {f});
+        tile_values.push_back(op("aten::Int", {r}));
+      }
+    }
+    Value* tiles = dynamic_tiles ? g.insertNode(g.createList(c10::IntType::get(), tile_values))->output()
+                                 : g.insertConstant(c10::IValue(const_tiles));
+    const c10::IValue axes(tiled_axes);
+    const c10::IValue channelwise(p.channelwise_axes);
+    if (!p.is_weight) insert_rank_check(g, inst, s, x, static_cast<int64_t>(rec.sizes.size()), suffix + 1);
+    if (!p.static_scale) {
+      const c10::IValue clip = p.clip_gradient ? c10::IValue(*p.clip_gradient) : c10::IValue();
+      return op("qwix::fake_quant", {x, c10::IValue(p.qtype), c10::IValue(p.calibration_method), channelwise, axes,
+                                     tiles, clip});
+    }
+
+    // SRQ: the QuantStat, shaped as the engine's make_quant_stat says (run on a Meta tensor:
+    // shapes only, no data).
+    TORCH_CHECK_VALUE(s.indices.size() == 1, "qwix: module ", quote(inst.path), ", op ", s.op, " (", s.where,
+                      ") ran as ", s.indices.size(), " different op ids (",
+                      s.op + std::to_string(*s.indices.begin()), ", ", s.op + std::to_string(*s.indices.rbegin()),
+                      ") in the example forward (in a loop, or after a data-dependent branch); a static scale "
+                      "(act_static_scale) needs one QuantStat per op, so it cannot be used for this op in TorchScript");
+    const std::string name = s.op + std::to_string(*s.indices.begin()) + suffix;
+    TORCH_CHECK_VALUE(stat_names.insert(name).second, "qwix: module ", quote(inst.path), ": two ", s.op,
+                      " ops ran as the same op id in different calls of the example forward, so both would need the "
+                      "QuantStat ", name, "; a static scale cannot be used for them in TorchScript");
+    TORCH_CHECK_VALUE(!inst.module.type()->hasAttribute(name), "qwix: module ", quote(inst.path),
+                      " already has an attribute ", quote(name), ", the name of the QuantStat of ", site_name(inst, s));
+    const at::Tensor meta = at::empty(rec.sizes, at::TensorOptions().dtype(rec.dtype).device(at::kMeta));
+    const QuantStatTensors shapes = make_quant_stat(meta, p);
+    const bool symmetric = shapes.sums.size() == 1;
+    add_stat(inst, name, symmetric, shapes.sums[0].sizes().vec(), rec.device);
+
+    Value* self = g.inputs()[0];
+    Value* xd = op("aten::detach", {x});
+    Value* stat = g.insertGetAttr(self, name);
+    auto sums_of = [&]() {
+      std::vector<Value*> sums;
+      for (const auto& n : stat_sum_names(symmetric)) sums.push_back(g.insertGetAttr(stat, n));
+      return g.insertNode(g.createList(c10::TensorType::get(), sums))->output();
+    };
+    // Update before read, in training mode (unless disabled) or when forced (calibration).
+    Value* cond = op("aten::__or__", {op("aten::__and__", {g.insertGetAttr(self, "training"),
+                                                            g.insertGetAttr(self, kUpdateAttr)}),
+                                      g.insertGetAttr(self, kForceAttr)});
+    Node* if_node = g.insertNode(g.create(c10::prim::If, {cond}, 0));
+    Block* then_block = if_node->addBlock();
+    if_node->addBlock();
+    {
+      WithInsertPoint in_then(then_block);
+      Value* c = op("qwix::calibrate", {xd, c10::IValue(p.calibration_method), channelwise, axes, tiles});
+      insert_void(g, c10::Symbol::fromQualString("qwix::update_quant_stat"),
+                  {g.insertGetAttr(stat, "count"), sums_of(), c, c10::IValue(p.batch_axes), c10::IValue(int64_t{1})});
+    }
+    Value* scales = op("qwix::srq_scale", {xd, g.insertGetAttr(stat, "count"), sums_of(), c10::IValue(p.qtype),
+                                           c10::IValue(p.calibration_method), channelwise, axes, tiles});
+    Node* unpack = g.insertNode(g.createListUnpack(scales, symmetric ? 1 : 2));
+    Value* zero_point = symmetric ? g.insertConstant(c10::IValue()) : unpack->output(1);
+    return op("qwix::fake_quant_with_scale", {x, unpack->output(0), zero_point, c10::IValue(p.qtype),
+                                              c10::IValue(p.clip_gradient.value_or(false))});
+  }
+
+  void add_stat(Instance& inst, const std::string& name, bool symmetric, const std::vector<int64_t>& shape,
+                c10::Device device) {
+    Module& mod = inst.module;
+    auto cu = mod._ivalue()->compilation_unit();
+    if (!mod.type()->hasAttribute("training")) mod.register_attribute("training", c10::BoolType::get(), true);
+    if (!mod.type()->hasAttribute(kUpdateAttr)) {
+      mod.register_attribute(kUpdateAttr, c10::BoolType::get(), true);
+      mod.register_attribute(kForceAttr, c10::BoolType::get(), false);
+    }
+    Module stat(cu, quant_stat_type(cu, symmetric));
+    stat._ivalue()->setAttr("training", mod.attr("training").toBool());
+    stat._ivalue()->setAttr("count", at::zeros({}, at::TensorOptions().dtype(at::kInt).device(device)));
+    for (const auto& n : stat_sum_names(symmetric))
+      stat._ivalue()->setAttr(n, at::zeros(shape, at::TensorOptions().dtype(at::kFloat).device(device)));
+    mod.register_module(name, stat);
+  }
+
+  void warn_unexecuted() const {
+    if (unexecuted_.empty()) return;
+    std::string list;
+    for (const auto& [path, entry] : unexecuted_) {
+      list += "\n  module " + quote(path) + ": ";
+      if (!entry.first) {
+        list += "its forward did not run (" + std::to_string(entry.second.size()) + " op(s))";
+        continue;
+      }
+      for (size_t i = 0; i < entry.second.size(); ++i) list += (i ? ", " : "") + entry.second[i];
+    }
+    TORCH_WARN("qwix: ", unexecuted_count_, " op(s) match a quantization rule but did not run during "
+               "quantize_model's example forward, so they are not quantized and raise an error if they run later:",
+               list);
+  }
+
+  // Clone once more: instances of one original type with the same quantized code share a type,
+  // unmodified subtrees keep their original types, the root gets a type of its own (marked).
+  Module finish() {
+    std::unordered_map<const c10::ivalue::Object*, std::string> keys;
+    std::function<std::string(const Module&)> key_of = [&](const Module& mod) -> std::string {
+      const auto* obj = mod._ivalue().get();
+      if (auto it = keys.find(obj); it != keys.end()) return it->second;
+      std::string key;
+      auto idx = index_.find(obj);
+      if (idx == index_.end()) {
+        key = "=" + mod.type()->repr_str();  // a QuantStat: keeps its type
+      } else {
+        const Instance& inst = instances_[idx->second];
+        std::string children;
+        bool unchanged = !inst.modified && obj != work_._ivalue().get();
+        for (const auto& c : mod.named_children()) {
+          const std::string ck = key_of(c.value);
+          unchanged = unchanged && ck[0] == '=';
+          children += "|" + c.name + "{" + ck + "}";
+        }
+        std::ostringstream os;
+        if (unchanged) {
+          os << "=" << static_cast<const void*>(inst.orig_type.get());
+        } else {
+          os << static_cast<const void*>(inst.orig_type.get()) << "|" << inst.candidate << inst.signature << children;
+          if (obj == work_._ivalue().get()) os << "|root";
+        }
+        key = os.str();
+      }
+      keys.emplace(obj, key);
+      return key;
+    };
+    key_of(work_);
+    auto choose = [&](const Module& src) -> jit_internal::TypeChoice {
+      const auto* obj = src._ivalue().get();
+      auto idx = index_.find(obj);
+      if (idx == index_.end()) return {src.type(), ""};
+      const std::string& key = keys.at(obj);
+      if (key[0] == '=') return {instances_[idx->second].orig_type, ""};
+      return {nullptr, key};
+    };
+    Module out = jit_internal::clone_module_tree(work_, choose, /*copy_tensors=*/false).module;
+    out.register_attribute(kQuantizedAttr, c10::BoolType::get(), true);
+    return out;
+  }
+
+  QatProvider& provider_;
+  bool inplace_;
+  std::vector<std::pair<Module, std::string>> orig_;
+  std::unordered_map<const c10::ivalue::Object*, size_t> seen_;
+  std::unordered_map<const c10::ivalue::Object*, bool> subtree_;
+  Module work_;
+  std::vector<Instance> instances_;
+  std::unordered_map<const c10::ivalue::Object*, size_t> index_;  // working-tree object -> instance
+  std::vector<std::pair<size_t, int64_t>> targets_;               // probe id -> (instance, site or -1: begin)
+  std::vector<Node*> probes_;
+  std::map<std::string, std::pair<bool, std::vector<std::string>>> unexecuted_;  // path -> (ran, ops)
+  size_t unexecuted_count_ = 0;
+};
+
+}  // namespace
+
+torch::jit::Module quantize_model(torch::jit::Module& m, QatProvider& provider, std::vector<c10::IValue> example_inputs,
+                                  bool inplace) {
+  torch::jit::Module out = Pass(provider, inplace).run(m, std::move(example_inputs));
+  if (inplace) m = out;
+  return out;
+}
+
+torch::jit::Module quantize_model(torch::jit::Module& m, QatProvider&& provider,
+                                  std::vector<c10::IValue> example_inputs, bool inplace) {
+  return quantize_model(m, provider, std::move(example_inputs), inplace);
+}
+
+bool is_quantized(const torch::jit::Module& m) { return m.type()->hasAttribute(kQuantizedAttr); }
+
+namespace {
+
+void set_flag(torch::jit::Module& m, const char* name, bool value) {
+  TORCH_CHECK_VALUE(is_quantized(m), "qwix: this TorchScript module was not returned by qwix::jit::quantize_model");
+  for (torch::jit::Module mod : m.modules())
+    if (mod.type()->hasAttribute(name)) mod.setattr(name, value);
+}
+
+}  // namespace
+
+void set_quant_stats_update(torch::jit::Module& m, bool enabled) { set_flag(m, kUpdateAttr, enabled); }
+
+void calibrate(torch::jit::Module& m, const std::vector<std::vector<c10::IValue>>& batches) {
+  TORCH_CHECK_VALUE(is_quantized(m), "qwix: this TorchScript module was not returned by qwix::jit::quantize_model");
+  std::vector<std::pair<torch::jit::Module, bool>> modes;
+  for (torch::jit::Module mod : m.modules())
+    if (mod.type()->hasAttribute("training")) modes.emplace_back(mod, mod.attr("training").toBool());
+  auto restore = [&] {
+    set_flag(m, kForceAttr, false);
+    for (auto& [mod, t] : modes) mod.setattr("training", t);
+  };
+  try {
+    m.eval();
+    set_flag(m, kForceAttr, true);
+    at::NoGradGuard no_grad;
+    for (const auto& b : batches) m.forward(b);
+  } catch (...) {
+    restore();
+    throw;
+  }
+  restore();
+}
+
+}  // namespace qwix::jit

@@ -1,0 +1,506 @@
+"""The TorchScript path (qwix_torch.jit_quantize_model, csrc/jit): the same forward values as the
+Python nn.Module path for the same weights and rules, training, state_dict keys, torch.jit.save /
+load, type sharing between module instances, get_unused_rules, and clear errors."""
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from _helpers import assert_same
+
+import qwix_torch as qwix
+from qwix_torch import QatProvider, QuantizationRule
+from qwix_torch.jit import jit_calibrate, jit_is_quantized, jit_set_quant_stats_update
+
+# ---- models ----------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=16, d_hidden=32, d_out=4):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, groups=2)
+        self.head = nn.Linear(8 * 3 * 3, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.head(x.flatten(1))
+
+
+class Attention(nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d // self.heads)
+        y = scores.softmax(-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Views(nn.Module):
+    """Weights used through views (a weight is a parameter or a view of one) and one copy (not a weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16))
+        self.v = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        h = x @ self.w.t()  # weight (a view)
+        h = torch.einsum("bi,oi->bo", h, self.v)  # weight
+        return torch.matmul(h, self.v.t().contiguous())  # a copy: an activation, as in the Python path
+
+
+class Twin(nn.Module):
+    """Two instances of one TorchScript type (same class, same constants)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class Loop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) * 0.1)
+
+    def forward(self, x):
+        for _ in range(2):
+            x = F.linear(x, self.w)
+        return x
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.w = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x, use_aux: bool = False):
+        x = self.fc(x)
+        if use_aux:
+            x = F.linear(x, self.w)
+        return x
+
+
+class Spare(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = MLP()
+        self.spare = nn.Linear(4, 4)  # scripted (with its forward) but never called
+
+    def forward(self, x):
+        return self.body(x)
+
+
+W8A8 = [QuantizationRule(weight_qtype="int8", act_qtype="int8")]
+BLOCK_RULES = [
+    QuantizationRule(module_path="attn", act_qtype="int8", act_static_scale=True),
+    QuantizationRule(module_path=r".*(qkv|proj|fc1|fc2)", weight_qtype="int4", act_qtype="int8", tile_size=8),
+]
+
+
+def both(model, rules, *example, **kw):
+    """The Python path and the TorchScript path on the same weights, each with its own provider."""
+    pe, pj = QatProvider(rules), QatProvider(rules)
+    eager = qwix.quantize_model(model, pe, *example)
+    ts = qwix.jit_quantize_model(torch.jit.script(model), pj, *example, **kw)
+    return eager, ts, pe, pj
+
+
+def assert_same_state(a: nn.Module, b: nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert_same(sb[k], sa[k], k)
+
+
+# ---- forward equals the Python path --------------------------------------------------------------------
+
+
+def test_mlp_matches_python_path():
+    m = MLP()
+    eager, ts, pe, pj = both(m, W8A8, torch.randn(8, 16))
+    assert jit_is_quantized(ts) and not jit_is_quantized(torch.jit.script(m))
+    for _ in range(3):
+        x = torch.randn(8, 16)
+        assert_same(ts(x), eager(x), "mlp")
+    assert pj.get_unused_rules() == [] == pe.get_unused_rules()
+    assert "qwix::fake_quant" in str(ts.fc1.graph)
+
+
+def test_cnn_dynamic_and_srq_minmax_match_python_path():
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int4", act_static_scale=True,
+                              act_calibration_method="minmax")]
+    for r in (W8A8, rules):
+        eager, ts, _, _ = both(CNN(), r, torch.randn(2, 1, 8, 8))
+        for _ in range(3):  # training mode: SRQ statistics update before each read
+            x = torch.randn(3, 1, 8, 8)
+            assert_same(ts(x), eager(x), "cnn")
+        assert_same_state(eager, ts)
+    assert list(ts.conv1.conv2d0_lhs.state_dict()) == ["count", "sum_of_min", "sum_of_max"]
+    assert int(ts.conv1.conv2d0_lhs.count) == 3
+
+
+def test_transformer_block_matches_python_path():
+    # attn: SRQ on the einsum and the matmul (activation x activation); the linears: int4 weights, tiles of 8.
+    eager, ts, pe, pj = both(Block(), BLOCK_RULES, torch.randn(2, 5, 16))
+    for _ in range(2):
+        x = torch.randn(2, 5, 16)
+        assert_same(ts(x), eager(x), "block")
+    assert_same_state(eager, ts)
+    assert {n for n, _ in ts.attn.named_children()} == {"qkv", "proj", "einsum0_lhs", "einsum0_rhs", "matmul0_lhs",
+                                                         "matmul0_rhs"}
+    assert list(ts.attn.matmul0_rhs.sum_of_absmax.shape) == [1, 2, 1, 8]
+
+
+def test_fractional_tile_is_resolved_at_run_time():
+    # tile_size=0.5: the linear's `in` axis and the attention's T axis (the matmul contracts over keys).
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", tile_size=0.5)]
+    eager, ts, _, _ = both(Block(), rules, torch.randn(2, 6, 16))
+    for t in (6, 10, 4):
+        x = torch.randn(2, t, 16)
+        assert_same(ts(x), eager(x), f"T={t}")
+
+
+def test_weights_are_parameters_or_views_of_them():
+    rules = [QuantizationRule(weight_qtype="int4", act_qtype="int8")]
+    m = Views()
+    eager, ts, _, _ = both(m, rules, torch.randn(4, 16))
+    x = torch.randn(4, 16)
+    assert_same(ts(x), eager(x), "views")
+    # Weight-only rule: the copy self.v.t().contiguous() is an activation, so the last matmul stays as is.
+    eager, ts, _, _ = both(m, [QuantizationRule(weight_qtype="int4")], torch.randn(4, 16))
+    assert_same(ts(x), eager(x), "weight only")
+    assert str(ts.graph).count("qwix::fake_quant(") == 2
+
+
+def test_conv_helper_method_and_functions_are_inlined():
+    eager, ts, _, _ = both(CNN(), W8A8, torch.randn(2, 1, 8, 8))
+    g = str(ts.conv1.forward.graph)
+    assert "_conv_forward" not in g and "aten::conv2d" in g and "qwix::fake_quant" in g
+    x = torch.randn(2, 1, 8, 8)
+    assert_same(ts.conv1(x), eager.conv1(x), "conv1")
+
+
+def test_traced_module():
+    m = MLP()
+    x = torch.randn(8, 16)
+    pe, pj = QatProvider(W8A8), QatProvider(W8A8)
+    eager = qwix.quantize_model(m, pe, x)
+    ts = qwix.jit_quantize_model(torch.jit.trace(m, x), pj, x)
+    assert_same(ts(x), eager(x), "traced")
+
+
+# ---- types shared by instances -----------------------------------------------------------------------
+
+
+def test_instances_of_one_type_with_different_rules():
+    m = Twin()
+    script = torch.jit.script(m)
+    assert script.a._c._type() == script.b._c._type()
+    rules = [QuantizationRule(module_path="a", weight_qtype="int4", act_qtype="int8")]
+    eager, ts, _, _ = both(m, rules, torch.randn(4, 16))
+    x = torch.randn(4, 16)
+    assert_same(ts(x), eager(x), "twin")
+    assert ts.a._c._type() != ts.b._c._type()
+    assert ts.b._c._type() == script.b._c._type()  # untouched: keeps its type
+    assert "qwix" not in str(ts.b.graph) and "qwix" in str(ts.a.graph)
+    assert "qwix" not in str(script.a.graph)  # the input module is unchanged
+
+    rules = [QuantizationRule(module_path="a", weight_qtype="int4", act_qtype="int8"),
+             QuantizationRule(module_path="b", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    eager, ts, _, _ = both(m, rules, torch.randn(4, 16))
+    for _ in range(2):
+        x = torch.randn(4, 16)
+        assert_same(ts(x), eager(x), "twin 2")
+    assert hasattr(ts.b, "linear0_lhs") and not hasattr(ts.a, "linear0_lhs")
+
+
+def test_instances_with_the_same_plan_share_one_type():
+    m = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    eager, ts, _, _ = both(m, W8A8, torch.randn(4, 16))
+    types = {ts._c.getattr(str(i))._type().qualified_name() for i in range(4)}
+    assert len(types) == 1
+    x = torch.randn(4, 16)
+    assert_same(ts(x), eager(x), "sequential")
+
+
+# ---- training, state_dict, save / load -------------------------------------------------------------
+
+
+def test_training_lowers_the_loss_and_matches_python_path():
+    torch.manual_seed(0)
+    m = Block()
+    eager, ts, _, _ = both(m, BLOCK_RULES, torch.randn(8, 5, 16))
+    assert [n for n, _ in ts.named_parameters()] == [n for n, _ in m.named_parameters()]
+    data = [(torch.randn(8, 5, 16), torch.randn(8, 5, 16)) for _ in range(4)]
+    losses = {}
+    for name, model in (("eager", eager), ("ts", ts)):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        losses[name] = []
+        for step in range(12):
+            x, y = data[step % len(data)]
+            loss = F.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["ts"][-1] < 0.8 * losses["ts"][0]
+    # The first step's forward is bit-exact; afterwards the autograd of the two paths may round differently.
+    assert losses["ts"][0] == losses["eager"][0]
+    assert losses["ts"] == pytest.approx(losses["eager"], rel=1e-3)
+    assert int(ts.attn.einsum0_lhs.count) == 12 == int(eager.attn.einsum0_lhs.count)
+
+
+def test_optimized_graphs_keep_update_before_read():
+    # The executor optimizes a graph after its first runs (profiling); the SRQ nodes (update, then
+    # read) must keep their order and the forward its values, with and without gradients.
+    eager, ts, _, _ = both(Block(), BLOCK_RULES, torch.randn(2, 5, 16))
+    for step in range(6):
+        x = torch.randn(2, 5, 16, requires_grad=step % 2 == 0)
+        a, b = eager(x), ts(x)
+        assert_same(b, a, f"step {step}")
+        if x.requires_grad:
+            ga, = torch.autograd.grad(a.sum(), x)
+            gb, = torch.autograd.grad(b.sum(), x)
+            torch.testing.assert_close(gb, ga)
+    assert_same_state(eager, ts)
+
+
+def test_state_dict_keys_and_loading():
+    m = Block()
+    eager, ts, _, _ = both(m, BLOCK_RULES, torch.randn(2, 5, 16))
+    assert set(m.state_dict()) <= set(ts.state_dict())
+    assert list(ts.state_dict()) == list(eager.state_dict())
+    eager(torch.randn(2, 5, 16))  # statistics differ now: loading copies them
+    ts.load_state_dict(eager.state_dict())
+    eager.eval(), ts.eval()
+    x = torch.randn(2, 5, 16)
+    assert_same(ts(x), eager(x), "after load_state_dict")
+
+
+def test_save_and_load_round_trip():
+    eager, ts, _, _ = both(Block(), BLOCK_RULES, torch.randn(2, 5, 16))
+    ts(torch.randn(2, 5, 16)), eager(torch.randn(2, 5, 16))
+    buf = io.BytesIO()
+    torch.jit.save(ts, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    assert jit_is_quantized(loaded)
+    assert_same_state(ts, loaded)
+    ts.eval(), loaded.eval()
+    x = torch.randn(2, 5, 16)
+    assert_same(loaded(x), ts(x), "loaded")
+    loaded.train()  # still trains and updates its statistics
+    loaded(x).sum().backward()
+    assert int(loaded.attn.einsum0_lhs.count) == int(ts.attn.einsum0_lhs.count) + 1
+    assert loaded.fc1.weight.grad is not None
+
+
+def test_example_forward_leaves_buffers_and_rng_as_they_were():
+    m = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 4))
+    script = torch.jit.script(m)
+    before = {k: v.clone() for k, v in script.state_dict().items()}
+    x = torch.randn(8, 16)
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    ts = qwix.jit_quantize_model(script, QatProvider(W8A8), x, inplace=True)  # dropout draws, BN updates
+    assert torch.equal(torch.rand(3), expected)
+    for k, v in before.items():
+        assert_same(ts.state_dict()[k], v, k)
+
+
+def test_inplace_shares_tensors_and_default_copies():
+    m = torch.jit.script(MLP())
+    q = qwix.jit_quantize_model(m, QatProvider(W8A8), torch.randn(2, 16))
+    assert q.fc1.weight.data_ptr() != m.fc1.weight.data_ptr()
+    assert q.fc1.weight.requires_grad
+    q2 = qwix.jit_quantize_model(m, QatProvider(W8A8), torch.randn(2, 16), inplace=True)
+    assert q2.fc1.weight.data_ptr() == m.fc1.weight.data_ptr()
+    assert "qwix" not in str(m.fc1.graph)
+
+
+# ---- SRQ controls ------------------------------------------------------------------------------------
+
+
+def test_statistics_update_only_in_training_mode_and_when_enabled():
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    _, ts, _, _ = both(MLP(), rules, torch.randn(4, 16))
+    stat = ts.fc1.linear0_lhs
+    assert int(stat.count) == 0  # the example forward updates nothing
+    ts(torch.randn(4, 16))
+    assert int(stat.count) == 1
+    ts.eval()
+    ts(torch.randn(4, 16))
+    assert int(stat.count) == 1
+    ts.train()
+    jit_set_quant_stats_update(ts, False)
+    ts(torch.randn(4, 16))
+    assert int(stat.count) == 1
+    jit_set_quant_stats_update(ts, True)
+    ts(torch.randn(4, 16))
+    assert int(stat.count) == 2
+
+
+def test_calibrate_matches_python_path():
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    eager, ts, _, _ = both(MLP(), rules, torch.randn(4, 16))
+    batches = [torch.randn(4, 16) for _ in range(3)]
+    qwix.calibrate(eager, batches, progress=False)
+    jit_calibrate(ts, batches, progress=False)
+    assert ts.training and ts.fc1.training
+    assert_same_state(eager, ts)
+    eager.eval(), ts.eval()
+    x = torch.randn(4, 16)
+    assert_same(ts(x), eager(x), "calibrated")
+
+
+# ---- rules and errors --------------------------------------------------------------------------------
+
+
+def test_get_unused_rules():
+    rules = [QuantizationRule(module_path="fc2", weight_qtype="int8"),
+             QuantizationRule(module_path="nothing", weight_qtype="int8"),
+             QuantizationRule(op_names=("conv2d",), weight_qtype="int8")]
+    p = QatProvider(rules)
+    qwix.jit_quantize_model(torch.jit.script(MLP()), p, torch.randn(2, 16))
+    assert p.get_unused_rules() == rules[1:]
+
+
+def test_unexecuted_op_warns_and_raises_when_it_runs():
+    m = Branchy()
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8")]
+    with pytest.warns(UserWarning, match=r"did not run.*\n  module '': linear \(.*test_jit.py:\d+\)"):
+        ts = qwix.jit_quantize_model(torch.jit.script(m), QatProvider(rules), torch.randn(2, 16))
+    x = torch.randn(2, 16)
+    eager = qwix.quantize_model(m, QatProvider(rules), x)
+    assert_same(ts(x), eager(x), "executed path")
+    with pytest.raises(torch.jit.Error, match="did not run during quantize_model's example forward"):
+        ts(x, True)
+    script = torch.jit.script(m)
+    with warnings.catch_warnings():  # an example that runs it: no warning, same values
+        warnings.simplefilter("error")
+        ts = qwix.jit_quantize_model(script, QatProvider(rules), x, True)
+    assert_same(ts(x, True), eager(x, True), "aux path")
+
+
+def test_submodule_that_never_runs_warns_and_raises_when_called():
+    m = Spare()
+    with pytest.warns(UserWarning, match=r"module 'spare': its forward did not run \(1 op\(s\)\)"):
+        ts = qwix.jit_quantize_model(torch.jit.script(m), QatProvider(W8A8), torch.randn(2, 16))
+    ts(torch.randn(2, 16))
+    with pytest.raises(torch.jit.Error, match="module 'spare', op linear"):
+        ts.spare(torch.randn(2, 4))
+
+
+def test_a_call_with_another_rank_raises():
+    ts = qwix.jit_quantize_model(torch.jit.script(MLP()), QatProvider(W8A8), torch.randn(2, 16))
+    with pytest.raises(torch.jit.Error, match="module 'fc1', op linear0.*rank other than 2"):
+        ts(torch.randn(2, 3, 16))
+
+
+def test_srq_in_a_loop_is_an_error_dynamic_is_fine():
+    m = Loop()
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    with pytest.raises(ValueError, match=r"module '', op linear .*2 different op ids \(linear0, linear1\)"):
+        qwix.jit_quantize_model(torch.jit.script(m), QatProvider(rules), torch.randn(2, 16))
+    eager, ts, _, _ = both(m, W8A8, torch.randn(2, 16))
+    x = torch.randn(2, 16)
+    assert_same(ts(x), eager(x), "loop")
+
+
+class EinsumForms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16))
+        self.eq = "bi,oi->bo"  # an attribute, not a constant
+
+    def forward(self, x):
+        y = torch.einsum("bi,oi->bo", [x, self.w])  # the list form: intercepted
+        z = torch.einsum("bo,bo,bo->b", y, y, y)  # three operands: not intercepted (as in Python)
+        return z + torch.einsum(self.eq, x, self.w).sum(1)
+
+
+def test_einsum_forms():
+    rules = [QuantizationRule(op_names=("einsum",), module_path="", weight_qtype="int8", act_qtype="int8")]
+    with pytest.raises(ValueError, match=r"module '', op einsum .*equation is not a constant"):
+        qwix.jit_quantize_model(torch.jit.script(EinsumForms()), QatProvider(rules), torch.randn(2, 16))
+    m = EinsumForms()
+    m.eq = "bi,oi->bo"
+    script = torch.jit.script(m)
+    rules = [QuantizationRule(op_names=("linear",), weight_qtype="int8")]  # einsum matched by no rule: fine
+    qwix.jit_quantize_model(script, QatProvider(rules), torch.randn(2, 16))
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="ScriptModule"):
+        qwix.jit_quantize_model(MLP(), QatProvider(W8A8), torch.randn(2, 16))
+    ts = qwix.jit_quantize_model(torch.jit.script(MLP()), QatProvider(W8A8), torch.randn(2, 16))
+    with pytest.raises(ValueError, match="already quantized"):
+        qwix.jit_quantize_model(ts, QatProvider(W8A8), torch.randn(2, 16))
+    with pytest.raises(ValueError, match=r"module 'conv1'.*tile_size"):
+        qwix.jit_quantize_model(torch.jit.script(CNN()), QatProvider([QuantizationRule(weight_qtype="int8",
+                                                                                     tile_size=4)]),
+                                torch.randn(2, 1, 8, 8))
+    with pytest.raises(RuntimeError, match="qwix: quantize_model runs the example inputs"):
+        qwix.jit_quantize_model(torch.jit.script(MLP()), QatProvider(W8A8), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="set_quant_stats_update"):
+        jit_set_quant_stats_update(torch.jit.script(MLP()), False)
+
+
+def test_quantize_model_dispatches_script_modules_to_the_jit_pass():
+    torch.manual_seed(0)
+    rules = [QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    x = torch.randn(4, 16)
+    eager = MLP()
+    script = qwix.quantize_model(torch.jit.script(eager), QatProvider(rules), x)
+    assert isinstance(script, torch.jit.ScriptModule) and qwix.is_quantized(script)
+    ref = qwix.quantize_model(eager, QatProvider(rules), x)
+    qwix.calibrate(script, [x, 2 * x], progress=False)
+    qwix.calibrate(ref, [x, 2 * x], progress=False)
+    script.eval(), ref.eval()
+    assert_same(script(x), ref(x))
+    qwix.set_quant_stats_update(script, False)
+    script.train()
+    script(x)
+    assert int(dict(script.named_buffers())["fc1.linear0_lhs.count"]) == 2

@@ -1,0 +1,106 @@
+"""torch.compile(fullgraph=True) of QAT models: same values as eager, SRQ updates included,
+gradients, and plans made at trace time when no eager forward came first."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_same
+from test_qat_models import MLP, TransformerBlock, ref_mlp
+
+import qwix_torch as qwix
+from qwix_torch import QatProvider, QuantizationRule
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _srq_rules():
+    return [
+        QuantizationRule(module_path="attn", act_qtype="int8", act_static_scale=True),
+        QuantizationRule(module_path=r".*(qkv|proj)", weight_qtype="int4", act_qtype="uint8",
+                         act_calibration_method="minmax", act_static_scale=True, tile_size=8),
+        QuantizationRule(module_path=r"fc\d", weight_qtype="int8", act_qtype="int8"),
+    ]
+
+
+def test_srq_training_under_compile_matches_eager():
+    torch.manual_seed(0)
+    m, x = TransformerBlock(), torch.randn(2, 6, 16)
+    eager = qwix.quantize_model(m, QatProvider(_srq_rules()), x)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
+    opt_c = torch.optim.SGD(compiled_model.parameters(), lr=0.05)
+    eager.train()
+    compiled_model.train()
+    for step in range(3):
+        xb = torch.randn(2, 6, 16) * (step + 1)
+        for model, opt in ((eager, opt_e), (compiled, opt_c)):
+            opt.zero_grad()
+            F.mse_loss(model(xb), xb).backward()
+            opt.step()
+    for (n, a), (_, b) in zip(eager.state_dict().items(), compiled_model.state_dict().items()):
+        assert_same(b, a, n)
+    assert int(compiled_model.attn.matmul0_rhs.count) == 3
+    assert int(compiled_model.attn.qkv.linear0_lhs.count) == 3
+    # eval: reads only
+    eager.eval()
+    compiled_model.eval()
+    assert_same(compiled(x), eager(x), "eval")
+    assert int(compiled_model.attn.matmul0_rhs.count) == 3
+
+
+def test_inductor_fullgraph_training_step():
+    torch.manual_seed(0)
+    m, x = TransformerBlock(), torch.randn(2, 6, 16)
+    q = qwix.quantize_model(m, QatProvider(_srq_rules()), x)
+    ref = copy.deepcopy(q)
+    q.train()
+    ref.train()
+    compiled = torch.compile(q, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    y_ref = ref(x)
+    y_ref.sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(q.fc1.weight.grad, ref.fc1.weight.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(q.attn.einsum0_lhs.sum_of_absmax, ref.attn.einsum0_lhs.sum_of_absmax)
+    assert int(q.attn.einsum0_lhs.count) == 1
+
+
+def test_plans_made_at_trace_time_and_rules_marked_used():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(4, 16)
+    used = QuantizationRule(module_path="fc.", weight_qtype="int8", act_qtype="int8")
+    unused = QuantizationRule(module_path="nothing", weight_qtype="int8")
+    p = QatProvider([used, unused])
+    q = qwix.quantize_model(m, p)  # no example inputs: nothing planned yet
+    assert p.get_unused_rules() == [used, unused]
+    compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
+    assert_same(compiled(x), ref_mlp(m, x), "compiled without an eager forward")
+    assert p.get_unused_rules() == [unused]
+
+
+def test_missing_quant_stat_inside_compile_is_a_clear_error():
+    q = qwix.quantize_model(MLP(), QatProvider([QuantizationRule(act_qtype="int8", act_static_scale=True)]))
+    with pytest.raises(Exception, match="example inputs"):
+        torch.compile(q, fullgraph=True, backend="aot_eager")(torch.randn(2, 16))
+
+
+def test_compiled_set_quant_stats_update_and_calibrate():
+    torch.manual_seed(0)
+    q = qwix.quantize_model(MLP(), QatProvider([QuantizationRule(act_qtype="int8", act_static_scale=True)]),
+                            torch.randn(2, 16))
+    compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
+    q.train()
+    compiled(torch.randn(2, 16))
+    qwix.set_quant_stats_update(q, False)
+    compiled(torch.randn(2, 16))
+    assert int(q.fc1.linear0_lhs.count) == 1
+    qwix.calibrate(compiled, [torch.randn(2, 16)] * 2, progress=False)
+    assert int(q.fc1.linear0_lhs.count) == 3 and q.training

@@ -1,0 +1,414 @@
+"""End to end: an MLP, a small CNN and a small transformer block. The QAT forward equals a
+hand-built reference (tests/python/reference.py, plain PyTorch) for the same weights; training
+lowers the loss; weights are parameters or views of them; state_dict, deepcopy, pickle,
+bf16 casts and autocast."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from _helpers import assert_same
+from reference import ref_fake_quant
+
+import qwix_torch as qwix
+from qwix_torch import QatProvider, QuantizationRule
+
+
+def fq(t, qtype, channelwise_axes, tiled_axes=None, method="absmax"):
+    return ref_fake_quant(t, qtype, method, channelwise_axes, tiled_axes)
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=16, d_hidden=32, d_out=4):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def ref_mlp(m, x, wq="int8", aq="int8", tile=None):
+    def lin(layer, h):
+        a_tiles = {h.dim() - 1: tile} if tile else None
+        w_tiles = {1: tile} if tile else None
+        return F.linear(fq(h, aq, tuple(range(h.dim() - 1)), a_tiles), fq(layer.weight, wq, (0,), w_tiles), layer.bias)
+
+    return lin(m.fc2, torch.relu(lin(m.fc1, x)))
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, groups=2)
+        self.head = nn.Linear(8 * 3 * 3, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.head(x.flatten(1))
+
+
+def ref_cnn(m, x, wq="int8", aq="int8"):
+    def conv(c, h):
+        return F.conv2d(fq(h, aq, (0,)), fq(c.weight, wq, (0,)), c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+    x = torch.relu(conv(m.conv1, x))
+    x = torch.relu(conv(m.conv2, x))
+    h = x.flatten(1)
+    return F.linear(fq(h, aq, (0,)), fq(m.head.weight, wq, (0,)), m.head.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d // self.heads)  # activation x activation
+        y = scores.softmax(-1) @ v  # activation x activation
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+TRANSFORMER_RULES = [
+    # The attention module's own ops: the einsum and the matmul, both activation x activation.
+    QuantizationRule(module_path="attn", act_qtype="int8"),
+    # Every linear: int4 weights and int8 activations, tiles of 8 on the contracting axis.
+    QuantizationRule(module_path=r".*(qkv|proj|fc1|fc2)", weight_qtype="int4", act_qtype="int8", tile_size=8),
+]
+
+
+def ref_transformer(m, x):
+    def lin(layer, h):
+        return F.linear(fq(h, "int8", (0, 1), {2: 8}), fq(layer.weight, "int4", (0,), {1: 8}), layer.bias)
+
+    a = m.attn
+    h = m.ln1(x)
+    b, t, d = h.shape
+    q, k, v = lin(a.qkv, h).reshape(b, t, 3, a.heads, d // a.heads).permute(2, 0, 3, 1, 4)
+    scores = torch.einsum("bhqd,bhkd->bhqk", fq(q, "int8", (0, 1, 2)), fq(k, "int8", (0, 1, 2)))
+    scores = scores / math.sqrt(d // a.heads)
+    y = fq(scores.softmax(-1), "int8", (0, 1, 2)) @ fq(v, "int8", (0, 1, 3))
+    x = x + lin(a.proj, y.transpose(1, 2).reshape(b, t, d))
+    return x + lin(m.fc2, F.gelu(lin(m.fc1, m.ln2(x))))
+
+
+def _w8a8():
+    return QatProvider([QuantizationRule(weight_qtype="int8", act_qtype="int8")])
+
+
+# ---- forward equals the reference ------------------------------------------------------------------
+
+
+def test_mlp_matches_reference():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(8, 16)
+    q = qwix.quantize_model(m, _w8a8(), x)
+    assert_same(q(x), ref_mlp(m, x), "mlp")
+    x3 = torch.randn(2, 5, 16)  # [B, T, in]: per token
+    assert_same(q(x3), ref_mlp(m, x3), "mlp 3d")
+
+
+def test_mlp_tiled_and_int4_weights():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(8, 16)
+    q = qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int4", act_qtype="int8", tile_size=8)]))
+    assert_same(q(x), ref_mlp(m, x, wq="int4", tile=8), "tiled")
+    qf = qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int4", act_qtype="int8", tile_size=0.5)]))
+    # fraction 0.5: 8 of fc1's 16 inputs, 16 of fc2's 32.
+    h = torch.relu(F.linear(fq(x, "int8", (0,), {1: 8}), fq(m.fc1.weight, "int4", (0,), {1: 8}), m.fc1.bias))
+    ref = F.linear(fq(h, "int8", (0,), {1: 16}), fq(m.fc2.weight, "int4", (0,), {1: 16}), m.fc2.bias)
+    assert_same(qf(x), ref, "fractional tiles")
+
+
+def test_cnn_matches_reference():
+    torch.manual_seed(0)
+    m, x = CNN(), torch.randn(3, 1, 8, 8)
+    q = qwix.quantize_model(m, _w8a8(), x)
+    assert_same(q(x), ref_cnn(m, x), "cnn")
+
+
+def test_transformer_block_matches_reference():
+    torch.manual_seed(0)
+    m, x = TransformerBlock(), torch.randn(2, 6, 16)
+    p = QatProvider(TRANSFORMER_RULES)
+    q = qwix.quantize_model(m, p, x)
+    assert p.get_unused_rules() == []
+    assert_same(q(x), ref_transformer(m, x), "transformer")
+
+
+def test_weights_only_and_activations_only():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(4, 16)
+    wo = qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int8")]))
+    ref = F.linear(torch.relu(F.linear(x, fq(m.fc1.weight, "int8", (0,)), m.fc1.bias)), fq(m.fc2.weight, "int8", (0,)),
+                   m.fc2.bias)
+    assert_same(wo(x), ref, "weights only")
+    ao = qwix.quantize_model(m, QatProvider([QuantizationRule(act_qtype="int8")]))  # ours: still quantizes activations
+    ref = F.linear(fq(torch.relu(F.linear(fq(x, "int8", (0,)), m.fc1.weight, m.fc1.bias)), "int8", (0,)),
+                   m.fc2.weight, m.fc2.bias)
+    assert_same(ao(x), ref, "activations only")
+
+
+class Functional(nn.Module):
+    """Weights used through views and functional calls, and an activation view."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12, 8) * 0.3)  # [out, in]
+        self.u = nn.Parameter(torch.randn(8, 12) * 0.3)  # [in, out]
+        self.k = nn.Parameter(torch.randn(3, 8, 8) * 0.3)
+
+    def forward(self, x):  # x [B, 8]
+        a = x @ self.w.t()  # matmul0: rhs a view of a parameter -> weight, per output channel
+        b = F.linear(x, self.u.T)  # linear0: a view through .T
+        c = torch.bmm(x.expand(3, -1, -1), self.k)  # bmm0: rhs parameter
+        d = x.t() @ x  # matmul1: both activations (x.t() is a view of an activation)
+        e = torch.einsum("bi,oi->bo", x, self.w)  # einsum0
+        return a.sum() + b.sum() + c.sum() + d.sum() + e.sum()
+
+
+def test_parameter_views_are_weights_and_other_operands_activations():
+    torch.manual_seed(0)
+    m, x = Functional(), torch.randn(4, 8)
+    q = qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int4", act_qtype="int8")]))
+    A = lambda t, cw: fq(t, "int8", cw)  # noqa: E731
+    W = lambda t, cw: fq(t, "int4", cw)  # noqa: E731
+    a = A(x, (0,)) @ W(m.w.t(), (1,))
+    b = F.linear(A(x, (0,)), W(m.u.T, (0,)))
+    c = torch.bmm(A(x.expand(3, -1, -1), (0, 1)), W(m.k, (0, 2)))
+    d = A(x.t(), (0,)) @ A(x, (1,))
+    e = torch.einsum("bi,oi->bo", A(x, (0,)), W(m.w, (0,)))
+    assert_same(q(x), a.sum() + b.sum() + c.sum() + d.sum() + e.sum(), "functional")
+
+
+def test_conv1d_conv3d_and_matmul_weight():
+    torch.manual_seed(0)
+
+    class Convs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv1d(2, 3, 3)
+            self.c3 = nn.Conv3d(2, 3, 2)
+            self.w = nn.Parameter(torch.randn(2, 4))
+
+        def forward(self, x1, x3):
+            return self.c1(x1).sum() + self.c3(x3).sum() + (x1[0].t() @ self.w).sum()
+
+    m = Convs()
+    x1, x3 = torch.randn(2, 2, 6), torch.randn(2, 2, 3, 3, 3)
+    q = qwix.quantize_model(m, _w8a8())
+    ref = (F.conv1d(fq(x1, "int8", (0,)), fq(m.c1.weight, "int8", (0,)), m.c1.bias).sum()
+           + F.conv3d(fq(x3, "int8", (0,)), fq(m.c3.weight, "int8", (0,)), m.c3.bias).sum()
+           + (fq(x1[0].t(), "int8", (0,)) @ fq(m.w, "int8", (1,))).sum())
+    assert_same(q(x1, x3), ref, "convs")
+
+
+def test_tile_size_on_conv_is_an_error():
+    m = CNN()
+    with pytest.raises(ValueError, match=r"module 'conv1'.*tile_size.*conv2d"):
+        qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int8", tile_size=4)]),
+                            torch.randn(1, 1, 8, 8))
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_training_lowers_the_loss(name):
+    torch.manual_seed(0)
+    if name == "mlp":
+        m, x, provider = MLP(), torch.randn(32, 16), _w8a8()
+        target = torch.randn(32, 4)
+    elif name == "cnn":
+        m, x, provider = CNN(), torch.randn(16, 1, 8, 8), _w8a8()
+        target = torch.randn(16, 5)
+    else:
+        m, x, provider = TransformerBlock(), torch.randn(4, 6, 16), QatProvider(TRANSFORMER_RULES)
+        target = torch.randn(4, 6, 16)
+    q = qwix.quantize_model(m, provider, x)
+    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.mse_loss(q(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(p.grad is not None for p in q.parameters())
+
+
+def test_copy_by_default_inplace_on_request():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(4, 16)
+    y = m(x)
+    q = qwix.quantize_model(m, _w8a8(), x)
+    assert q is not m and not qwix.is_quantized(m) and qwix.is_quantized(q)
+    assert torch.equal(m(x), y) and not torch.equal(q(x), y)
+    assert not m._forward_pre_hooks
+    assert [n for n, _ in q.named_parameters()] == [n for n, _ in m.named_parameters()]
+    assert all(a is not b for a, b in zip(q.parameters(), m.parameters()))
+    same = qwix.quantize_model(m, _w8a8(), inplace=True)
+    assert same is m and qwix.is_quantized(m)
+    with pytest.raises(ValueError, match="already quantized"):
+        qwix.quantize_model(m, _w8a8())
+
+
+def test_optimizer_trains_the_tensors_the_forward_uses():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(4, 16)
+    q = qwix.quantize_model(m, _w8a8(), x)
+    opt = torch.optim.SGD(q.parameters(), lr=0.5)
+    F.mse_loss(q(x), torch.zeros(4, 4)).backward()
+    opt.step()
+    assert not torch.equal(q.fc1.weight, m.fc1.weight)
+    assert_same(q(x), ref_mlp(q, x), "after a step")
+
+
+# ---- checkpoints, copies, dtypes ------------------------------------------------------------------------
+
+
+def _srq_mlp():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(4, 16)
+    rule = QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)
+    q = qwix.quantize_model(m, QatProvider([rule]), x)
+    q.train()
+    for _ in range(3):
+        q(torch.randn(4, 16))
+    return m, q, x
+
+
+def test_state_dict_both_ways():
+    m, q, x = _srq_mlp()
+    stat_keys = {"fc1.linear0_lhs.count", "fc1.linear0_lhs.sum_of_absmax", "fc2.linear0_lhs.count",
+                 "fc2.linear0_lhs.sum_of_absmax"}
+    sd = q.state_dict()
+    assert set(sd) == set(m.state_dict()) | stat_keys
+    # QAT -> fp: the stats are the only unexpected keys.
+    fp = MLP()
+    res = fp.load_state_dict(sd, strict=False)
+    assert res.missing_keys == [] and set(res.unexpected_keys) == stat_keys
+    assert torch.equal(fp.fc1.weight, q.fc1.weight)
+    # fp -> QAT, strict: QuantStat tolerates its absence and keeps its statistics.
+    torch.manual_seed(1)
+    other = MLP()
+    count = q.fc1.linear0_lhs.count.clone()
+    q.load_state_dict(other.state_dict())
+    assert torch.equal(q.fc1.weight, other.fc1.weight) and torch.equal(q.fc1.linear0_lhs.count, count)
+    # QAT -> QAT, through torch.save.
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    _, q2, _ = _srq_mlp()
+    q2.fc1.linear0_lhs.reset()
+    q2.load_state_dict(torch.load(buf))
+    assert int(q2.fc1.linear0_lhs.count) == 3
+    assert torch.equal(q2.fc2.linear0_lhs.sum_of_absmax, sd["fc2.linear0_lhs.sum_of_absmax"])
+    # A partial QuantStat entry is still an error.
+    bad = dict(sd)
+    del bad["fc1.linear0_lhs.count"]
+    with pytest.raises(RuntimeError, match="fc1.linear0_lhs.count"):
+        q2.load_state_dict(bad)
+
+
+def test_deepcopy_and_pickle():
+    m, q, x = _srq_mlp()
+    q.eval()
+    y = q(x)
+    c = copy.deepcopy(q)
+    assert_same(c(x), y, "deepcopy")
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    p = torch.load(buf, weights_only=False)
+    assert_same(p(x), y, "pickle")
+    # The copies are independent QAT models: training one updates only its statistics.
+    c.train()
+    c(x)
+    assert int(c.fc1.linear0_lhs.count) == 4 and int(q.fc1.linear0_lhs.count) == 3
+    assert c._qwix_state is not q._qwix_state
+
+
+def test_model_to_bfloat16_keeps_fp32_statistics():
+    m, q, x = _srq_mlp()
+    m16 = copy.deepcopy(m).to(torch.bfloat16)
+    q.to(torch.bfloat16)
+    assert q.fc1.weight.dtype == torch.bfloat16
+    assert q.fc1.linear0_lhs.sum_of_absmax.dtype == torch.float32
+    assert q.fc1.linear0_lhs.count.dtype == torch.int32
+    x16 = x.to(torch.bfloat16)
+    y = q(x16)  # training mode: the statistics update from a bf16 activation
+    assert y.dtype == torch.bfloat16 and int(q.fc1.linear0_lhs.count) == 4
+    y.float().sum().backward()
+    assert q.fc1.weight.grad.dtype == torch.bfloat16
+    # Dynamic (no SRQ) bf16 forward equals the reference in bf16.
+    d = qwix.quantize_model(m16, _w8a8())
+    assert_same(d(x16), ref_mlp(m16, x16), "bf16")
+
+
+def test_autocast_bfloat16():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(4, 16)
+    q = qwix.quantize_model(m, _w8a8(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+        h = torch.relu(F.linear(fq(x, "int8", (0,)), fq(m.fc1.weight, "int8", (0,)), m.fc1.bias))
+        ref = F.linear(fq(h, "int8", (0,)), fq(m.fc2.weight, "int8", (0,)), m.fc2.bias)
+    assert y.dtype == torch.bfloat16
+    assert_same(y, ref, "autocast")
+    y.float().sum().backward()
+    assert q.fc1.weight.grad is not None
+
+
+def test_exceptions_leave_the_model_usable():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(4, 16)
+    q = qwix.quantize_model(m, _w8a8())
+    with pytest.raises(RuntimeError):
+        q(torch.randn(4, 7))  # shape error inside fc1
+    assert q._qwix_state.stack == []
+    assert_same(q(x), ref_mlp(m, x), "after an error")
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_example_forward_changes_nothing():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout(0.5), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(4, 1, 8, 8) * 5
+    rng = torch.get_rng_state()
+    q = qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int8", act_qtype="int8",
+                                                             act_static_scale=True)]), x)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in before.items():
+        assert torch.equal(q.state_dict()[k], v), k
+    assert q.training and int(q[0].conv2d0_lhs.count) == 0
+    assert all(p.grad is None for p in q.parameters())

@@ -1,0 +1,230 @@
+"""SRQ (act_static_scale=True): QuantStat names, shapes and counts, update-before-read, the
+dynamic scale while count is 0, when updates happen, standalone calibrate, asymmetric
+statistics and the straight-through gradient of static scales."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from _helpers import assert_same
+from reference import div32, ref_calibrate, ref_compute_scale, ref_fake_quant, ref_fake_quant_with_scale
+from test_qat_models import MLP, TransformerBlock
+
+import qwix_torch as qwix
+from qwix_torch import QatProvider, QuantizationRule, QuantStat
+
+
+def srq(**kw):
+    kw.setdefault("act_qtype", "int8")
+    return QatProvider([QuantizationRule(act_static_scale=True, **kw)])
+
+
+def static_fq(x, stat: QuantStat, qtype="int8", channelwise_axes=(0,)):
+    """The reference static fake quant from a QuantStat's current sums and count."""
+    count = int(stat.count)
+    if count == 0:
+        return ref_fake_quant(x, qtype, "absmax" if stat.symmetric else "minmax", channelwise_axes)
+    avg = [div32(s, float(count)) for s in stat.sums]
+    cal = {"absmax": avg[0]} if stat.symmetric else {"min": avg[0], "max": avg[1]}
+    scale, zp = ref_compute_scale(cal, qtype)
+    return ref_fake_quant_with_scale(x, scale, qtype, zp)
+
+
+def test_names_shapes_and_creation_without_updates():
+    torch.manual_seed(0)
+    m, x = TransformerBlock(), torch.randn(2, 6, 16)
+    rules = [QuantizationRule(module_path="attn", act_qtype="int8", act_static_scale=True),
+             QuantizationRule(module_path=r"fc\d|attn\.qkv", weight_qtype="int8", act_qtype="int8",
+                              act_static_scale=True)]
+    q = qwix.quantize_model(m, QatProvider(rules), x)
+    q.train()  # the example forward updates nothing, whatever the mode
+    stats = {n: s for n, s in q.named_modules() if isinstance(s, QuantStat)}
+    shapes = {n: tuple(s.sum_of_absmax.shape) for n, s in stats.items()}
+    assert shapes == {
+        "attn.qkv.linear0_lhs": (1, 6, 1),  # [B, T, in]: per token, averaged over the batch
+        "attn.einsum0_lhs": (1, 2, 6, 1),  # q [B, h, T, d]: all non-contracting axes
+        "attn.einsum0_rhs": (1, 2, 6, 1),
+        "attn.matmul0_lhs": (1, 2, 6, 1),  # softmax [B, h, T, T]
+        "attn.matmul0_rhs": (1, 2, 1, 8),  # v [B, h, T, d]: contracting axis -2
+        "fc1.linear0_lhs": (1, 6, 1),
+        "fc2.linear0_lhs": (1, 6, 1),
+    }
+    assert all(int(s.count) == 0 and s.count.dtype == torch.int32 and s.count.dim() == 0 for s in stats.values())
+    assert all(not s.sum_of_absmax.any() and s.sum_of_absmax.dtype == torch.float32 for s in stats.values())
+    assert isinstance(q.attn.qkv.linear0_lhs, QuantStat)
+    assert "QuantStat(count=0, sum_of_absmax=<float32 [1, 6, 1]>)" == repr(q.fc1.linear0_lhs)
+    assert all(not k.endswith("_rhs") for k in stats if "fc" in k)  # weights have no statistics
+
+
+def test_op_ids_count_per_module_in_call_order():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(8, 8))
+            self.b = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):
+            h = F.linear(x, self.a)
+            h = h @ h.t()
+            return F.linear(h @ x, self.b)
+
+    q = qwix.quantize_model(Two(), srq(), torch.randn(3, 8))
+    names = [n for n, _ in q.named_children()]
+    assert names == ["linear0_lhs", "matmul0_lhs", "matmul0_rhs", "matmul1_lhs", "matmul1_rhs", "linear1_lhs"]
+    assert tuple(q.matmul0_rhs.sum_of_absmax.shape) == (1, 3)  # h.t() [8->3 cols]: per column, batch axis 0 averaged
+    assert tuple(q.linear1_lhs.sum_of_absmax.shape) == (1, 1)
+
+
+def test_update_before_read_and_average():
+    torch.manual_seed(0)
+    m = MLP()
+    batches = [torch.randn(4, 16) * s for s in (1.0, 3.0, 0.5)]
+    q = qwix.quantize_model(m, srq(weight_qtype="int8"), batches[0])
+    q.train()
+    expected_sum = torch.zeros(1, 1)
+    for i, x in enumerate(batches):
+        y = q(x)
+        stat = q.fc1.linear0_lhs
+        assert int(stat.count) == i + 1
+        expected_sum = expected_sum + ref_calibrate(x, "absmax", (0,))["absmax"].mean(0, keepdim=True)
+        torch.testing.assert_close(stat.sum_of_absmax, expected_sum, rtol=1e-6, atol=0)
+        # The forward read the statistics after adding this batch.
+        h = torch.relu(F.linear(static_fq(x, stat), ref_fake_quant(m.fc1.weight, "int8", "absmax", (0,)), m.fc1.bias))
+        ref = F.linear(static_fq(h, q.fc2.linear0_lhs), ref_fake_quant(m.fc2.weight, "int8", "absmax", (0,)),
+                       m.fc2.bias)
+        assert_same(y, ref, f"step {i}")
+    assert_same(q.fc1.linear0_lhs.average()["absmax"], div32(q.fc1.linear0_lhs.sum_of_absmax, 3.0), "average")
+
+
+def test_dynamic_while_count_is_zero_and_eval_reads_only():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(4, 16)
+    q = qwix.quantize_model(m, srq(), x)
+    q.eval()
+    h = torch.relu(F.linear(ref_fake_quant(x, "int8", "absmax", (0,)), m.fc1.weight, m.fc1.bias))
+    ref = F.linear(ref_fake_quant(h, "int8", "absmax", (0,)), m.fc2.weight, m.fc2.bias)
+    assert_same(q(x), ref, "count 0: dynamic per token")
+    assert int(q.fc1.linear0_lhs.count) == 0
+    q.train()
+    q(x * 2)
+    q.eval()
+    before = q.fc1.linear0_lhs.sum_of_absmax.clone()
+    y = q(x)
+    assert int(q.fc1.linear0_lhs.count) == 1 and torch.equal(q.fc1.linear0_lhs.sum_of_absmax, before)
+    h = torch.relu(F.linear(static_fq(x, q.fc1.linear0_lhs), m.fc1.weight, m.fc1.bias))
+    assert_same(y, F.linear(static_fq(h, q.fc2.linear0_lhs), m.fc2.weight, m.fc2.bias), "eval: static")
+
+
+def test_set_quant_stats_update():
+    torch.manual_seed(0)
+    q = qwix.quantize_model(MLP(), srq(), torch.randn(2, 16))
+    q.train()
+    q(torch.randn(2, 16))
+    qwix.set_quant_stats_update(q, False)
+    q(torch.randn(2, 16))
+    assert int(q.fc1.linear0_lhs.count) == 1
+    qwix.set_quant_stats_update(q, True)
+    q(torch.randn(2, 16))
+    assert int(q.fc1.linear0_lhs.count) == 2
+    with pytest.raises(ValueError, match="quantize_model"):
+        qwix.set_quant_stats_update(MLP(), False)
+
+
+class DropMLP(MLP):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+def test_calibrate():
+    torch.manual_seed(0)
+    m = DropMLP()
+    batches = [torch.randn(4, 16) for _ in range(5)]
+    q = qwix.quantize_model(m, srq(module_path="fc2"), batches[0])
+    q.train()
+    q.fc2.eval()  # a mixed state is restored as it was
+    out = qwix.calibrate(q, batches, progress=False)
+    assert out is q
+    assert q.training and q.fc1.training and not q.fc2.training and q.drop.training
+    assert int(q.fc2.linear0_lhs.count) == 5
+    # Dropout was off: fc2's statistics are those of the eval-mode activations.
+    exp = sum(ref_calibrate(torch.relu(m.fc1(x)), "absmax", (0,))["absmax"].mean(0, keepdim=True) for x in batches)
+    torch.testing.assert_close(q.fc2.linear0_lhs.sum_of_absmax, exp.detach(), rtol=1e-5, atol=0)
+    assert all(p.grad is None for p in q.parameters())
+    # Updates are forced on even when disabled; tuples, dicts and generators are accepted.
+    qwix.set_quant_stats_update(q, False)
+    qwix.calibrate(q, ((x,) for x in batches[:2]), progress=False)
+    qwix.calibrate(q, [{"x": batches[0]}], progress=True)
+    assert int(q.fc2.linear0_lhs.count) == 8
+    q(batches[0])
+    assert int(q.fc2.linear0_lhs.count) == 8  # disabled again after calibrate
+    with pytest.raises(ValueError, match="quantize_model"):
+        qwix.calibrate(MLP(), batches)
+
+
+def test_calibrate_restores_modes_on_error():
+    q = qwix.quantize_model(MLP(), srq(), torch.randn(2, 16))
+    q.train()
+    with pytest.raises(RuntimeError):
+        qwix.calibrate(q, [torch.randn(2, 16), torch.randn(2, 5)], progress=False)
+    assert q.training and q.fc1.training
+    assert int(q.fc1.linear0_lhs.count) == 2  # the second batch updated fc1 before its linear failed
+
+
+def test_minmax_statistics_uint8():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(4, 16) + 0.5
+    q = qwix.quantize_model(m, srq(act_qtype="uint8", act_calibration_method="minmax"), x)
+    stat = q.fc1.linear0_lhs
+    assert not stat.symmetric and not hasattr(stat, "sum_of_absmax")
+    assert tuple(stat.sum_of_min.shape) == (1, 1) and tuple(stat.sum_of_max.shape) == (1, 1)
+    q.train()
+    y = q(x)
+    cal = ref_calibrate(x, "minmax", (0,))
+    torch.testing.assert_close(stat.sum_of_min, cal["min"].mean(0, keepdim=True), rtol=1e-6, atol=0)
+    torch.testing.assert_close(stat.sum_of_max, cal["max"].mean(0, keepdim=True), rtol=1e-6, atol=0)
+    h = torch.relu(F.linear(static_fq(x, stat, "uint8"), m.fc1.weight, m.fc1.bias))
+    assert_same(y, F.linear(static_fq(h, q.fc2.linear0_lhs, "uint8"), m.fc2.weight, m.fc2.bias), "minmax")
+
+
+def test_batch_axes_and_tiles():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    q = qwix.quantize_model(MLP(), srq(act_batch_axes=(0, 1)), x)
+    assert tuple(q.fc1.linear0_lhs.sum_of_absmax.shape) == (1, 1, 1)
+    q = qwix.quantize_model(MLP(), srq(tile_size=4), x)
+    assert tuple(q.fc1.linear0_lhs.sum_of_absmax.shape) == (1, 5, 4)
+    assert tuple(q.fc2.linear0_lhs.sum_of_absmax.shape) == (1, 5, 8)
+    q.train()
+    q(x)
+    with pytest.raises(ValueError, match="act_batch_axes"):
+        qwix.quantize_model(MLP(), srq(act_batch_axes=(3,)), torch.randn(2, 16))
+
+
+def test_lazy_creation_and_shape_mismatch():
+    torch.manual_seed(0)
+    q = qwix.quantize_model(MLP(), srq())  # no example inputs: created at the first forward
+    assert not hasattr(q.fc1, "linear0_lhs")
+    q.train()
+    q(torch.randn(2, 5, 16))
+    assert int(q.fc1.linear0_lhs.count) == 1 and tuple(q.fc1.linear0_lhs.sum_of_absmax.shape) == (1, 5, 1)
+    with pytest.raises(ValueError, match="shape"):
+        q(torch.randn(2, 6, 16))  # per-token statistics are tied to the sequence length
+
+
+def test_static_gradient_identity_unless_clip_gradient():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    for clip in (None, True):
+        q = qwix.quantize_model(lin, srq(clip_gradient=clip), torch.randn(2, 4))
+        q.train()
+        q(torch.ones(2, 4))  # statistics: absmax 1
+        q.eval()
+        x = torch.tensor([[0.5, -3.0, 2.0, 0.25]], requires_grad=True)
+        q(x).sum().backward()
+        expected = lin.weight.sum(0, keepdim=True).detach()
+        if clip:
+            expected = expected * torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+        assert torch.equal(x.grad, expected), (clip, x.grad, expected)
