@@ -64,6 +64,9 @@ template <typename T, QKind K>
 void fused_rows(const T* x, T* y, uint8_t* bits, const Layout& l, const Calibration& c, const QParams& q) {
   const int64_t L = l.inner(), rows = l.runs();
   parallel_chunks(rows, rows_align(L), std::max<int64_t>(1, kMinChunk / L), [&](int64_t, int64_t r0, int64_t r1) {
+    if (!bits && c.kind == Calibration::Kind::AbsMax) {
+      return fused_absmax_rows<T, K>(x + r0 * L, y + r0 * L, r1 - r0, L, c.multiplier, q);
+    }
     for (int64_t r = r0; r < r1; ++r) {
       float a = 0.0f, b = 0.0f;
       run_calibration(x + r * L, L, c, &a, &b);

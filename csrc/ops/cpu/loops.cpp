@@ -123,6 +123,25 @@ QWIX_CLONES void apply_run_grouped(const T* __restrict x, T* __restrict y, int64
   }
 }
 
+template <typename T, QKind K>
+QWIX_CLONES void fused_absmax_rows(const T* __restrict x, T* __restrict y, int64_t rows, int64_t L, float mult,
+                                   QParams q) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = x + r * L;
+    T* __restrict yr = y + r * L;
+    uint32_t m = 0;
+    for (int64_t i = 0; i < L; ++i) {
+      const uint32_t b = abs_bits(Elem<T>::load(xr[i]));
+      m = b > m ? b : m;
+    }
+    const float absmax = m >= kNonFiniteAbsBits ? bits_float(0x7fc00000u) : bits_float(m);
+    const GroupParams p = symmetric_params(absmax * mult, q);
+    for (int64_t i = 0; i < L; ++i) {
+      yr[i] = Elem<T>::store(fake_quant_value<K>(Elem<T>::load(xr[i]), p.scale, p.zero_point, q));
+    }
+  }
+}
+
 void pack_bits(const uint8_t* m, int64_t n, uint8_t* bits, int64_t bit_offset) {
   int64_t i = 0;
   // Unaligned head, one bit at a time.
@@ -165,6 +184,9 @@ QWIX_CLONES void masked_copy(const T* __restrict g, const uint8_t* __restrict bi
   template void acc_minmax<T>(const T*, int64_t, int32_t*, int32_t*, uint32_t*);                                   \
   template void acc_sumsq<T>(const T*, int64_t, double*);                                                          \
   template void masked_copy<T>(const T*, const uint8_t*, T*, int64_t);                                             \
+  template void fused_absmax_rows<T, QKind::Int>(const T*, T*, int64_t, int64_t, float, QParams);                 \
+  template void fused_absmax_rows<T, QKind::Float>(const T*, T*, int64_t, int64_t, float, QParams);               \
+  template void fused_absmax_rows<T, QKind::NF4>(const T*, T*, int64_t, int64_t, float, QParams);                 \
   template void apply_run<T, QKind::Int>(const T*, T*, int64_t, GroupParams, QParams, uint8_t*);                   \
   template void apply_run<T, QKind::Float>(const T*, T*, int64_t, GroupParams, QParams, uint8_t*);                 \
   template void apply_run<T, QKind::NF4>(const T*, T*, int64_t, GroupParams, QParams, uint8_t*);                   \

@@ -34,6 +34,12 @@ template <typename T, QKind K>
 void apply_run_grouped(const T* x, T* y, int64_t n, const float* scale, const float* zp, const float* lo,
                        const float* hi, QParams q, uint8_t* mask);
 
+// Consecutive rows of length L, each its own group with an `absmax,mult`
+// calibration: calibrate and quantize row by row (one call for many short
+// rows, e.g. tiles of 128, so the row loops stay inlined and vectorized).
+template <typename T, QKind K>
+void fused_absmax_rows(const T* x, T* y, int64_t rows, int64_t L, float mult, QParams q);
+
 // ORs n 0/1 bytes into a bit array starting at bit `bit_offset` (LSB first).
 void pack_bits(const uint8_t* m, int64_t n, uint8_t* bits, int64_t bit_offset);
 // out[i] = bit i of bits (from bit 0 of bits[0]) ? g[i] : 0.
