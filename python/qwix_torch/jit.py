@@ -79,22 +79,14 @@ def jit_calibrate(model: torch.jit.ScriptModule, batches: Iterable[Any], *, prog
     under ``torch.no_grad()`` with every module in eval mode while the QuantStats update; the
     modules' modes are restored afterwards."""
     flagged = _flag_modules(model, "calibrate")
-    from tqdm.auto import tqdm
+    from qwix_torch.qat import run_batches
 
     modes = [(m, m.training) for m in model.modules()]
-    total = len(batches) if hasattr(batches, "__len__") else None
     try:
         model.eval()
         for m in flagged:
             m._c.setattr(_FORCE, True)
-        with torch.no_grad():
-            for batch in tqdm(batches, total=total, desc="qwix calibrate", disable=not progress, leave=False):
-                if isinstance(batch, dict):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
+        run_batches(model, batches, progress)
     finally:
         for m in flagged:
             m._c.setattr(_FORCE, False)

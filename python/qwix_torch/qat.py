@@ -409,6 +409,21 @@ def set_quant_stats_update(model: nn.Module, enabled: bool) -> None:
         s.update_enabled = bool(enabled)
 
 
+def run_batches(model: Any, batches: Iterable[Any], progress: bool) -> None:
+    """Forward-only over ``batches`` (``model(b)``, ``model(*b)`` or ``model(**b)``) with a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with torch.no_grad():
+        for batch in tqdm(batches, total=total, desc="qwix calibrate", disable=not progress, leave=False):
+            if isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+
+
 def calibrate(model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> nn.Module:
     """Standalone SRQ calibration: runs ``model`` forward only over ``batches``
     under ``torch.no_grad()`` with every module in eval mode (dropout off,
@@ -424,23 +439,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, progress: bool = True
     states = _states(model)
     if not states:
         raise ValueError("qwix: calibrate needs a model returned by quantize_model")
-    from tqdm.auto import tqdm
-
     modes = [(m, m.training) for m in model.modules()]
     forced = [s.force_update for s in states]
-    total = len(batches) if hasattr(batches, "__len__") else None
     try:
         model.eval()
         for s in states:
             s.force_update = True
-        with torch.no_grad():
-            for batch in tqdm(batches, total=total, desc="qwix calibrate", disable=not progress, leave=False):
-                if isinstance(batch, dict):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
+        run_batches(model, batches, progress)
     finally:
         for s, f in zip(states, forced):
             s.force_update = f
