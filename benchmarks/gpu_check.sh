@@ -1,34 +1,51 @@
 #!/usr/bin/env bash
 # One script for the lent GPU machine (torch with CUDA already installed, nvcc,
-# no network): build the extension against that torch, run the CUDA tests and
-# the CUDA benchmark, write results under $OUT (default build/gpu_check).
+# no network): build the extension against that torch, run the CUDA tests, the
+# CUDA benchmark (issue 3's bar) and compute-sanitizer on a test subset; results
+# under $OUT (default build/gpu_check), at most 8 files.
 # Usage: bash benchmarks/gpu_check.sh   (from the repository root; < 8 minutes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
 {
   date
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
+  nvcc --version | tail -n 2
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.txt"
 
-echo "== build" | tee "$OUT/build.log"
+echo "== build (MAX_JOBS=${MAX_JOBS:-16})" | tee "$OUT/build.log"
 export MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-start=$(date +%s)
+rm -rf build/temp.* python/qwix_torch/_C*.so  # never reuse objects built for another torch
 if ! "$PY" setup.py -q build_ext --inplace >> "$OUT/build.log" 2>&1; then
-  echo "BUILD FAILED (tail):"; tail -n 60 "$OUT/build.log"; exit 1
+  echo "BUILD FAILED (tail):"; tail -n 80 "$OUT/build.log"; exit 1
 fi
-echo "build took $(( $(date +%s) - start ))s" | tee -a "$OUT/build.log"
+echo "build took $(( $(date +%s) - t0 ))s" | tee -a "$OUT/build.log"
 export PYTHONPATH="$PWD/python:${PYTHONPATH:-}"
 
 echo "== CUDA tests"
-timeout 240 "$PY" -m pytest tests/python/test_ops_cuda.py -q -p no:cacheprovider 2>&1 | tee "$OUT/tests_cuda.txt" | tail -n 25
+timeout 180 "$PY" -m pytest tests/python/test_ops_cuda.py tests/python/test_bench_cuda.py -q -rf --tb=short \
+  -p no:cacheprovider 2>&1 | tee "$OUT/tests_cuda.txt" | tail -n 40
 tests_rc=${PIPESTATUS[0]}
+echo "tests done at $(( $(date +%s) - t0 ))s"
 
 echo "== benchmark"
-timeout 200 "$PY" benchmarks/bench_ops.py --device cuda --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.txt" | tail -n 60
+timeout 240 "$PY" benchmarks/bench_ops.py --device cuda --json "$OUT/bench_cuda.json" 2>&1 \
+  | tee "$OUT/bench_cuda.txt" | tail -n 75
 bench_rc=${PIPESTATUS[0]}
-echo "tests rc=$tests_rc bench rc=$bench_rc" | tee "$OUT/summary.txt"
+echo "bench done at $(( $(date +%s) - t0 ))s"
+
+echo "== compute-sanitizer memcheck (subset)"
+san_rc=skipped
+if command -v compute-sanitizer > /dev/null; then
+  timeout 100 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest tests/python/test_ops_cuda.py -q \
+    -p no:cacheprovider -k "half_types or unaligned or backward or int8-absmax" -x 2>&1 \
+    | tee "$OUT/sanitizer.txt" | tail -n 15
+  san_rc=${PIPESTATUS[0]}
+fi
+echo "tests rc=$tests_rc bench rc=$bench_rc sanitizer rc=$san_rc total $(( $(date +%s) - t0 ))s" | tee "$OUT/summary.txt"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

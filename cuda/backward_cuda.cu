@@ -1,28 +1,40 @@
-// CUDA kernel of fake_quant_backward: grad * unpack(mask); each thread owns one
-// mask byte (8 consecutive elements).
+// CUDA kernel of fake_quant_backward: grad * unpack(mask). Each thread owns one
+// mask byte and the 8 gradients it covers (one vector access when aligned).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <limits>
+
+#include "cuda/device_utils.cuh"
+#include "cuda/kernels.h"
 #include "ops/common.h"
 
 namespace qwix {
 namespace cuda {
 namespace {
 
+constexpr int kThreads = 256;
+
 template <typename T>
-__global__ void masked_copy_kernel(const T* __restrict__ g, const uint8_t* __restrict__ bits, T* __restrict__ out,
-                                   int64_t n) {
-  const int64_t byte = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t begin = byte * 8;
+__global__ void __launch_bounds__(kThreads)
+    masked_copy_kernel(const T* __restrict__ g, const uint8_t* __restrict__ bits, T* __restrict__ out, int64_t n,
+                       bool aligned) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t begin = c * kChunk;
   if (begin >= n) return;
-  const uint8_t m = bits[byte];
+  const uint8_t m = bits[c];
+  if (aligned && begin + kChunk <= n) {
+    const Chunk<T> v = reinterpret_cast<const Chunk<T>*>(g)[c];
+    Chunk<T> o;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    if (begin + j < n) out[begin + j] = ((m >> j) & 1) ? g[begin + j] : T(0);
+    for (int j = 0; j < kChunk; ++j) o.v[j] = ((m >> j) & 1) ? v.v[j] : T(0);
+    reinterpret_cast<Chunk<T>*>(out)[c] = o;
+  } else {
+    for (int j = 0; j < kChunk && begin + j < n; ++j) out[begin + j] = ((m >> j) & 1) ? g[begin + j] : T(0);
   }
 }
 
@@ -33,14 +45,19 @@ at::Tensor fake_quant_backward_cuda(const at::Tensor& grad, const at::Tensor& ma
   TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.numel() == mask_bytes(gd.numel(), true),
                     "qwix: mask must be a 1-D uint8 tensor of ceil(numel/8) = ", mask_bytes(gd.numel(), true),
                     " bytes, got ", mask.scalar_type(), " of shape ", mask.sizes());
+  TORCH_CHECK_VALUE(mask.device() == grad.device(), "qwix: mask is on ", mask.device(), " but grad is on ",
+                    grad.device());
   at::Tensor out = at::empty_like(gd);
   if (gd.numel() == 0) return out;
   const at::Tensor m = mask.contiguous();
-  constexpr int kThreads = 256;
-  const int64_t blocks = ((gd.numel() + 7) / 8 + kThreads - 1) / kThreads;
+  const int64_t blocks = (mask_bytes(gd.numel(), true) + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "qwix: tensor too large for one launch");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gd.scalar_type(), "qwix_backward_cuda", [&] {
-    masked_copy_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        gd.const_data_ptr<scalar_t>(), m.const_data_ptr<uint8_t>(), out.mutable_data_ptr<scalar_t>(), gd.numel());
+    const bool aligned = chunk_aligned(gd.const_data_ptr(), sizeof(scalar_t)) &&
+                         chunk_aligned(out.const_data_ptr(), sizeof(scalar_t));
+    masked_copy_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        gd.const_data_ptr<scalar_t>(), m.const_data_ptr<uint8_t>(), out.mutable_data_ptr<scalar_t>(), gd.numel(),
+        aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -1,6 +1,7 @@
 #pragma once
-// Device-side helpers for the qwix CUDA kernels: 16-byte vector access,
-// the calibration statistic and its warp/block reductions.
+// Device-side helpers for the qwix CUDA kernels: vector access, the
+// calibration statistic and its (sub-)warp/block reductions, group lookup.
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
@@ -22,14 +23,16 @@ __device__ __forceinline__ T from_float(float v) {
   return static_cast<T>(v);  // round to nearest even, as the CPU kernels
 }
 
-// Elements per 16-byte vector.
-template <typename T>
-constexpr int kVec = 16 / sizeof(T);
+// Every kernel moves 8 consecutive elements per access: one byte of the
+// bit-packed mask, one 16-byte vector for 16-bit types, two for float32.
+constexpr int kChunk = 8;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
+template <typename T>
+using Chunk = Vec<T, kChunk>;
 
 enum class CalKind : int { AbsMax = 0, MinMax = 1, Rms = 2 };
 
@@ -39,10 +42,13 @@ inline CalKind cal_kind(const Calibration& c) {
                                              : CalKind::AbsMax;
 }
 
-// Running calibration statistic of a group (all fields kept; the kind picks).
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Running calibration statistic of a group. Only the fields of the kind are
+// maintained and exchanged (the kind is uniform across a launch).
 struct Stat {
   uint32_t amax_bits;  // max |x| as bits (>= kNonFiniteAbsBits: Inf/NaN seen)
-  int32_t mn, mx;     // sortable bits
+  int32_t mn, mx;      // sortable bits
   double sumsq;
 
   __device__ __forceinline__ static Stat empty() { return {0u, 0x7fffffff, static_cast<int32_t>(0x80000000), 0.0}; }
@@ -57,11 +63,14 @@ struct Stat {
       sumsq += static_cast<double>(v) * static_cast<double>(v);
     }
   }
-  __device__ __forceinline__ void merge(const Stat& o) {
+  __device__ __forceinline__ void merge(const Stat& o, CalKind k) {
     amax_bits = o.amax_bits > amax_bits ? o.amax_bits : amax_bits;
-    mn = o.mn < mn ? o.mn : mn;
-    mx = o.mx > mx ? o.mx : mx;
-    sumsq += o.sumsq;
+    if (k == CalKind::MinMax) {
+      mn = o.mn < mn ? o.mn : mn;
+      mx = o.mx > mx ? o.mx : mx;
+    } else if (k == CalKind::Rms) {
+      sumsq += o.sumsq;
+    }
   }
   // The calibration (a = absmax or min, b = max), factor s applied; NaN when non-finite.
   __device__ __forceinline__ void finalize(CalKind k, float s, int64_t count, float* a, float* b) const {
@@ -78,59 +87,76 @@ struct Stat {
   }
 };
 
-__device__ __forceinline__ Stat shfl_down(const Stat& s, int offset) {
-  Stat o;
-  o.amax_bits = __shfl_down_sync(0xffffffffu, s.amax_bits, offset);
-  o.mn = __shfl_down_sync(0xffffffffu, s.mn, offset);
-  o.mx = __shfl_down_sync(0xffffffffu, s.mx, offset);
-  o.sumsq = __shfl_down_sync(0xffffffffu, s.sumsq, offset);
-  return o;
-}
-
-// Reduces over the warp; lane 0 holds the result.
-__device__ __forceinline__ Stat warp_reduce(Stat s) {
+// Butterfly over aligned groups of WIDTH lanes (a power of two <= 32): every
+// lane of the group ends with the group's statistic.
+template <int WIDTH>
+__device__ __forceinline__ Stat lanes_reduce(Stat s, CalKind k) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s.merge(shfl_down(s, o));
+  for (int o = WIDTH / 2; o > 0; o >>= 1) {
+    Stat t = s;
+    t.amax_bits = __shfl_xor_sync(kFullMask, s.amax_bits, o, WIDTH);
+    if (k == CalKind::MinMax) {
+      t.mn = __shfl_xor_sync(kFullMask, s.mn, o, WIDTH);
+      t.mx = __shfl_xor_sync(kFullMask, s.mx, o, WIDTH);
+    } else if (k == CalKind::Rms) {
+      t.sumsq = __shfl_xor_sync(kFullMask, s.sumsq, o, WIDTH);
+    }
+    s.merge(t, k);
+  }
   return s;
 }
 
-// Reduces over a block of THREADS threads; every thread gets the result.
+// Reduces over a block of THREADS threads (a multiple of 32); every thread gets
+// the result. The order of merges is fixed, so results are deterministic.
 template <int THREADS>
-__device__ __forceinline__ Stat block_reduce_all(Stat s) {
-  s = warp_reduce(s);
+__device__ __forceinline__ Stat block_reduce_all(Stat s, CalKind k) {
+  s = lanes_reduce<32>(s, k);
   if constexpr (THREADS == 32) {
-    Stat r;
-    r.amax_bits = __shfl_sync(0xffffffffu, s.amax_bits, 0);
-    r.mn = __shfl_sync(0xffffffffu, s.mn, 0);
-    r.mx = __shfl_sync(0xffffffffu, s.mx, 0);
-    r.sumsq = __shfl_sync(0xffffffffu, s.sumsq, 0);
-    return r;
+    return s;
   } else {
     __shared__ Stat partial[THREADS / 32];
-    __shared__ Stat total;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (lane == 0) partial[warp] = s;
     __syncthreads();
-    if (warp == 0) {
-      Stat t = lane < THREADS / 32 ? partial[lane] : Stat::empty();
-      t = warp_reduce(t);
-      if (lane == 0) total = t;
-    }
-    __syncthreads();
-    return total;
+    Stat t = lane < THREADS / 32 ? partial[lane] : Stat::empty();
+    t = lanes_reduce<32>(t, k);  // every warp reduces the partials itself: no second barrier
+    return t;
   }
 }
 
-// Group of a flat element index for a Layout flattened to device arrays.
+// One group's quantization parameters as the kernels read them (32 bytes: two
+// 16-byte loads). inv = RN(1 / scale) for ReciprocalDiv.
+struct alignas(32) PackedParams {
+  float scale, inv, zero_point, lo, hi, pad[3];
+  __device__ __forceinline__ ReciprocalDiv div() const { return {scale, inv, !(inv >= 2.3509887e-38f)}; }
+};
+static_assert(sizeof(PackedParams) == 8 * sizeof(float), "PackedParams is a row of 8 floats");
+
+// Group of a flat element index (memory order) for a Layout flattened to
+// device arrays, with 32-bit magic-number division when the tensor allows.
 constexpr int kMaxSegments = 16;
 struct DeviceLayout {
   int nseg;
+  bool small;  // numel < 2^32: 32-bit index math
   int64_t size[kMaxSegments];  // innermost first
+  at::cuda::detail::IntDivider<unsigned int> div32[kMaxSegments];
   bool kept[kMaxSegments];
   int64_t num_groups;
 
   __device__ __forceinline__ int64_t group_of(int64_t i) const {
     if (num_groups == 1) return 0;
+    if (small) {
+      uint32_t r = static_cast<uint32_t>(i), g = 0, gstride = 1;
+      for (int s = 0; s < nseg; ++s) {
+        const auto dm = div32[s].divmod(r);
+        r = dm.div;
+        if (kept[s]) {
+          g += dm.mod * gstride;
+          gstride *= static_cast<uint32_t>(size[s]);
+        }
+      }
+      return g;
+    }
     int64_t g = 0, gstride = 1;
     for (int s = 0; s < nseg; ++s) {
       const int64_t d = i % size[s];

@@ -3,6 +3,7 @@
 // CUDA. Every function is branch-free (selects only) so the CPU loops
 // auto-vectorize, and the fp32 operation order is the contract: CPU, CUDA and
 // the test reference agree bit for bit.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -35,18 +36,64 @@ QWIX_HD float bits_float(uint32_t b) {
 }
 
 // Round half to even. Exact for |v| < 2^22, which every caller guarantees by
-// clamping first; NaN stays NaN. (The magic-number form vectorizes on CPUs.)
+// clamping first; NaN stays NaN; a zero result is +0 on every backend. (Two
+// full-rate adds: vectorizes on CPUs, and beats the quarter-rate FRND on GPUs.)
 QWIX_HD float round_half_even(float v) {
-#if defined(__CUDA_ARCH__)
-  return rintf(v);
-#else
   const float magic = 12582912.0f;  // 1.5 * 2^23
   return (v + magic) - magic;
-#endif
 }
 
 // Clamp that propagates NaN (a NaN fails both comparisons and passes through).
-QWIX_HD float clamp_keep_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// The sign of a zero may differ between the two forms; every caller rounds
+// with round_half_even or compares against nonzero bounds, so results agree.
+QWIX_HD float clamp_keep_nan(float v, float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(v), "f"(hi));
+  asm("max.NaN.f32 %0, %0, %1;" : "+f"(r) : "f"(lo));
+  return r;
+#else
+  return v < lo ? lo : (v > hi ? hi : v);
+#endif
+}
+
+// x / d, correctly rounded (ties to even). CPUs divide (a vector divide is
+// cheap next to memory); GPUs use ReciprocalDiv, which gives the same bits.
+struct ExactDiv {
+  float d;
+  QWIX_HD float operator()(float x) const { return x / d; }
+};
+
+// x / d from r = RN(1/d), computed once per group: q0 = RN(x r) is within 1.5
+// ulp of x / d, one FMA correction (Markstein) makes it faithful and a second
+// one correctly rounded, so the result equals x / d bit for bit. Valid when r is
+// a normal float (d <= 2^125; else `divide` is set) and the
+// residuals are exact (|x| >= 2^-100; smaller x give quotients below 2^-37 -- qwix
+// scales are >= 2^-63 -- that quantize to zero either way). A non-finite q0
+// (x Inf/NaN, or an overflowing quotient) takes the division too.
+struct ReciprocalDiv {
+  float d, r;
+  bool divide;  // r would be subnormal: divide instead
+  QWIX_HD static ReciprocalDiv of(float d) {
+    const float r = 1.0f / d;
+    return {d, r, !(r >= 2.3509887e-38f)};  // 2^-125
+  }
+  QWIX_HD float operator()(float x) const {
+    const float q0 = x * r;
+    if (divide || !(q0 - q0 == 0.0f)) return x / d;  // q0 - q0 is NaN iff q0 is Inf or NaN
+    return corrected(x, q0);
+  }
+  // copysign: a zero x keeps its sign (the corrections would turn -0 into +0).
+  QWIX_HD float corrected(float x, float q0) const {
+#if defined(__CUDA_ARCH__)
+    const float q1 = __fmaf_rn(__fmaf_rn(-q0, d, x), r, q0);
+    return copysignf(__fmaf_rn(__fmaf_rn(-q1, d, x), r, q1), q0);
+#else
+    const float q1 = std::fma(std::fma(-q0, d, x), r, q0);
+    return std::copysign(std::fma(std::fma(-q1, d, x), r, q1), q0);
+#endif
+  }
+};
 
 // Round a finite |v| <= format max to a float format with `mbits` mantissa bits
 // and smallest normal exponent `emin` (subnormals included), ties to even.
@@ -138,19 +185,23 @@ QWIX_HD GroupParams given_params(float scale, float zero_point, const QParams& q
   return {s, 0.0f, q.qmin * s, q.qmax * s};
 }
 
-// quantize then dequantize one value, in fp32.
-template <QKind K>
-QWIX_HD float fake_quant_value(float x, float scale, float zero_point, const QParams& q) {
+// quantize then dequantize one value, in fp32; `div(x)` is x / scale.
+template <QKind K, typename Div>
+QWIX_HD float fake_quant_value(float x, const Div& div, float scale, float zero_point, const QParams& q) {
   if constexpr (K == QKind::Int) {
-    const float v = clamp_keep_nan(x / scale + zero_point, q.qmin, q.qmax);
+    const float v = clamp_keep_nan(div(x) + zero_point, q.qmin, q.qmax);
     return (round_half_even(v) - zero_point) * scale;
   } else if constexpr (K == QKind::Float) {
-    const float v = clamp_keep_nan(x / scale, q.qmin, q.qmax);
+    const float v = clamp_keep_nan(div(x), q.qmin, q.qmax);
     return round_to_float_format(v, q.mantissa_bits, q.min_exponent) * scale;
   } else {
-    const float v = clamp_keep_nan(x / scale, -1.0f, 1.0f);
+    const float v = clamp_keep_nan(div(x), -1.0f, 1.0f);
     return round_to_nf4(v) * scale;
   }
+}
+template <QKind K>
+QWIX_HD float fake_quant_value(float x, float scale, float zero_point, const QParams& q) {
+  return fake_quant_value<K>(x, ExactDiv{scale}, scale, zero_point, q);
 }
 
 // `&`, not `&&`: no branch, so the masked loops vectorize.

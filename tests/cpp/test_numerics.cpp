@@ -3,10 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <random>
+#include <vector>
 
 #include "numerics/calibration.h"
 #include "numerics/fake_quant_math.h"
 #include "numerics/qtype.h"
+#include "ops/common.h"
 
 namespace {
 
@@ -64,3 +67,79 @@ TEST(Calibration, Parsing) {
 }
 
 }  // namespace
+
+namespace {
+uint32_t bits_of(float v) { return qwix::float_bits(v); }
+float same_or_nan(float a, float b) { return (std::isnan(a) && std::isnan(b)) || bits_of(a) == bits_of(b); }
+}  // namespace
+
+// The GPU kernels divide by a scale through its reciprocal plus two FMA
+// corrections; the result must be x / d bit for bit (the CPU divides).
+TEST(Numerics, ReciprocalDivIsCorrectlyRounded) {
+  std::mt19937_64 rng(1234);
+  auto rand_float = [&](int emin, int emax) {
+    const uint32_t e = static_cast<uint32_t>(emin + 127 + static_cast<int>(rng() % (emax - emin + 1)));
+    const uint32_t m = static_cast<uint32_t>(rng()) & 0x7fffffu;
+    const uint32_t s = static_cast<uint32_t>(rng() & 1u) << 31;
+    return qwix::bits_float(s | (e << 23) | m);
+  };
+  int64_t checked = 0;
+  for (int i = 0; i < 3000000; ++i) {  // random x in [2^-100, 2^128), d in [2^-63, 2^125]
+    const float x = rand_float(-100, 127), d = std::fabs(rand_float(-63, 124));
+    const auto div = qwix::ReciprocalDiv::of(d);
+    const float want = x / d, got = div(x);
+    ASSERT_TRUE(same_or_nan(got, want)) << x << " / " << d << ": " << got << " != " << want;
+    ++checked;
+  }
+  // Rounding boundaries of the grids: x on and next to (n + 1/2) d and n d, for
+  // scales with all-ones and all-zeros significands and random ones.
+  std::vector<float> scales = {1.0f, qwix::bits_float(0x3fffffffu), qwix::bits_float(0x3f7fffffu),
+                               qwix::bits_float(0x20ffffffu), 1.0842021724855044e-19f, 3.0e37f};
+  for (int i = 0; i < 200; ++i) scales.push_back(std::fabs(rand_float(-63, 120)));
+  for (const float d : scales) {
+    const auto div = qwix::ReciprocalDiv::of(d);
+    for (int n = -300; n <= 300; ++n) {
+      for (const float k : {static_cast<float>(n), n + 0.5f}) {
+        float x = k * d;
+        for (int step = 0; step < 3; ++step) {
+          ASSERT_TRUE(same_or_nan(div(x), x / d)) << x << " / " << d;
+          x = std::nextafter(x, INFINITY);
+          ++checked;
+        }
+        x = std::nextafter(k * d, -INFINITY);
+        ASSERT_TRUE(same_or_nan(div(x), x / d)) << x << " / " << d;
+      }
+    }
+  }
+  // Special values: overflowing quotients, Inf/NaN, a scale whose reciprocal is subnormal.
+  const float tiny = 1.0842021724855044e-19f;
+  for (const float x : {3.0e38f, -3.0e38f, INFINITY, -INFINITY, NAN, 0.0f, -0.0f}) {
+    ASSERT_TRUE(same_or_nan(qwix::ReciprocalDiv::of(tiny)(x), x / tiny)) << x;
+    ASSERT_TRUE(same_or_nan(qwix::ReciprocalDiv::of(3.3e38f)(x), x / 3.3e38f)) << x;
+  }
+  ASSERT_TRUE(qwix::ReciprocalDiv::of(3.3e38f).divide);
+  EXPECT_GT(checked, 3000000);
+}
+
+// Below |x| = 2^-100 the quotient may be off in its last bits, but it is below
+// 2^-37 and every qtype quantizes it to the same value as the exact quotient.
+TEST(Numerics, ReciprocalDivTinyInputsQuantizeAlike) {
+  std::mt19937_64 rng(99);
+  for (const char* name : {"int8", "uint4", "float8_e4m3fn", "float4_e2m1fn", "nf4"}) {
+    const qwix::QParams q = qwix::parse_qtype(name).p;
+    for (int i = 0; i < 200000; ++i) {
+      const uint32_t sign = static_cast<uint32_t>(rng() & 1u) << 31;
+      const uint32_t ex = static_cast<uint32_t>(rng() % 27), ed = static_cast<uint32_t>(64 + rng() % 62);
+      const float x = qwix::bits_float(sign | (ex << 23) | (static_cast<uint32_t>(rng()) & 0x7fffffu));  // < 2^-100
+      const float d = qwix::bits_float((ed << 23) | (static_cast<uint32_t>(rng()) & 0x7fffffu));  // [2^-63, 2^-1)
+      const int zp_i = static_cast<int>(rng() % 5) - 2 + (q.qmin == 0.0f ? 5 : 0);
+      const float zp = q.kind == qwix::QKind::Int ? static_cast<float>(zp_i) : 0.0f;
+      float a = 0, b = 0;
+      qwix::dispatch_kind(q.kind, [&](auto k) {
+        a = qwix::fake_quant_value<decltype(k)::value>(x, qwix::ReciprocalDiv::of(d), d, zp, q);
+        b = qwix::fake_quant_value<decltype(k)::value>(x, qwix::ExactDiv{d}, d, zp, q);
+      });
+      ASSERT_EQ(bits_of(a), bits_of(b)) << name << " x=" << x << " d=" << d;
+    }
+  }
+}

@@ -57,7 +57,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(120)
+# ~5 s alone; generous for a loaded 2-core CI box (spawned workers import torch afresh).
+@pytest.mark.timeout(300)
 def test_ddp_two_processes_gloo(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
