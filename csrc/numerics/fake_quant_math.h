@@ -164,9 +164,19 @@ struct GroupParams {
 
 QWIX_HD float guard_scale(float s) { return s < kMinScale ? 1.0f : s; }
 
-// Symmetric: scale = absmax / B. NaN absmax (a group with NaN/Inf) stays NaN.
+// The smallest power of two >= s, for a finite s >= 2^-63 (Qwix's mx scale:
+// 2^ceil(log2(s))); NaN and Inf stay as they are.
+QWIX_HD float pow2_ceil(float s) {
+  const uint32_t b = float_bits(s);
+  const bool exact = (b & 0x7fffffu) == 0u || !(s <= 3.4028234663852886e38f);
+  return exact ? s : bits_float(((b >> 23) + 1u) << 23);
+}
+
+// Symmetric: scale = absmax / B (MX: rounded up to a power of two). NaN absmax
+// (a group with NaN/Inf) stays NaN.
 QWIX_HD GroupParams symmetric_params(float absmax, const QParams& q) {
-  return {guard_scale(absmax / q.bound), 0.0f, -absmax, absmax};
+  const float s = guard_scale(absmax / q.bound);
+  return {q.block > 0 ? pow2_ceil(s) : s, 0.0f, -absmax, absmax};
 }
 
 // Asymmetric (integer qtypes): the range is widened to contain 0.

@@ -29,6 +29,14 @@ QType make_float(const std::string& name, int mantissa_bits, int min_exponent, f
   return {name, p};
 }
 
+// MX: the element format of `element` with one power-of-two scale per block of 32.
+QType make_mx(const std::string& name, const QType& element) {
+  QType q = element;
+  q.name = name;
+  q.p.block = kMxBlock;
+  return q;
+}
+
 QType make_nf4() {
   QParams p{};
   p.kind = QKind::NF4;
@@ -52,6 +60,8 @@ const std::map<std::string, QType>& table() {
     m.emplace("float8_e5m2", make_float("float8_e5m2", 2, -14, 57344.0f));
     m.emplace("float4_e2m1fn", make_float("float4_e2m1fn", 1, 0, 6.0f));
     m.emplace("nf4", make_nf4());
+    m.emplace("mxfp8", make_mx("mxfp8", m.at("float8_e4m3fn")));
+    m.emplace("mxfp4", make_mx("mxfp4", m.at("float4_e2m1fn")));
     m.emplace("fp8_e4m3", m.at("float8_e4m3fn"));
     m.emplace("fp8_e5m2", m.at("float8_e5m2"));
     m.emplace("fp4_e2m1", m.at("float4_e2m1fn"));
@@ -65,7 +75,7 @@ const std::map<std::string, QType>& table() {
 const std::string& valid_qtype_names() {
   static const std::string names =
       "int2, int3, int4, int5, int6, int7, int8, int16, uint4, uint8, float8_e4m3fn (fp8_e4m3), "
-      "float8_e5m2 (fp8_e5m2), float4_e2m1fn (fp4_e2m1), nf4";
+      "float8_e5m2 (fp8_e5m2), float4_e2m1fn (fp4_e2m1), nf4, mxfp8, mxfp4";
   return names;
 }
 
@@ -73,10 +83,8 @@ QType parse_qtype(const std::string& name) {
   const auto& t = table();
   auto it = t.find(name);
   if (it == t.end()) {
-    const bool block_format = name == "mxfp8" || name == "mxfp4" || name == "nvfp4";
-    TORCH_CHECK_VALUE(!block_format, "qwix: qtype '", name,
-                      "' (a block-scaled MX/NV format) is not supported by this build yet; valid qtypes: ",
-                      valid_qtype_names());
+    TORCH_CHECK_VALUE(name != "nvfp4", "qwix: qtype 'nvfp4' (two-level e4m3 block scales) is not supported yet; "
+                      "valid qtypes: ", valid_qtype_names());
     TORCH_CHECK_VALUE(false, "qwix: unknown qtype '", name, "'; valid qtypes: ", valid_qtype_names());
   }
   return it->second;

@@ -16,13 +16,20 @@ struct QParams {
   float bound;   // symmetric bound B: scale = absmax / B
   int mantissa_bits;  // Float: explicit mantissa bits
   int min_exponent;   // Float: unbiased exponent of the smallest normal
+  // MX block formats (mxfp8, mxfp4): blocks of `block` elements along the last
+  // axis, each with a power-of-two (E8M0) scale; 0 for every other qtype.
+  int block;
 };
 
 struct QType {
   std::string name;  // canonical name
   QParams p;
   bool is_integer() const { return p.kind == QKind::Int; }
+  bool is_block_format() const { return p.block > 0; }
 };
+
+// Blocks of an MX qtype (Qwix, OCP MX): 32 elements along the last axis.
+constexpr int kMxBlock = 32;
 
 // Parses a qtype name (Qwix spelling or an accepted alias). Throws a
 // c10::Error naming the bad value and listing the valid names.

@@ -14,6 +14,16 @@ at::Tensor dense_input(const at::Tensor& x) { return x.is_non_overlapping_and_de
 
 int64_t mask_bytes(int64_t numel, bool with_mask) { return with_mask ? (numel + 7) / 8 : 0; }
 
+Groups mx_groups(c10::IntArrayRef sizes, const QType& qtype) {
+  const int64_t rank = static_cast<int64_t>(sizes.size());
+  TORCH_CHECK_VALUE(rank >= 1 && sizes[rank - 1] % qtype.p.block == 0, "qwix: qtype '", qtype.name,
+                    "' quantizes blocks of ", qtype.p.block, " elements along the last axis, which must be a multiple of ",
+                    qtype.p.block, "; got an input of shape ", sizes);
+  Groups g(sizes.begin(), sizes.end());
+  g[rank - 1] = sizes[rank - 1] / qtype.p.block;
+  return g;
+}
+
 DynamicSpec make_dynamic_spec(const at::Tensor& x, const std::string* qtype, const std::string& method,
                               c10::IntArrayRef channelwise_axes, c10::IntArrayRef tiled_axes,
                               c10::IntArrayRef tile_sizes) {
@@ -26,7 +36,8 @@ DynamicSpec make_dynamic_spec(const at::Tensor& x, const std::string* qtype, con
                       "' is asymmetric, which needs an integer qtype; '", *qtype,
                       "' is a floating-point qtype (use absmax, rms or a symmetric fixed range)");
   }
-  s.groups = groups_from_axes(x.sizes(), channelwise_axes, tiled_axes, tile_sizes);
+  s.groups = qtype && s.qtype.is_block_format() ? mx_groups(x.sizes(), s.qtype)
+                                                 : groups_from_axes(x.sizes(), channelwise_axes, tiled_axes, tile_sizes);
   if (s.calibration.is_fixed()) s.groups.assign(s.groups.size(), 1);
   return s;
 }

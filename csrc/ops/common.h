@@ -23,6 +23,10 @@ at::Tensor dense_input(const at::Tensor& x);
 // Bytes of a bit-packed mask with one bit per element (0 when not requested).
 int64_t mask_bytes(int64_t numel, bool with_mask);
 
+// The groups of an MX qtype (Qwix): every axis but the last channelwise, the last
+// in blocks of 32; channelwise / tiled arguments are ignored. Errors name the shape.
+Groups mx_groups(c10::IntArrayRef sizes, const QType& qtype);
+
 // Everything a dynamic fake quant / calibration needs, validated.
 struct DynamicSpec {
   QType qtype;

@@ -4,6 +4,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <numeric>
+
 #include "ops/common.h"
 #include "ops/forward_ops.h"
 
@@ -46,7 +48,13 @@ std::vector<at::Tensor> srq_scale_composite(const at::Tensor& x, const at::Tenso
   TORCH_CHECK_VALUE(count.numel() == 1 && !at::isFloatingType(count.scalar_type()),
                     "qwix: count must be an integer scalar tensor, got ", count.scalar_type(), " of shape ",
                     count.sizes());
-  auto dynamic = [&] { return call_calibrate(x, method, channelwise_axes, tiled_axes, tile_sizes); };
+  auto dynamic = [&] {
+    if (!spec.qtype.is_block_format()) return call_calibrate(x, method, channelwise_axes, tiled_axes, tile_sizes);
+    // MX: the qtype's own blocks (every axis but the last kept, the last in blocks), as fake_quant does.
+    std::vector<int64_t> ch(x.dim() - 1);
+    std::iota(ch.begin(), ch.end(), 0);
+    return call_calibrate(x, method, ch, {x.dim() - 1}, {spec.qtype.p.block});
+  };
   auto from_stats = [&] {
     std::vector<at::Tensor> r;
     for (const auto& s : sums) r.push_back(static_range(s, count, spec.groups));

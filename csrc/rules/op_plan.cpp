@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <numeric>
 #include <cctype>
 #include <optional>
 #include <set>
@@ -184,10 +185,18 @@ OperandPlan plan_operand(const QuantizationRule& rule, const std::string& op, Op
   const Layout l = layout_of(op, operand, rank, equation);
   if (!qtype) return p;
   p.quantize = true;
-  p.qtype = parse_qtype(*qtype).name;
+  const QType qt = parse_qtype(*qtype);
+  p.qtype = qt.name;
   p.calibration_method = is_weight ? rule.weight_calibration_method : rule.act_calibration_method;
   p.channelwise_axes = l.channelwise;
-  if (rule.tile_size) {
+  if (qt.is_block_format()) {
+    // MX qtypes fix their own blocks, as in Qwix: every axis but the last kept, the
+    // last in blocks of 32 (tile_size does not apply; the op checks the last axis).
+    TORCH_CHECK_VALUE(rank >= 1, "qwix: qtype '", qt.name, "' needs an operand of rank >= 1 for ", op);
+    p.channelwise_axes.resize(rank - 1);
+    std::iota(p.channelwise_axes.begin(), p.channelwise_axes.end(), 0);
+    p.tiled_axes.emplace_back(rank - 1, static_cast<double>(qt.p.block));
+  } else if (rule.tile_size) {
     TORCH_CHECK_VALUE(!l.is_conv, "qwix: tile_size (", rules_internal::format_number(*rule.tile_size),
                       ") is not supported for ", op, " (conv scales are per output channel / per batch item)");
     if (l.tile_axis) p.tiled_axes.emplace_back(*l.tile_axis, *rule.tile_size);

@@ -143,3 +143,23 @@ TEST(Numerics, ReciprocalDivTinyInputsQuantizeAlike) {
     }
   }
 }
+
+TEST(Numerics, MxQtypesUsePowerOfTwoScales) {
+  EXPECT_EQ(qwix::pow2_ceil(1.0f), 1.0f);
+  EXPECT_EQ(qwix::pow2_ceil(1.5f), 2.0f);
+  EXPECT_EQ(qwix::pow2_ceil(0.25f), 0.25f);
+  EXPECT_EQ(qwix::pow2_ceil(0.3f), 0.5f);
+  EXPECT_EQ(qwix::pow2_ceil(std::nextafter(4.0f, 5.0f)), 8.0f);
+  EXPECT_TRUE(std::isnan(qwix::pow2_ceil(NAN)));
+  EXPECT_TRUE(std::isinf(qwix::pow2_ceil(INFINITY)));
+  const qwix::QType mx8 = qwix::parse_qtype("mxfp8"), mx4 = qwix::parse_qtype("mxfp4");
+  EXPECT_TRUE(mx8.is_block_format() && mx4.is_block_format());
+  EXPECT_FALSE(qwix::parse_qtype("float8_e4m3fn").is_block_format());
+  EXPECT_EQ(mx8.p.block, qwix::kMxBlock);
+  EXPECT_EQ(mx8.p.bound, 448.0f);
+  EXPECT_EQ(mx4.p.bound, 6.0f);
+  EXPECT_EQ(qwix::symmetric_params(1.0f, mx8.p).scale, std::ldexp(1.0f, -8));  // 1/448 -> 2^-8
+  EXPECT_EQ(qwix::symmetric_params(1.0f, mx4.p).scale, 0.25f);                // 1/6 -> 2^-2
+  EXPECT_EQ(qwix::symmetric_params(0.0f, mx8.p).scale, 1.0f);
+  EXPECT_THROW(qwix::parse_qtype("nvfp4"), c10::ValueError);
+}

@@ -33,6 +33,8 @@ class QType:
     qmin: float  # int: lowest grid value; float/nf4: -max
     qmax: float  # int: highest grid value; float/nf4: +max
     bound: float  # symmetric bound B: scale = absmax / B
+    element: str = ""  # MX: the element format's qtype name
+    block: int = 0  # MX: elements per block (last axis); power-of-two scales
 
     @property
     def is_integer(self) -> bool:
@@ -58,6 +60,13 @@ QTYPES["nf4"] = QType("nf4", "nf4", -1.0, 1.0, 1.0)
 
 ALIASES = {"fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2", "fp4_e2m1": "float4_e2m1fn"}
 
+# MX block formats (Qwix): blocks of 32 along the last axis, scale = 2^ceil(log2(absmax / B)).
+# Kept out of QTYPES (and so of the generic parametrized tests): their layout is fixed.
+MX_QTYPES: Dict[str, QType] = {
+    "mxfp8": QType("mxfp8", "float", -448.0, 448.0, 448.0, element="float8_e4m3fn", block=32),
+    "mxfp4": QType("mxfp4", "float", -6.0, 6.0, 6.0, element="float4_e2m1fn", block=32),
+}
+
 INT_QTYPES = [n for n, q in QTYPES.items() if q.kind == "int"]
 FLOAT_QTYPES = [n for n, q in QTYPES.items() if q.kind != "int"]  # symmetric-only qtypes (nf4 included)
 ALL_QTYPES = list(QTYPES)
@@ -65,9 +74,23 @@ ALL_QTYPES = list(QTYPES)
 
 def get_qtype(name: str) -> QType:
     name = ALIASES.get(name, name)
+    if name in MX_QTYPES:
+        return MX_QTYPES[name]
     if name not in QTYPES:
         raise ValueError(f"unknown qtype {name!r}; valid: {', '.join(list(QTYPES) + list(ALIASES))}")
     return QTYPES[name]
+
+
+def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= s (positive, finite; NaN/Inf stay), exactly, via frexp."""
+    m, e = torch.frexp(s.to(torch.float64))  # s = m * 2^e, m in [0.5, 1)
+    p = torch.where(m == 0.5, s.to(torch.float64), torch.ldexp(torch.ones_like(m), e))
+    return torch.where(torch.isfinite(s), p.to(torch.float32), s)
+
+
+def mx_axes(q: QType, rank: int) -> Tuple[Tuple[int, ...], Dict[int, int]]:
+    """The fixed layout of an MX qtype: every axis but the last channelwise, the last in blocks."""
+    return tuple(range(rank - 1)), {rank - 1: q.block}
 
 
 # NF4 levels (QLoRA, Appendix E), as float32 values.
@@ -236,6 +259,8 @@ def round_to_grid(v: torch.Tensor, q: QType) -> torch.Tensor:
     """v: fp32, already clamped to the grid's range."""
     if q.kind == "int":
         return torch.round(v)  # half to even
+    if q.block:
+        return round_to_grid(v, get_qtype(q.element))
     if q.name == "float8_e4m3fn":
         return v.to(torch.float8_e4m3fn).to(torch.float32)
     if q.name == "float8_e5m2":
@@ -369,7 +394,8 @@ def ref_compute_scale(calibration: Mapping[str, torch.Tensor], qtype: str) -> Tu
     q = get_qtype(qtype)
     if set(calibration) == {"absmax"}:
         absmax = calibration["absmax"].to(torch.float32)
-        return guard_scale(div32(absmax, q.bound)), None
+        scale = guard_scale(div32(absmax, q.bound))
+        return (pow2_ceil(scale) if q.block else scale), None
     if not q.is_integer:
         raise ValueError(f"asymmetric calibration needs an integer qtype, got {qtype}")
     mn, mx = calibration["min"].to(torch.float32), calibration["max"].to(torch.float32)
@@ -406,6 +432,10 @@ def ref_fake_quant(
     m = parse_method(method)
     if not m.symmetric and not q.is_integer:
         raise ValueError(f"asymmetric method {method!r} needs an integer qtype, got {qtype}")
+    if q.block:  # MX: the qtype fixes the blocks; the given axes are ignored (as in Qwix)
+        if x.dim() == 0 or x.shape[-1] % q.block:
+            raise ValueError(f"{qtype} needs a last axis that is a multiple of {q.block}, got {tuple(x.shape)}")
+        channelwise_axes, tiled_axes = mx_axes(q, x.dim())
     lay = layout(x.shape, channelwise_axes, tiled_axes)
     xf = x.detach().to(torch.float32)
     if xf.numel() == 0:
@@ -469,11 +499,13 @@ def ref_grad_mask(
     Masked to the calibrated range [lo, hi] (inclusive) when the method can clip
     (absmax,s / minmax,s with s < 1, rms, fixed) or clip_gradient=True (and
     clip_gradient=False turns it off); otherwise the identity."""
-    get_qtype(qtype)
+    q = get_qtype(qtype)
     m = parse_method(method)
     enabled = m.can_clip if clip_gradient is None else clip_gradient
     if not enabled:
         return torch.ones(x.shape, dtype=torch.bool)
+    if q.block:
+        channelwise_axes, tiled_axes = mx_axes(q, x.dim())
     return ref_range_mask(x, method, channelwise_axes, tiled_axes)
 
 

@@ -216,3 +216,16 @@ def test_cuda_static_scale_overflowing_quotients_match_cpu():
             yc, mc = torch.ops.qwix.fake_quant_with_scale_forward(x.cuda(), scale.cuda(), None, qtype, True)
             assert_same(yc.cpu(), y, f"{qtype} {scale.shape}")
             assert torch.equal(mc.cpu(), m)
+
+
+@pytest.mark.parametrize("qtype", ["mxfp8", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_mx_matches_cpu(qtype, dtype):
+    """MX blocks of 32 (the fused row kernel with 4 or 8 threads per block) and power-of-two scales."""
+    for shape in [(64, 256), (3, 5, 96), (4, 8192)]:
+        x = make_input(shape, dtype=dtype)
+        for method in ["absmax", "absmax,0.8", "fixed,2"]:
+            y, m = torch.ops.qwix.fake_quant_forward(x, qtype, method, [], [], [], True)
+            yc, mc = torch.ops.qwix.fake_quant_forward(x.cuda(), qtype, method, [], [], [], True)
+            assert_same(yc.cpu(), y, f"{qtype} {shape} {method}")
+            assert torch.equal(mc.cpu(), m)

@@ -35,8 +35,10 @@ std::vector<c10::SymInt> sym_groups(const at::Tensor& x, const Calibration& cal,
 DynamicSpec meta_spec(const at::Tensor& x, const std::string* qtype, c10::string_view method, at::IntArrayRef ch,
                       at::IntArrayRef tiled, at::IntArrayRef tiles) {
   if (!has_symbolic_sizes(x)) return make_dynamic_spec(x, qtype, std::string(method), ch, tiled, tiles);
-  // Symbolic sizes: check what does not depend on them.
+  // Symbolic sizes: check what does not depend on them (the last dim of the stand-in is
+  // one MX block, which every tile of 1 divides too).
   std::vector<int64_t> ones(x.dim(), 1);
+  if (!ones.empty()) ones.back() = kMxBlock;
   std::vector<int64_t> fake_tiles(tiles.size(), 1);
   return make_dynamic_spec(at::empty(ones, x.options().device(at::kMeta)), qtype, std::string(method), ch, tiled,
                            fake_tiles);
