@@ -163,6 +163,8 @@ def run(sizes: List[Tuple[int, ...]], dtypes: List[torch.dtype], rounds: int, ba
                 "int8 per-tensor": (ours("int8", None, axes=()), None, False),
                 "int8 per-channel of last axis": (ours("int8", None, axes=(len(shape) - 1,)), None, False),
                 "int8 static per-tensor (SRQ)": (lambda t: q.fake_quant_with_scale(t, scale, "int8"), None, True),
+                "mxfp8 (blocks of 32)": (lambda t: q.fake_quant(t, "mxfp8"), None, False),
+                "nvfp4 (16, two-level)": (lambda t: q.fake_quant(t, "nvfp4"), None, False),
             }
             for name, (fo, fc, bwd) in cases.items():
                 cs.append(Contender(name, "fwd", "ours", fwd(fo, x)))

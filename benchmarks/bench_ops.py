@@ -128,6 +128,8 @@ def cases() -> List[Case]:
              fq=("fq_per_tensor", make_fq_per_tensor)),
         Case("fp8e4m3 per-token",
              lambda t: q.fake_quant(t, "float8_e4m3fn", channelwise_axes=per_token_axes(t))),
+        Case("mxfp8 (blocks of 32)", lambda t: q.fake_quant(t, "mxfp8"), requires=tile_ok),
+        Case("nvfp4 (16, two-level)", lambda t: q.fake_quant(t, "nvfp4"), requires=tile_ok),
     ]
 
 

@@ -9,6 +9,7 @@
 
 #include "cuda/kernels.h"
 #include "ops/common.h"
+#include "ops/nvfp4.h"
 
 namespace qwix {
 namespace cuda {
@@ -23,6 +24,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_forward_cuda(const at::Tensor& x, 
   const c10::cuda::CUDAGuard guard(x.device());
   const std::string qname(qtype);
   const DynamicSpec spec = make_dynamic_spec(x, &qname, std::string(method), ch, tiled, tiles);
+  if (spec.qtype.two_level && x.numel() > 0) return nvfp4_fake_quant_forward(x, with_mask);  // composes the ops
   const at::Tensor xd = dense_input(x);
   at::Tensor y = at::empty_like(xd);
   at::Tensor mask = at::empty({mask_bytes(x.numel(), with_mask)}, x.options().dtype(at::kByte));

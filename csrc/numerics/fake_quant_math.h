@@ -176,7 +176,7 @@ QWIX_HD float pow2_ceil(float s) {
 // (a group with NaN/Inf) stays NaN.
 QWIX_HD GroupParams symmetric_params(float absmax, const QParams& q) {
   const float s = guard_scale(absmax / q.bound);
-  return {q.block > 0 ? pow2_ceil(s) : s, 0.0f, -absmax, absmax};
+  return {q.pow2_scale ? pow2_ceil(s) : s, 0.0f, -absmax, absmax};
 }
 
 // Asymmetric (integer qtypes): the range is widened to contain 0.

@@ -34,6 +34,16 @@ QType make_mx(const std::string& name, const QType& element) {
   QType q = element;
   q.name = name;
   q.p.block = kMxBlock;
+  q.p.pow2_scale = true;
+  return q;
+}
+
+// nvfp4: e2m1 elements, e4m3 scales per block of 16, an fp32 tensor scale.
+QType make_nvfp4(const QType& e2m1) {
+  QType q = e2m1;
+  q.name = "nvfp4";
+  q.p.block = kNvfp4Block;
+  q.two_level = true;
   return q;
 }
 
@@ -62,6 +72,7 @@ const std::map<std::string, QType>& table() {
     m.emplace("nf4", make_nf4());
     m.emplace("mxfp8", make_mx("mxfp8", m.at("float8_e4m3fn")));
     m.emplace("mxfp4", make_mx("mxfp4", m.at("float4_e2m1fn")));
+    m.emplace("nvfp4", make_nvfp4(m.at("float4_e2m1fn")));
     m.emplace("fp8_e4m3", m.at("float8_e4m3fn"));
     m.emplace("fp8_e5m2", m.at("float8_e5m2"));
     m.emplace("fp4_e2m1", m.at("float4_e2m1fn"));
@@ -75,7 +86,7 @@ const std::map<std::string, QType>& table() {
 const std::string& valid_qtype_names() {
   static const std::string names =
       "int2, int3, int4, int5, int6, int7, int8, int16, uint4, uint8, float8_e4m3fn (fp8_e4m3), "
-      "float8_e5m2 (fp8_e5m2), float4_e2m1fn (fp4_e2m1), nf4, mxfp8, mxfp4";
+      "float8_e5m2 (fp8_e5m2), float4_e2m1fn (fp4_e2m1), nf4, mxfp8, mxfp4, nvfp4";
   return names;
 }
 
@@ -83,8 +94,6 @@ QType parse_qtype(const std::string& name) {
   const auto& t = table();
   auto it = t.find(name);
   if (it == t.end()) {
-    TORCH_CHECK_VALUE(name != "nvfp4", "qwix: qtype 'nvfp4' (two-level e4m3 block scales) is not supported yet; "
-                      "valid qtypes: ", valid_qtype_names());
     TORCH_CHECK_VALUE(false, "qwix: unknown qtype '", name, "'; valid qtypes: ", valid_qtype_names());
   }
   return it->second;

@@ -16,20 +16,26 @@ struct QParams {
   float bound;   // symmetric bound B: scale = absmax / B
   int mantissa_bits;  // Float: explicit mantissa bits
   int min_exponent;   // Float: unbiased exponent of the smallest normal
-  // MX block formats (mxfp8, mxfp4): blocks of `block` elements along the last
-  // axis, each with a power-of-two (E8M0) scale; 0 for every other qtype.
+  // Block formats: blocks of `block` elements along the last axis (0: not one).
+  // mxfp8/mxfp4: each block has a power-of-two (E8M0) scale (pow2_scale).
   int block;
+  bool pow2_scale;
 };
 
 struct QType {
   std::string name;  // canonical name
   QParams p;
   bool is_integer() const { return p.kind == QKind::Int; }
+  // nvfp4: e2m1 elements, one e4m3 scale per block of 16 times one fp32 tensor
+  // scale (computed by composing the ops, csrc/ops/nvfp4.cpp).
+  bool two_level = false;
   bool is_block_format() const { return p.block > 0; }
 };
 
 // Blocks of an MX qtype (Qwix, OCP MX): 32 elements along the last axis.
 constexpr int kMxBlock = 32;
+// Blocks of nvfp4: 16 elements along the last axis.
+constexpr int kNvfp4Block = 16;
 
 // Parses a qtype name (Qwix spelling or an accepted alias). Throws a
 // c10::Error naming the bad value and listing the valid names.

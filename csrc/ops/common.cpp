@@ -36,6 +36,11 @@ DynamicSpec make_dynamic_spec(const at::Tensor& x, const std::string* qtype, con
                       "' is asymmetric, which needs an integer qtype; '", *qtype,
                       "' is a floating-point qtype (use absmax, rms or a symmetric fixed range)");
   }
+  if (qtype && s.qtype.two_level) {
+    TORCH_CHECK_VALUE(s.calibration.kind == Calibration::Kind::AbsMax && s.calibration.multiplier == 1.0f,
+                      "qwix: qtype 'nvfp4' computes its two-level scales from absmax; calibration method '", method,
+                      "' is not supported with it (use 'absmax')");
+  }
   s.groups = qtype && s.qtype.is_block_format() ? mx_groups(x.sizes(), s.qtype)
                                                  : groups_from_axes(x.sizes(), channelwise_axes, tiled_axes, tile_sizes);
   if (s.calibration.is_fixed()) s.groups.assign(s.groups.size(), 1);
@@ -45,6 +50,8 @@ DynamicSpec make_dynamic_spec(const at::Tensor& x, const std::string* qtype, con
 Groups check_scale_args(const at::Tensor& x, const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
                         const QType& qtype) {
   check_float_input(x, "input");
+  TORCH_CHECK_VALUE(!qtype.two_level, "qwix: qtype 'nvfp4' has dynamic two-level scales (an fp32 tensor scale times "
+                    "e4m3 block scales); a given scale is not supported with it");
   TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), "qwix: scale must be a floating tensor, got ",
                    scale.scalar_type());
   TORCH_CHECK_VALUE(scale.device() == x.device(), "qwix: scale is on ", scale.device(), " but the input is on ",
@@ -69,6 +76,8 @@ void check_calibration_list(at::TensorList calibration, const QType* qtype) {
   for (const auto& t : calibration) {
     TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qwix: calibration tensors are float32, got ", t.scalar_type());
   }
+  TORCH_CHECK_VALUE(!qtype || !qtype->two_level, "qwix: qtype 'nvfp4' has dynamic two-level scales (an fp32 tensor "
+                    "scale times e4m3 block scales); compute_scale / static (SRQ) scales are not supported with it");
   if (calibration.size() == 2) {
     TORCH_CHECK_VALUE(calibration[0].sizes() == calibration[1].sizes(), "qwix: calibration min of shape ",
                       calibration[0].sizes(), " and max of shape ", calibration[1].sizes(), " differ");

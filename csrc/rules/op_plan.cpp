@@ -190,8 +190,8 @@ OperandPlan plan_operand(const QuantizationRule& rule, const std::string& op, Op
   p.calibration_method = is_weight ? rule.weight_calibration_method : rule.act_calibration_method;
   p.channelwise_axes = l.channelwise;
   if (qt.is_block_format()) {
-    // MX qtypes fix their own blocks, as in Qwix: every axis but the last kept, the
-    // last in blocks of 32 (tile_size does not apply; the op checks the last axis).
+    // Block qtypes fix their own blocks, as in Qwix for MX: every axis but the last
+    // kept, the last in blocks (tile_size does not apply; the op checks the last axis).
     TORCH_CHECK_VALUE(rank >= 1, "qwix: qtype '", qt.name, "' needs an operand of rank >= 1 for ", op);
     p.channelwise_axes.resize(rank - 1);
     std::iota(p.channelwise_axes.begin(), p.channelwise_axes.end(), 0);
@@ -202,6 +202,8 @@ OperandPlan plan_operand(const QuantizationRule& rule, const std::string& op, Op
     if (l.tile_axis) p.tiled_axes.emplace_back(*l.tile_axis, *rule.tile_size);
   }
   p.static_scale = !is_weight && rule.act_static_scale;
+  TORCH_CHECK_VALUE(!p.static_scale || !qt.two_level, "qwix: act_static_scale=True is not supported with act_qtype "
+                    "'nvfp4' (its two-level scales are dynamic)");
   if (p.static_scale) {
     for (int64_t a : rule.act_batch_axes) {
       TORCH_CHECK_VALUE(a >= -rank && a < rank, "qwix: act_batch_axes: axis ", a, " is out of range for the rank-",

@@ -161,5 +161,8 @@ TEST(Numerics, MxQtypesUsePowerOfTwoScales) {
   EXPECT_EQ(qwix::symmetric_params(1.0f, mx8.p).scale, std::ldexp(1.0f, -8));  // 1/448 -> 2^-8
   EXPECT_EQ(qwix::symmetric_params(1.0f, mx4.p).scale, 0.25f);                // 1/6 -> 2^-2
   EXPECT_EQ(qwix::symmetric_params(0.0f, mx8.p).scale, 1.0f);
-  EXPECT_THROW(qwix::parse_qtype("nvfp4"), c10::ValueError);
+  const qwix::QType nv = qwix::parse_qtype("nvfp4");
+  EXPECT_TRUE(nv.two_level && nv.is_block_format() && !nv.p.pow2_scale);
+  EXPECT_EQ(nv.p.block, qwix::kNvfp4Block);
+  EXPECT_FALSE(mx8.two_level);
 }

@@ -47,6 +47,27 @@ TEST(FakeQuant, TiledFractionAndErrors) {
   EXPECT_THROW(qwix::fake_quant(x, "float8_e4m3fn", {.calibration_method = "minmax"}), c10::ValueError);
 }
 
+// Block formats from C++: MX = blocks of 32 with power-of-two scales; nvfp4 = e4m3 block scales
+// (blocks of 16) times absmax / 2688, composed from the ops.
+TEST(FakeQuant, BlockFormatsFromCpp) {
+  torch::manual_seed(0);
+  const auto x = torch::randn({4, 64});
+  const auto blocks = x.reshape({4, 2, 32});
+  const auto s = blocks.abs().amax(-1, true) / 448.0;
+  const auto p2 = torch::exp2(torch::ceil(torch::log2(s.to(torch::kDouble)))).to(torch::kFloat);  // log2 in fp64: exact ceil
+  const auto ref8 = ((blocks / p2).clamp(-448, 448).to(torch::kFloat8_e4m3fn).to(torch::kFloat) * p2).reshape({4, 64});
+  EXPECT_TRUE(torch::equal(qwix::fake_quant(x, "mxfp8"), ref8));
+  // The given axes do not matter for MX.
+  EXPECT_TRUE(torch::equal(qwix::fake_quant(x, "mxfp8", {.channelwise_axes = {0}}), ref8));
+  const auto ts = x.abs().max() / 2688.0;
+  const auto bs = qwix::fake_quant_with_scale(x.reshape({4, 4, 16}).abs().amax(-1) / 6.0, ts.reshape({1, 1}),
+                                              "float8_e4m3fn");
+  EXPECT_TRUE(torch::equal(qwix::fake_quant(x, "nvfp4"), qwix::fake_quant_with_scale(x, bs, "float4_e2m1fn")));
+  EXPECT_THROW(qwix::fake_quant(torch::randn({4, 24}), "nvfp4"), c10::ValueError);
+  EXPECT_THROW(qwix::fake_quant(torch::randn({4, 48}), "mxfp4"), c10::ValueError);
+  EXPECT_THROW(qwix::fake_quant(x, "nvfp4", {.calibration_method = "absmax,0.5"}), c10::ValueError);
+}
+
 TEST(QuantStat, UpdateThenStaticScale) {
   auto count = torch::zeros({}, torch::kInt32);
   std::vector<at::Tensor> sums = {torch::zeros({1, 1})};

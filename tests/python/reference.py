@@ -81,6 +81,23 @@ def get_qtype(name: str) -> QType:
     return QTYPES[name]
 
 
+NVFP4_BLOCK = 16
+
+
+def ref_nvfp4(x: torch.Tensor) -> torch.Tensor:
+    """nvfp4 fake quant: tensor_scale = absmax / (448 * 6); block_scale = e4m3(absmax(block of 16 along the
+    last axis) / 6 / tensor_scale) * tensor_scale (saturating; scales < sqrt(FLT_MIN) -> 1 at each level);
+    y = e2m1(x / block_scale) * block_scale."""
+    if x.dim() == 0 or x.shape[-1] % NVFP4_BLOCK:
+        raise ValueError(f"nvfp4 needs a last axis that is a multiple of {NVFP4_BLOCK}, got {tuple(x.shape)}")
+    xf = x.detach().to(torch.float32)
+    tensor_amax = ref_calibrate(xf, "absmax")["absmax"]
+    block_amax = ref_calibrate(xf, "absmax", tuple(range(x.dim() - 1)), {x.dim() - 1: NVFP4_BLOCK})["absmax"]
+    tensor_scale = div32(tensor_amax, 448.0 * 6.0)
+    block_scale = ref_fake_quant_with_scale(div32(block_amax, 6.0), tensor_scale, "float8_e4m3fn")
+    return ref_fake_quant_with_scale(x, block_scale, "float4_e2m1fn")
+
+
 def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
     """The smallest power of two >= s (positive, finite; NaN/Inf stay), exactly, via frexp."""
     m, e = torch.frexp(s.to(torch.float64))  # s = m * 2^e, m in [0.5, 1)

@@ -218,13 +218,14 @@ def test_cuda_static_scale_overflowing_quotients_match_cpu():
             assert torch.equal(mc.cpu(), m)
 
 
-@pytest.mark.parametrize("qtype", ["mxfp8", "mxfp4"])
+@pytest.mark.parametrize("qtype", ["mxfp8", "mxfp4", "nvfp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_mx_matches_cpu(qtype, dtype):
-    """MX blocks of 32 (the fused row kernel with 4 or 8 threads per block) and power-of-two scales."""
+def test_cuda_block_formats_match_cpu(qtype, dtype):
+    """MX blocks of 32 (the fused row kernel with 4 or 8 threads per block) and power-of-two scales;
+    nvfp4 (composed from calibrate and fake_quant_with_scale on the device)."""
     for shape in [(64, 256), (3, 5, 96), (4, 8192)]:
         x = make_input(shape, dtype=dtype)
-        for method in ["absmax", "absmax,0.8", "fixed,2"]:
+        for method in (["absmax"] if qtype == "nvfp4" else ["absmax", "absmax,0.8", "fixed,2"]):
             y, m = torch.ops.qwix.fake_quant_forward(x, qtype, method, [], [], [], True)
             yc, mc = torch.ops.qwix.fake_quant_forward(x.cuda(), qtype, method, [], [], [], True)
             assert_same(yc.cpu(), y, f"{qtype} {shape} {method}")

@@ -10,6 +10,7 @@
 #include "ops/cpu/huge_pages.h"
 #include "ops/cpu/loops.h"
 #include "ops/cpu/parallel.h"
+#include "ops/nvfp4.h"
 
 namespace qwix {
 namespace cpu {
@@ -85,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_forward_cpu(const at::Tensor& x, c
                                                           bool with_mask) {
   const std::string qname(qtype);
   const DynamicSpec spec = make_dynamic_spec(x, &qname, std::string(method), channelwise_axes, tiled_axes, tile_sizes);
+  if (spec.qtype.two_level && x.numel() > 0) return nvfp4_fake_quant_forward(x, with_mask);
   const at::Tensor xd = dense_input(x);
   at::Tensor y = at::empty_like(xd);
   advise_huge_pages(y);

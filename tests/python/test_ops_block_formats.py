@@ -1,6 +1,7 @@
-"""MX block formats (mxfp8, mxfp4): blocks of 32 along the last axis with power-of-two scales
-2^ceil(log2(absmax / B)), as Qwix computes them; elements e4m3 / e2m1. Checked against the
-plain-PyTorch reference, hand-computed values, the ops' contracts and the QAT paths."""
+"""Block formats. MX (mxfp8, mxfp4): blocks of 32 along the last axis with power-of-two scales
+2^ceil(log2(absmax / B)), as Qwix computes them; elements e4m3 / e2m1. nvfp4: e2m1 elements in
+blocks of 16 with e4m3 block scales times an fp32 tensor scale. Checked against the plain-PyTorch
+reference, hand-computed values, the ops' contracts and the QAT paths."""
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import qwix_torch as qwix
 from _helpers import assert_same, make_input
-from reference import get_qtype, ref_compute_scale, ref_fake_quant, ref_grad_mask
+from reference import get_qtype, ref_compute_scale, ref_fake_quant, ref_grad_mask, ref_nvfp4
 
 MX = ["mxfp8", "mxfp4"]
 SHAPES = [(4, 64), (2, 3, 96), (128,), (1, 32)]
@@ -79,8 +80,6 @@ def test_mx_errors(qtype):
         qwix.fake_quant(torch.tensor(1.0), qtype)
     with pytest.raises(ValueError, match="asymmetric"):
         qwix.fake_quant(torch.randn(4, 32), qtype, calibration_method="minmax")
-    with pytest.raises(ValueError, match="nvfp4"):
-        qwix.fake_quant(torch.randn(4, 32), "nvfp4")
 
 
 @pytest.mark.parametrize("qtype", MX)
@@ -149,3 +148,65 @@ def test_mx_static_scales_are_powers_of_two():
     assert torch.equal(torch.exp2(torch.log2(s).round()), s)
     s_other_axes = qwix.srq_scale(x, count, sums, "mxfp8")[0]
     assert_same(s_other_axes, s)  # MX ignores the given axes here too
+
+
+E2M1 = {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (2, 3, 32), (16,), (1, 8192)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nvfp4_matches_reference(shape, dtype):
+    x = make_input(shape, dtype=dtype)
+    y = qwix.fake_quant(x, "nvfp4")
+    assert y.dtype == dtype
+    assert_same(y, ref_nvfp4(x), f"{shape} {dtype}")
+
+
+def test_nvfp4_two_level_scales_by_hand():
+    """Every output is an e2m1 value times its block's scale, and that scale is an e4m3 value times
+    the tensor scale absmax / 2688."""
+    x = make_input((3, 64))
+    y = qwix.fake_quant(x, "nvfp4")
+    ts = float(torch.tensor(float(x.abs().max())) / 2688.0)
+    blocks_x, blocks_y = x.reshape(3, 4, 16), y.reshape(3, 4, 16)
+    for bx, by in zip(blocks_x.reshape(-1, 16), blocks_y.reshape(-1, 16)):
+        e4m3 = torch.tensor(float(bx.abs().max()) / 6.0 / ts).to(torch.float8_e4m3fn).float()
+        bs = float(e4m3) * ts
+        q = (by / bs).tolist()
+        assert all(min(abs(abs(v) - g) for g in E2M1) < 1e-4 for v in q), q
+    # The block holding the tensor's absmax gets e4m3 448 exactly: its largest value maps to +-6.
+    assert torch.isclose(y.abs().max(), x.abs().max(), rtol=1e-5)
+
+
+def test_nvfp4_errors_and_gradient():
+    x = make_input((4, 32))
+    for method in ["minmax", "absmax,0.9", "rms,2"]:
+        with pytest.raises(ValueError, match="nvfp4"):
+            qwix.fake_quant(x, "nvfp4", calibration_method=method)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        qwix.fake_quant(torch.randn(4, 24), "nvfp4")
+    with pytest.raises(ValueError, match="given scale"):
+        qwix.fake_quant_with_scale(x, torch.tensor(0.1), "nvfp4")
+    with pytest.raises(ValueError, match="compute_scale"):
+        qwix.compute_scale({"absmax": torch.ones(1)}, "nvfp4")
+    with pytest.raises(ValueError, match="nvfp4"):
+        qwix.QatProvider([qwix.QuantizationRule(act_qtype="nvfp4", act_static_scale=True)]).plan(
+            "", "linear", 2, False, 2, True)
+    xg = x.clone().requires_grad_()
+    g = make_input((4, 32), seed=5)
+    qwix.fake_quant(xg, "nvfp4").backward(g)
+    assert_same(xg.grad, g)  # absmax never clips: identity
+    torch.library.opcheck(torch.ops.qwix.fake_quant, (x, "nvfp4", "absmax", [], [], [], None))
+    torch.library.opcheck(torch.ops.qwix.fake_quant, (x.clone().requires_grad_(), "nvfp4", "absmax", [], [], [], True))
+    f = torch.compile(lambda t: qwix.fake_quant(t, "nvfp4") + 1, fullgraph=True, backend="aot_eager")
+    assert_same(f(x), ref_nvfp4(x) + 1)
+
+
+def test_nvfp4_qat_weights():
+    torch.manual_seed(0)
+    fp = _Mlp()
+    x = make_input((5, 64))
+    qm = qwix.quantize_model(fp, qwix.QatProvider([qwix.QuantizationRule(weight_qtype="nvfp4")]), x)
+    h = torch.relu(torch.nn.functional.linear(x, ref_nvfp4(fp.fc1.weight), fp.fc1.bias))
+    want = torch.nn.functional.linear(h, ref_nvfp4(fp.fc2.weight), fp.fc2.bias)
+    torch.testing.assert_close(qm(x), want, rtol=1e-5, atol=1e-6)

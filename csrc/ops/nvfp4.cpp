@@ -1,0 +1,27 @@
+#include "ops/nvfp4.h"
+
+#include <ATen/ATen.h>
+
+#include <numeric>
+#include <vector>
+
+#include "numerics/qtype.h"
+#include "ops/forward_ops.h"
+
+namespace qwix {
+
+std::tuple<at::Tensor, at::Tensor> nvfp4_fake_quant_forward(const at::Tensor& x, bool with_mask) {
+  const int64_t rank = x.dim();
+  std::vector<int64_t> leading(rank - 1);
+  std::iota(leading.begin(), leading.end(), 0);
+  // Both statistics from the detached input; the straight-through gradient flows through x only.
+  const at::Tensor xd = x.detach();
+  const at::Tensor tensor_amax = call_calibrate(xd, "absmax", {}, {}, {})[0];
+  const at::Tensor block_amax = call_calibrate(xd, "absmax", leading, {rank - 1}, {kNvfp4Block})[0];
+  const at::Tensor tensor_scale = tensor_amax / (448.0 * 6.0);  // fp32 / fp32, as the reference's div32
+  const at::Tensor block_scale = std::get<0>(
+      call_fake_quant_with_scale_forward(block_amax / 6.0, tensor_scale, c10::nullopt, "float8_e4m3fn", false));
+  return call_fake_quant_with_scale_forward(x, block_scale, c10::nullopt, "float4_e2m1fn", with_mask);
+}
+
+}  // namespace qwix
