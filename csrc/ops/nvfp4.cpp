@@ -16,8 +16,10 @@ std::tuple<at::Tensor, at::Tensor> nvfp4_fake_quant_forward(const at::Tensor& x,
   std::iota(leading.begin(), leading.end(), 0);
   // Both statistics from the detached input; the straight-through gradient flows through x only.
   const at::Tensor xd = x.detach();
-  const at::Tensor tensor_amax = call_calibrate(xd, "absmax", {}, {}, {})[0];
   const at::Tensor block_amax = call_calibrate(xd, "absmax", leading, {rank - 1}, {kNvfp4Block})[0];
+  // The tensor's absmax is the max of its blocks' (exact; a NaN block -- NaN/Inf inside -- stays
+  // NaN), so x is read twice in all: once here, once to quantize.
+  const at::Tensor tensor_amax = block_amax.amax().reshape(std::vector<int64_t>(rank, 1));
   const at::Tensor tensor_scale = tensor_amax / (448.0 * 6.0);  // fp32 / fp32, as the reference's div32
   const at::Tensor block_scale = std::get<0>(
       call_fake_quant_with_scale_forward(block_amax / 6.0, tensor_scale, c10::nullopt, "float8_e4m3fn", false));
