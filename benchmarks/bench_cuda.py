@@ -19,8 +19,9 @@ contender alike).
 
 Contenders per case: ours (qwix_torch.fake_quant), compiled (the composed plain-PyTorch
 expression with a straight-through estimator under torch.compile, inductor, dynamic=False;
-it computes in float32 like ours) and, for int8 per-token float32,
-torch.fake_quantize_per_channel_affine plus its amax pass.
+it computes in float32 like ours), for int8 per-token the same expression in eager mode
+("composed") and, in float32, torch.fake_quantize_per_channel_affine plus its amax pass.
+Also printed: bytes saved for backward (ours plain / masked, composed STE).
 
 Bar (8192x8192, float32 and bfloat16; per-token and per-tile(128) int8 and float8_e4m3fn):
   ours reaches >= 85% of the copy bandwidth; ours is faster than compiled; forward+backward
@@ -122,6 +123,21 @@ def time_rounds(contenders: List[Contender], rounds: int, batch: int, warmup: in
             c.ms.append(start.elapsed_time(end) / batch)
 
 
+def saved_bytes(fn: Callable, x_leaf: torch.Tensor) -> Tuple[int, int]:
+    """(total, extra) bytes of storages autograd saves for backward; extra excludes x's storage."""
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x_leaf)
+    del y
+    total = sum(seen.values())
+    return total, total - seen.get(x_leaf.untyped_storage().data_ptr(), 0)
+
+
 def median(c: Optional[Contender]) -> Optional[float]:
     return statistics.median(c.ms) if c is not None and c.ms else None
 
@@ -138,6 +154,7 @@ def run(sizes: List[Tuple[int, ...]], dtypes: List[torch.dtype], rounds: int, ba
           f"{torch.cuda.get_device_name(dev)}")
     print(f"  {rounds} rounds x {batch} back-to-back calls per contender (CUDA events), round-robin, medians")
     results: List[dict] = []
+    saved: List[dict] = []
     t_all = time.perf_counter()
     for shape in sizes:
         for dtype in dtypes:
@@ -170,6 +187,9 @@ def run(sizes: List[Tuple[int, ...]], dtypes: List[torch.dtype], rounds: int, ba
                 cs.append(Contender(name, "fwd", "ours", fwd(fo, x)))
                 if bwd:
                     cs.append(Contender(name, "fwd+bwd", "ours", fwd_bwd(fo, xg, g)))
+                if name == "int8 per-token":  # DESIGN 6: the composed eager expression too
+                    cs.append(Contender(name, "fwd", "composed", fwd(fc, x)))
+                    cs.append(Contender(name, "fwd+bwd", "composed", fwd_bwd(fc, xg, g)))
                 if fc is not None and compile_:
                     cc = torch.compile(fc, dynamic=False)
                     cs.append(Contender(name, "fwd", "compiled", fwd(cc, x)))
@@ -193,12 +213,22 @@ def run(sizes: List[Tuple[int, ...]], dtypes: List[torch.dtype], rounds: int, ba
                 results.append(dict(base, case=c.case, mode=c.mode, col=c.col, ms=m, error=c.error,
                                     gbps=nbytes / m / 1e6 if m and c.mode == "fwd" else None,
                                     copy_ms=copy_ms, vs_copy=(m / copy_ms) if m else None))
+            for what, fn in [("ours int8 per-token", cases["int8 per-token"][0]),
+                             ("ours int8 per-token absmax,0.9", cases["int8 per-token absmax,0.9 (mask)"][0]),
+                             ("composed STE", cases["int8 per-token"][1])]:
+                total, extra = saved_bytes(fn, xg)
+                saved.append(dict(base, what=what, total_bytes=total, extra_bytes=extra,
+                                  numel_div_8=math.ceil(x.numel() / 8)))
             print(f"  [{base['size']} {base['dtype']}: {len(cs)} contenders, {time.perf_counter() - t0:.1f}s]",
                   flush=True)
             del x, xg, g, buf, buf2, cs, by
             torch.cuda.empty_cache()
 
     print_results(results)
+    print()
+    print("Bytes saved for backward beyond x itself (saved_tensors_hooks, storages deduped):")
+    for s in saved:
+        print(f"  {s['size']} {s['dtype']} {s['what']}: {s['extra_bytes']} B (numel/8 = {s['numel_div_8']})")
     bars = bar_lines(results)
     print()
     print("Bar (issue 3: 8192x8192, else the largest size run; informational):")
@@ -209,7 +239,8 @@ def run(sizes: List[Tuple[int, ...]], dtypes: List[torch.dtype], rounds: int, ba
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
             json.dump(dict(meta=dict(torch=torch.__version__, device=torch.cuda.get_device_name(dev),
-                                     rounds=rounds, batch=batch), results=results, bars=bars), f, indent=1)
+                                     rounds=rounds, batch=batch), results=results, saved_bytes=saved, bars=bars),
+                      f, indent=1)
         print(f"wrote {json_path}")
     return 0
 
@@ -265,7 +296,7 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="8192x8192")
+    p.add_argument("--sizes", default="1024x1024,4096x4096,8192x8192")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--batch", type=int, default=10)

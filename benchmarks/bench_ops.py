@@ -304,7 +304,8 @@ def main(argv=None) -> int:
     if dev.type == "cuda":  # the GPU benchmark (issue 3's bar) lives in bench_cuda.py
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_cuda
-        return bench_cuda.run_cli(args.sizes or ("256x1024" if args.quick else "8192x8192"), args.dtypes,
+        return bench_cuda.run_cli(args.sizes or ("256x1024" if args.quick else "1024x1024,4096x4096,8192x8192"),
+                                  args.dtypes,
                                   rounds=args.repeats or (3 if args.quick else 15), batch=10,
                                   compile_=not args.no_compile, json_path=args.json)
 

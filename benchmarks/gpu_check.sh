@@ -34,8 +34,8 @@ tests_rc=${PIPESTATUS[0]}
 echo "tests done at $(( $(date +%s) - t0 ))s"
 
 echo "== benchmark"
-timeout 240 "$PY" benchmarks/bench_ops.py --device cuda --json "$OUT/bench_cuda.json" 2>&1 \
-  | tee "$OUT/bench_cuda.txt" | tail -n 75
+timeout 330 "$PY" benchmarks/bench_ops.py --device cuda --json "$OUT/bench_cuda.json" 2>&1 \
+  | tee "$OUT/bench_cuda.txt" | tail -n 140
 bench_rc=${PIPESTATUS[0]}
 echo "bench done at $(( $(date +%s) - t0 ))s"
 

@@ -40,6 +40,11 @@ def test_bench_cuda_harness_on_cpu(monkeypatch, tmp_path, capsys):
     assert len(ours) == 2 * (10 + 6) and all(r["ms"] and not r.get("error") for r in ours)
     assert {b["status"] for b in data["bars"]} <= {"PASS", "MISS", "n/a"} and len(data["bars"]) == 24
     assert "Bar (issue 3" in capsys.readouterr().out
+    saved = {s["dtype"] + " " + s["what"]: s["extra_bytes"] for s in data["saved_bytes"]}
+    assert saved["float32 ours int8 per-token"] == 0  # identity backward keeps nothing
+    assert saved["float32 ours int8 per-token absmax,0.9"] == 16 * 256 // 8  # one bit per element
+    assert saved["float32 composed STE"] > 0
+    assert {r["col"] for r in data["results"] if r["case"] == "int8 per-token"} >= {"ours", "composed"}
 
 
 @pytest.mark.parametrize("qtype,tile", [("int8", None), ("int8", 128), ("fp8", None), ("fp8", 128)])
