@@ -281,11 +281,21 @@ def _quantize(state: _QatState, module: nn.Module, path: str, name: str, x: torc
     if stat is None:
         stat = _create_stat(module, path, name, x, p, cw, axes, tiles)
     xd = x.detach()
-    if not state.creating and (state.force_update or (state.update_enabled and module.training)):
+    if not state.creating and (state.force_update or (state.update_enabled and module.training)) \
+            and not _recomputing_in_backward():
         _update_stat(stat, xd, p, cw, axes, tiles)
     scale = torch.ops.qwix.srq_scale(xd, stat.count, stat.sums, p.qtype, p.calibration_method, cw, axes, tiles)
     zero_point = scale[1] if len(scale) > 1 else None
     return torch.ops.qwix.fake_quant_with_scale(x, scale[0], zero_point, p.qtype, bool(p.clip_gradient))
+
+
+def _recomputing_in_backward() -> bool:
+    """True while the autograd engine runs a forward again: gradient checkpointing recomputes its
+    segment in the backward, which must read the scale the first forward used, not update again.
+    (Not checked inside torch.compile, where the engine query cannot be traced.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 def _create_stat(module, path, name, x, p, cw, axes, tiles) -> QuantStat:

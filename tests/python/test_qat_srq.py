@@ -228,3 +228,47 @@ def test_static_gradient_identity_unless_clip_gradient():
         if clip:
             expected = expected * torch.tensor([[1.0, 0.0, 0.0, 1.0]])
         assert torch.equal(x.grad, expected), (clip, x.grad, expected)
+
+
+class CkptMLP(nn.Module):
+    """MLP -> head, the MLP under torch.utils.checkpoint when `ckpt` is set."""
+
+    def __init__(self, ckpt: bool, reentrant: bool = False):
+        super().__init__()
+        self.inner, self.head = MLP(), nn.Linear(4, 2)
+        self.ckpt, self.reentrant = ckpt, reentrant
+
+    def forward(self, x):
+        if self.ckpt:
+            h = torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=self.reentrant)
+        else:
+            h = self.inner(x)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_updates_statistics_once(reentrant):
+    """The recomputation in the backward quantizes like the first forward and does not update the
+    statistics a second time: same outputs, gradients and statistics as without checkpointing."""
+    torch.manual_seed(0)
+    plain = CkptMLP(ckpt=False)
+    ckpt = CkptMLP(ckpt=True, reentrant=reentrant)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 16, requires_grad=True)  # reentrant checkpointing needs an input that requires grad
+    qp, qc = (qwix.quantize_model(m, srq(), x) for m in (plain, ckpt))
+    for _ in range(3):
+        outs = []
+        for m in (qp, qc):
+            m.zero_grad()
+            y = m(x)
+            y.sum().backward()
+            outs.append(y.detach())
+        assert_same(outs[1], outs[0])
+        for (n, a), (_, b) in zip(qp.named_parameters(), qc.named_parameters()):
+            assert_same(b.grad, a.grad, n)
+    stats_p = {n: s for n, s in qp.named_modules() if isinstance(s, QuantStat)}
+    stats_c = {n: s for n, s in qc.named_modules() if isinstance(s, QuantStat)}
+    assert stats_p.keys() == stats_c.keys() and len(stats_p) == 3
+    for n in stats_p:
+        assert int(stats_c[n].count) == 3, n
+        assert_same(stats_c[n].sums[0], stats_p[n].sums[0], n)
