@@ -199,6 +199,18 @@ at::Tensor quantize_operand(const at::Tensor& x, const OperandPlan& plan, const 
 }  // namespace qwix
 
 // ===========================================================================
+// LibTorch torch::nn::Module path (DESIGN section 1), implemented in csrc/nn/:
+// the pass; the wrapper modules (qwix::nn::Linear, Conv2d) are in <qwix/nn.h>.
+// ===========================================================================
+namespace torch::nn {
+class Module;
+}  // namespace torch::nn
+namespace qwix {
+// = qwix::nn::quantize_model (see <qwix/nn.h>): returns the provider the wrappers share.
+std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvider provider);
+}  // namespace qwix
+
+// ===========================================================================
 // TorchScript path (DESIGN section 1), implemented in csrc/jit/.
 // Declarations only; call sites need the TorchScript headers (torch/script.h).
 // ===========================================================================

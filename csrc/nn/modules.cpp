@@ -1,0 +1,89 @@
+// The LibTorch QAT wrappers: statistics module, operand quantization, forwards.
+#include <c10/util/Exception.h>
+#include <torch/nn/functional/linear.h>
+
+#include "qwix/nn.h"
+
+namespace qwix {
+namespace nn {
+
+QuantStatImpl::QuantStatImpl(QuantStatTensors init) : t_(std::move(init)) {
+  t_.count = register_buffer("count", t_.count);
+  if (t_.sums.size() == 1) {
+    t_.sums[0] = register_buffer("sum_of_absmax", t_.sums[0]);
+  } else {
+    TORCH_INTERNAL_ASSERT(t_.sums.size() == 2, "a QuantStat keeps 1 or 2 sums");
+    t_.sums[0] = register_buffer("sum_of_min", t_.sums[0]);
+    t_.sums[1] = register_buffer("sum_of_max", t_.sums[1]);
+  }
+}
+
+namespace detail {
+
+std::pair<at::Tensor, at::Tensor> quantize_operands(torch::nn::Module& owner, const std::string& op,
+                                                    const QatProvider* provider, const std::string& path,
+                                                    bool update_stats, const at::Tensor& x, const at::Tensor& w) {
+  if (provider == nullptr) return {x, w};
+  // The provider is shared by every wrapper; planning only reads it (rule usage is recorded).
+  auto plan = const_cast<QatProvider*>(provider)->plan(path, op, {x.dim(), false}, {w.dim(), true});
+  if (!plan) return {x, w};
+  at::Tensor xq = x;
+  if (plan->lhs.quantize && plan->lhs.static_scale) {
+    const std::string name = op + "0_lhs";
+    std::shared_ptr<QuantStatImpl> stat;
+    const auto children = owner.named_children();
+    if (const auto* found = children.find(name)) {
+      stat = std::dynamic_pointer_cast<QuantStatImpl>(*found);
+      TORCH_CHECK(stat != nullptr, "qwix: submodule '", name, "' of '", path, "' is not a QuantStat");
+    } else {
+      stat = owner.register_module(name, std::make_shared<QuantStatImpl>(make_quant_stat(x.detach(), plan->lhs)));
+    }
+    QuantStatTensors t = stat->tensors();
+    if (update_stats && owner.is_training()) {
+      update_operand_stat(t, calibrate_operand(x.detach(), plan->lhs), plan->lhs);  // update, then read
+    }
+    xq = quantize_operand(x, plan->lhs, &t);
+  } else {
+    xq = quantize_operand(x, plan->lhs);
+  }
+  return {xq, quantize_operand(w, plan->rhs)};
+}
+
+}  // namespace detail
+
+LinearImpl::LinearImpl(const torch::nn::LinearImpl& plain) : QatModule<torch::nn::LinearImpl>(plain.options) {
+  weight = parameters_["weight"] = plain.weight;  // the same tensors: optimizers already built keep working
+  if (plain.bias.defined()) bias = parameters_["bias"] = plain.bias;
+}
+
+at::Tensor LinearImpl::forward(const at::Tensor& input) {
+  const auto [x, w] = quantize("linear", input, weight);
+  return torch::nn::functional::linear(x, w, bias);
+}
+
+namespace {
+// A Conv2d's options as the constructor takes them (the module stores the generic ConvNd form).
+torch::nn::Conv2dOptions conv2d_options(const torch::nn::detail::ConvNdOptions<2>& o) {
+  return torch::nn::Conv2dOptions(o.in_channels(), o.out_channels(), o.kernel_size())
+      .stride(o.stride())
+      .padding(o.padding())
+      .dilation(o.dilation())
+      .groups(o.groups())
+      .bias(o.bias())
+      .padding_mode(o.padding_mode());
+}
+}  // namespace
+
+Conv2dImpl::Conv2dImpl(const torch::nn::Conv2dImpl& plain)
+    : QatModule<torch::nn::Conv2dImpl>(conv2d_options(plain.options)) {
+  weight = parameters_["weight"] = plain.weight;
+  if (plain.bias.defined()) bias = parameters_["bias"] = plain.bias;
+}
+
+at::Tensor Conv2dImpl::forward(const at::Tensor& input) {
+  const auto [x, w] = quantize("conv2d", input, weight);
+  return _conv_forward(x, w);  // LibTorch's own padding-mode handling
+}
+
+}  // namespace nn
+}  // namespace qwix

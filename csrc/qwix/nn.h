@@ -1,0 +1,142 @@
+#pragma once
+// qwix-torch for the LibTorch frontend (torch::nn::Module trees): QAT wrapper
+// modules and the rewriting pass.
+//
+//   #include <qwix/nn.h>
+//   struct Net : torch::nn::Module {
+//     qwix::nn::Linear fc1{nullptr};             // a drop-in torch::nn::Linear
+//     torch::nn::Sequential body{nullptr};       // plain Linear / Conv2d inside are swapped
+//     ...
+//   };
+//   auto provider = qwix::nn::quantize_model(*net, qwix::QatProvider({rule}));
+//
+// LibTorch calls a child through its typed holder (`fc1(x)` is
+// `torch::nn::LinearImpl::forward`, not virtual), so no pass can reach a plain
+// torch::nn::Linear held by a member: declare such members as qwix::nn::Linear /
+// qwix::nn::Conv2d (same constructors, options and parameter names). Plain
+// modules inside torch::nn::Sequential and torch::nn::ModuleList are replaced by
+// wrappers sharing their parameters. The per-op decisions are the engine's
+// (qwix.h), as in the Python and TorchScript paths, and the names match:
+// parameters keep theirs, SRQ statistics are submodules `<op>0_lhs` with buffers
+// `count` and `sum_of_absmax` (or `sum_of_min`, `sum_of_max`).
+#include <torch/nn/module.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "qwix/qwix.h"
+
+namespace qwix {
+namespace nn {
+
+// SRQ statistics of one activation operand (DESIGN section 3).
+class QuantStatImpl : public torch::nn::Module {
+ public:
+  explicit QuantStatImpl(QuantStatTensors init);
+  // The registered buffers themselves (updates write through).
+  QuantStatTensors tensors() const { return t_; }
+  bool symmetric() const { return t_.sums.size() == 1; }
+
+ private:
+  QuantStatTensors t_;
+};
+TORCH_MODULE(QuantStat);
+
+// The part of a QAT wrapper the pass talks to, whatever module it wraps.
+class QatModuleInterface {
+ public:
+  virtual ~QatModuleInterface() = default;
+  // Attaches the provider and this module's dotted path (the pass calls it).
+  virtual void configure(std::shared_ptr<QatProvider> provider, std::string path) = 0;
+  // SRQ statistics update in training mode (default on; eval mode never updates).
+  virtual void set_quant_stats_update(bool enabled) = 0;
+};
+
+namespace detail {
+// Fake-quantizes (x, w) of op `op` (e.g. "linear") as the provider plans it;
+// SRQ statistics live in `owner` as `<op>0_lhs`. Unconfigured or unmatched: (x, w).
+std::pair<at::Tensor, at::Tensor> quantize_operands(torch::nn::Module& owner, const std::string& op,
+                                                    const QatProvider* provider, const std::string& path,
+                                                    bool update_stats, const at::Tensor& x, const at::Tensor& w);
+}  // namespace detail
+
+// Base + QAT: Base's forward with fake-quantized input and weight.
+template <typename Base>
+class QatModule : public Base, public QatModuleInterface {
+ public:
+  using Base::Base;
+  void configure(std::shared_ptr<QatProvider> provider, std::string path) override {
+    provider_ = std::move(provider);
+    path_ = std::move(path);
+  }
+  void set_quant_stats_update(bool enabled) override { update_ = enabled; }
+
+ protected:
+  std::pair<at::Tensor, at::Tensor> quantize(const std::string& op, const at::Tensor& x, const at::Tensor& w) {
+    return detail::quantize_operands(*this, op, provider_.get(), path_, update_, x, w);
+  }
+
+ private:
+  std::shared_ptr<QatProvider> provider_;
+  std::string path_;
+  bool update_ = true;
+};
+
+// Drop-in torch::nn::Linear (op "linear"). Not clonable (LibTorch's clone() would
+// copy the torch::nn::LinearImpl part only).
+class LinearImpl : public QatModule<torch::nn::LinearImpl> {
+ public:
+  using QatModule<torch::nn::LinearImpl>::QatModule;
+  // A wrapper sharing `plain`'s options and parameter tensors.
+  explicit LinearImpl(const torch::nn::LinearImpl& plain);
+  at::Tensor forward(const at::Tensor& input);
+};
+TORCH_MODULE(Linear);
+
+// Drop-in torch::nn::Conv2d (op "conv2d"; any padding mode).
+class Conv2dImpl : public QatModule<torch::nn::Conv2dImpl> {
+ public:
+  using QatModule<torch::nn::Conv2dImpl>::QatModule;
+  explicit Conv2dImpl(const torch::nn::Conv2dImpl& plain);
+  at::Tensor forward(const at::Tensor& input);
+};
+TORCH_MODULE(Conv2d);
+
+// The pass: configures every qwix::nn module of `model` (paths from
+// named_modules(), root ""), first replacing plain torch::nn::Linear / Conv2d
+// children of Sequential and ModuleList containers by wrappers that share their
+// parameters. A plain Linear / Conv2d elsewhere that a rule would quantize, or a
+// plain Conv1d / Conv3d (not wrapped yet), is a c10::ValueError naming its path.
+// Returns the provider every wrapper uses (get_unused_rules() is meaningful after
+// a forward: rules are matched when each op first runs).
+std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvider provider);
+
+// The same for a model held by shared_ptr or by a module holder (`net` as users keep it).
+template <typename M>
+std::shared_ptr<QatProvider> quantize_model(const std::shared_ptr<M>& model, QatProvider provider) {
+  return qwix::nn::quantize_model(static_cast<torch::nn::Module&>(*model), std::move(provider));
+}
+template <typename Impl>
+std::shared_ptr<QatProvider> quantize_model(torch::nn::ModuleHolder<Impl>& model, QatProvider provider) {
+  return qwix::nn::quantize_model(static_cast<torch::nn::Module&>(*model), std::move(provider));
+}
+
+// Enables / disables SRQ statistics updates of every wrapper in `model`.
+void set_quant_stats_update(torch::nn::Module& model, bool enabled);
+
+}  // namespace nn
+
+// DESIGN's spelling, `qwix::quantize_model(net, provider)`, for shared_ptr and holders too.
+template <typename M>
+std::shared_ptr<QatProvider> quantize_model(const std::shared_ptr<M>& model, QatProvider provider) {
+  return qwix::nn::quantize_model(model, std::move(provider));
+}
+template <typename Impl>
+std::shared_ptr<QatProvider> quantize_model(torch::nn::ModuleHolder<Impl>& model, QatProvider provider) {
+  return qwix::nn::quantize_model(model, std::move(provider));
+}
+}  // namespace qwix

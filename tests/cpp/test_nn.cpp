@@ -1,0 +1,165 @@
+// GoogleTest: the torch::nn::Module pass (qwix/nn.h) against the same fake quant
+// applied by hand with the ops, SRQ statistics, containers and errors.
+#include <gtest/gtest.h>
+#include <qwix/nn.h>
+#include <qwix/qwix.h>
+#include <torch/torch.h>
+
+namespace {
+
+namespace F = torch::nn::functional;
+
+struct Net : torch::nn::Module {
+  qwix::nn::Linear fc1{nullptr};
+  torch::nn::Sequential body{nullptr};
+  Net() {
+    fc1 = register_module("fc1", qwix::nn::Linear(16, 32));
+    body = register_module("body", torch::nn::Sequential(torch::nn::Linear(32, 8), torch::nn::ReLU(),
+                                                         torch::nn::Linear(8, 4)));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return body->forward(torch::relu(fc1(x))); }
+};
+
+at::Tensor fq_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return F::linear(qwix::fake_quant(x, "int8", {.channelwise_axes = {0}}),
+                   qwix::fake_quant(w, "int4", {.channelwise_axes = {0}}), b);
+}
+
+qwix::QuantizationRule w4a8() {
+  qwix::QuantizationRule r;
+  r.weight_qtype = "int4";
+  r.act_qtype = "int8";
+  return r;
+}
+
+TEST(NnPass, WrappersAndContainersMatchTheOpsByHand) {
+  torch::manual_seed(0);
+  auto net = std::make_shared<Net>();
+  const auto x = torch::randn({5, 16});
+  const auto w1 = net->fc1->weight;
+  const auto plain_first = net->body->ptr(0);
+  const auto plain_weight = std::dynamic_pointer_cast<torch::nn::LinearImpl>(plain_first)->weight;
+  // Unconfigured, a qwix::nn::Linear is a torch::nn::Linear.
+  EXPECT_TRUE(torch::equal(net->fc1(x), F::linear(x, w1, net->fc1->bias)));
+
+  auto provider = qwix::nn::quantize_model(*net, qwix::QatProvider({w4a8()}));
+  auto* l0 = dynamic_cast<qwix::nn::LinearImpl*>(net->body->ptr(0).get());
+  auto* l2 = dynamic_cast<qwix::nn::LinearImpl*>(net->body->ptr(2).get());
+  ASSERT_TRUE(l0 != nullptr && l2 != nullptr);  // swapped inside the Sequential
+  EXPECT_TRUE(l0->weight.is_same(plain_weight));  // sharing the very parameter tensors
+  EXPECT_TRUE(net->named_modules()["body.0"].get() == l0);
+
+  const auto h = torch::relu(fq_linear(x, w1, net->fc1->bias));
+  const auto want = fq_linear(torch::relu(fq_linear(h, l0->weight, l0->bias)), l2->weight, l2->bias);
+  EXPECT_TRUE(torch::equal(net->forward(x), want));
+  EXPECT_TRUE(provider->get_unused_rules().empty());
+
+  // Parameter names never change: the fp model's keys are all there.
+  std::vector<std::string> names;
+  for (const auto& p : net->named_parameters()) names.push_back(p.key());
+  EXPECT_EQ(names, (std::vector<std::string>{"fc1.weight", "fc1.bias", "body.0.weight", "body.0.bias",
+                                             "body.2.weight", "body.2.bias"}));
+
+  // It trains: the straight-through gradient reaches every parameter.
+  torch::optim::SGD opt(net->parameters(), 0.05);
+  const auto y = torch::randn({5, 4});
+  float first = 0, last = 0;
+  for (int step = 0; step < 30; ++step) {
+    opt.zero_grad();
+    auto loss = torch::mse_loss(net->forward(x), y);
+    loss.backward();
+    opt.step();
+    (step == 0 ? first : last) = loss.item<float>();
+  }
+  EXPECT_LT(last, first);
+}
+
+TEST(NnPass, StaticScalesKeepStatisticsLikePython) {
+  torch::manual_seed(1);
+  auto net = std::make_shared<Net>();
+  qwix::QuantizationRule r;
+  r.module_path = "fc1";
+  r.act_qtype = "int8";
+  r.act_static_scale = true;
+  qwix::nn::quantize_model(*net, qwix::QatProvider({r}));
+  const auto x = torch::randn({6, 16});
+  net->train();
+  net->forward(x);
+  auto stat = std::dynamic_pointer_cast<qwix::nn::QuantStatImpl>(net->fc1->named_children()["linear0_lhs"]);
+  ASSERT_TRUE(stat != nullptr && stat->symmetric());
+  EXPECT_EQ(stat->tensors().count.item<int>(), 1);
+  // sum = the batch's per-token absmax averaged over the batch axis ([1, 1]); the scale read after the update.
+  const auto absmax = x.abs().amax(1, true);
+  EXPECT_TRUE(torch::equal(stat->tensors().sums[0], absmax.mean(0, true)));
+  const auto y = net->fc1(x);  // second update: count 2
+  const auto avg = (stat->tensors().sums[0] / 2.0);
+  const auto scale = avg / 127.5;
+  const auto xq = qwix::fake_quant_with_scale(x, scale, "int8");
+  EXPECT_TRUE(torch::equal(y, F::linear(xq, net->fc1->weight, net->fc1->bias)));
+  net->eval();
+  net->forward(x);
+  EXPECT_EQ(stat->tensors().count.item<int>(), 2);  // eval reads only
+  net->train();
+  qwix::nn::set_quant_stats_update(*net, false);
+  net->forward(x);
+  EXPECT_EQ(stat->tensors().count.item<int>(), 2);
+  qwix::nn::set_quant_stats_update(*net, true);
+  net->forward(x);
+  EXPECT_EQ(stat->tensors().count.item<int>(), 3);
+  const auto buffers = net->named_buffers();
+  EXPECT_TRUE(buffers.contains("fc1.linear0_lhs.count") && buffers.contains("fc1.linear0_lhs.sum_of_absmax"));
+}
+
+TEST(NnPass, DesignSpellingWithSharedPtrAndHolders) {
+  torch::manual_seed(3);
+  auto net = std::make_shared<Net>();
+  auto seq = torch::nn::Sequential(torch::nn::Linear(16, 4));
+  const auto x = torch::randn({3, 16});
+  const auto before = net->forward(x);
+  auto p1 = qwix::quantize_model(net, qwix::QatProvider({w4a8()}));  // shared_ptr<Net>
+  auto p2 = qwix::quantize_model(seq, qwix::QatProvider({w4a8()}));  // ModuleHolder
+  EXPECT_FALSE(torch::equal(net->forward(x), before));              // now quantized
+  ASSERT_TRUE(dynamic_cast<qwix::nn::LinearImpl*>(seq->ptr(0).get()) != nullptr);
+  EXPECT_TRUE(p1 && p2 && p1 != p2);
+}
+
+TEST(NnPass, Conv2dWrapperKeepsPaddingModes) {
+  torch::manual_seed(2);
+  auto opts = torch::nn::Conv2dOptions(3, 4, 3).padding(1).padding_mode(torch::kReflect);
+  auto seq = torch::nn::Sequential(torch::nn::Conv2d(opts));
+  qwix::QuantizationRule r = w4a8();
+  qwix::nn::quantize_model(*seq, qwix::QatProvider({r}));
+  auto* conv = dynamic_cast<qwix::nn::Conv2dImpl*>(seq->ptr(0).get());
+  ASSERT_TRUE(conv != nullptr);
+  const auto x = torch::randn({2, 3, 8, 8});
+  torch::nn::Conv2d ref(opts);
+  {
+    torch::NoGradGuard g;
+    ref->weight.copy_(qwix::fake_quant(conv->weight, "int4", {.channelwise_axes = {0}}));
+    ref->bias.copy_(conv->bias);
+  }
+  EXPECT_TRUE(torch::equal(seq->forward(x), ref(qwix::fake_quant(x, "int8", {.channelwise_axes = {0}}))));
+}
+
+struct Typed : torch::nn::Module {
+  torch::nn::Linear fc{nullptr};
+  Typed() { fc = register_module("fc", torch::nn::Linear(4, 4)); }
+};
+
+TEST(NnPass, PlainTypedMembersAreAnErrorOnlyWhenARuleMatches) {
+  Typed m;
+  try {
+    qwix::nn::quantize_model(m, qwix::QatProvider({w4a8()}));
+    FAIL() << "expected a ValueError";
+  } catch (const c10::ValueError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("module 'fc'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("qwix::nn::Linear"), std::string::npos) << msg;
+  }
+  qwix::QuantizationRule other = w4a8();
+  other.module_path = "elsewhere";
+  auto provider = qwix::nn::quantize_model(m, qwix::QatProvider({other}));  // nothing to do: fine
+  EXPECT_EQ(provider->get_unused_rules().size(), 1u);
+}
+
+}  // namespace
