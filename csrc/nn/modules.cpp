@@ -62,9 +62,11 @@ at::Tensor LinearImpl::forward(const at::Tensor& input) {
 }
 
 namespace {
-// A Conv2d's options as the constructor takes them (the module stores the generic ConvNd form).
-torch::nn::Conv2dOptions conv2d_options(const torch::nn::detail::ConvNdOptions<2>& o) {
-  return torch::nn::Conv2dOptions(o.in_channels(), o.out_channels(), o.kernel_size())
+
+// A ConvNd's options as its constructor takes them (the module stores the generic form).
+template <size_t D>
+torch::nn::ConvOptions<D> conv_options(const torch::nn::detail::ConvNdOptions<D>& o) {
+  return torch::nn::ConvOptions<D>(o.in_channels(), o.out_channels(), o.kernel_size())
       .stride(o.stride())
       .padding(o.padding())
       .dilation(o.dilation())
@@ -72,10 +74,38 @@ torch::nn::Conv2dOptions conv2d_options(const torch::nn::detail::ConvNdOptions<2
       .bias(o.bias())
       .padding_mode(o.padding_mode());
 }
+
+// Puts `w` in the module's weight member for one call of LibTorch's forward and
+// restores the parameter afterwards, also when the forward throws. (The registered
+// parameter is never touched; gradients reach it through the fake quant.)
+class WeightSwap {
+ public:
+  WeightSwap(at::Tensor& slot, const at::Tensor& w) : slot_(slot), saved_(slot) { slot_ = w; }
+  ~WeightSwap() { slot_ = saved_; }
+  WeightSwap(const WeightSwap&) = delete;
+  WeightSwap& operator=(const WeightSwap&) = delete;
+
+ private:
+  at::Tensor& slot_;
+  at::Tensor saved_;
+};
+
 }  // namespace
 
+Conv1dImpl::Conv1dImpl(const torch::nn::Conv1dImpl& plain)
+    : QatModule<torch::nn::Conv1dImpl>(conv_options<1>(plain.options)) {
+  weight = parameters_["weight"] = plain.weight;
+  if (plain.bias.defined()) bias = parameters_["bias"] = plain.bias;
+}
+
+at::Tensor Conv1dImpl::forward(const at::Tensor& input) {
+  const auto [x, w] = quantize("conv1d", input, weight);
+  const WeightSwap swap(weight, w);
+  return torch::nn::Conv1dImpl::forward(x);
+}
+
 Conv2dImpl::Conv2dImpl(const torch::nn::Conv2dImpl& plain)
-    : QatModule<torch::nn::Conv2dImpl>(conv2d_options(plain.options)) {
+    : QatModule<torch::nn::Conv2dImpl>(conv_options<2>(plain.options)) {
   weight = parameters_["weight"] = plain.weight;
   if (plain.bias.defined()) bias = parameters_["bias"] = plain.bias;
 }
@@ -83,6 +113,18 @@ Conv2dImpl::Conv2dImpl(const torch::nn::Conv2dImpl& plain)
 at::Tensor Conv2dImpl::forward(const at::Tensor& input) {
   const auto [x, w] = quantize("conv2d", input, weight);
   return _conv_forward(x, w);  // LibTorch's own padding-mode handling
+}
+
+Conv3dImpl::Conv3dImpl(const torch::nn::Conv3dImpl& plain)
+    : QatModule<torch::nn::Conv3dImpl>(conv_options<3>(plain.options)) {
+  weight = parameters_["weight"] = plain.weight;
+  if (plain.bias.defined()) bias = parameters_["bias"] = plain.bias;
+}
+
+at::Tensor Conv3dImpl::forward(const at::Tensor& input) {
+  const auto [x, w] = quantize("conv3d", input, weight);
+  const WeightSwap swap(weight, w);
+  return torch::nn::Conv3dImpl::forward(x);
 }
 
 }  // namespace nn

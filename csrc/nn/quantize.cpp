@@ -32,7 +32,7 @@ std::shared_ptr<Wrapper> wrap(const std::shared_ptr<torch::nn::Module>& m) {
   return plain ? std::make_shared<Wrapper>(*plain) : nullptr;
 }
 
-// The op a plain (unwrappable here) module would run, for the error message; "" if none.
+// The op a plain (not wrapped) module would run, for the error message; "" if none.
 std::string plain_op(const torch::nn::Module& m) {
   if (dynamic_cast<const QatModuleInterface*>(&m)) return "";
   if (dynamic_cast<const torch::nn::LinearImpl*>(&m)) return "linear";
@@ -51,15 +51,23 @@ void swap_in_containers(torch::nn::Module& m) {
       if (auto w = wrap<LinearImpl, torch::nn::LinearImpl>(plain)) {
         replace_child(m, plain, w);
         any = torch::nn::AnyModule(w);
-      } else if (auto c = wrap<Conv2dImpl, torch::nn::Conv2dImpl>(plain)) {
-        replace_child(m, plain, c);
-        any = torch::nn::AnyModule(c);
+      } else if (auto c1 = wrap<Conv1dImpl, torch::nn::Conv1dImpl>(plain)) {
+        replace_child(m, plain, c1);
+        any = torch::nn::AnyModule(c1);
+      } else if (auto c2 = wrap<Conv2dImpl, torch::nn::Conv2dImpl>(plain)) {
+        replace_child(m, plain, c2);
+        any = torch::nn::AnyModule(c2);
+      } else if (auto c3 = wrap<Conv3dImpl, torch::nn::Conv3dImpl>(plain)) {
+        replace_child(m, plain, c3);
+        any = torch::nn::AnyModule(c3);
       }
     }
   } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&m)) {
     for (auto& entry : *list) {
       std::shared_ptr<torch::nn::Module> w = wrap<LinearImpl, torch::nn::LinearImpl>(entry);
+      if (!w) w = wrap<Conv1dImpl, torch::nn::Conv1dImpl>(entry);
       if (!w) w = wrap<Conv2dImpl, torch::nn::Conv2dImpl>(entry);
+      if (!w) w = wrap<Conv3dImpl, torch::nn::Conv3dImpl>(entry);
       if (w) {
         replace_child(m, entry, w);
         entry = w;
@@ -75,8 +83,8 @@ void configure(torch::nn::Module& m, const std::string& path, const std::shared_
     TORCH_CHECK_VALUE(false, "qwix: module '", path, "' is a plain torch::nn module (op '", op, "') that rule #",
                       *provider->match_rule(path, op),
                       " would quantize, but LibTorch calls it through its parent's typed member, which no pass can "
-                      "intercept: declare it as qwix::nn::Linear / qwix::nn::Conv2d (same options and parameters), "
-                      "or keep it in a torch::nn::Sequential / ModuleList (conv1d / conv3d are not wrapped yet)");
+                      "intercept: declare it as qwix::nn::Linear / qwix::nn::Conv1d / Conv2d / Conv3d (same options "
+                      "and parameters), or keep it in a torch::nn::Sequential / ModuleList");
   }
   for (const auto& child : m.named_children()) configure(*child.value(), join_path(path, child.key()), provider);
 }

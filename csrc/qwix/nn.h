@@ -5,7 +5,7 @@
 //   #include <qwix/nn.h>
 //   struct Net : torch::nn::Module {
 //     qwix::nn::Linear fc1{nullptr};             // a drop-in torch::nn::Linear
-//     torch::nn::Sequential body{nullptr};       // plain Linear / Conv2d inside are swapped
+//     torch::nn::Sequential body{nullptr};       // plain Linear / ConvNd inside are swapped
 //     ...
 //   };
 //   auto provider = qwix::nn::quantize_model(*net, qwix::QatProvider({rule}));
@@ -13,7 +13,7 @@
 // LibTorch calls a child through its typed holder (`fc1(x)` is
 // `torch::nn::LinearImpl::forward`, not virtual), so no pass can reach a plain
 // torch::nn::Linear held by a member: declare such members as qwix::nn::Linear /
-// qwix::nn::Conv2d (same constructors, options and parameter names). Plain
+// qwix::nn::Conv1d/2d/3d (same constructors, options and parameter names). Plain
 // modules inside torch::nn::Sequential and torch::nn::ModuleList are replaced by
 // wrappers sharing their parameters. The per-op decisions are the engine's
 // (qwix.h), as in the Python and TorchScript paths, and the names match:
@@ -97,7 +97,16 @@ class LinearImpl : public QatModule<torch::nn::LinearImpl> {
 };
 TORCH_MODULE(Linear);
 
-// Drop-in torch::nn::Conv2d (op "conv2d"; any padding mode).
+// Drop-in torch::nn::Conv1d / Conv2d / Conv3d (ops "conv1d" / "conv2d" / "conv3d";
+// any padding mode: LibTorch's own forward runs on the fake-quantized operands).
+class Conv1dImpl : public QatModule<torch::nn::Conv1dImpl> {
+ public:
+  using QatModule<torch::nn::Conv1dImpl>::QatModule;
+  explicit Conv1dImpl(const torch::nn::Conv1dImpl& plain);
+  at::Tensor forward(const at::Tensor& input);
+};
+TORCH_MODULE(Conv1d);
+
 class Conv2dImpl : public QatModule<torch::nn::Conv2dImpl> {
  public:
   using QatModule<torch::nn::Conv2dImpl>::QatModule;
@@ -106,11 +115,19 @@ class Conv2dImpl : public QatModule<torch::nn::Conv2dImpl> {
 };
 TORCH_MODULE(Conv2d);
 
+class Conv3dImpl : public QatModule<torch::nn::Conv3dImpl> {
+ public:
+  using QatModule<torch::nn::Conv3dImpl>::QatModule;
+  explicit Conv3dImpl(const torch::nn::Conv3dImpl& plain);
+  at::Tensor forward(const at::Tensor& input);
+};
+TORCH_MODULE(Conv3d);
+
 // The pass: configures every qwix::nn module of `model` (paths from
-// named_modules(), root ""), first replacing plain torch::nn::Linear / Conv2d
-// children of Sequential and ModuleList containers by wrappers that share their
-// parameters. A plain Linear / Conv2d elsewhere that a rule would quantize, or a
-// plain Conv1d / Conv3d (not wrapped yet), is a c10::ValueError naming its path.
+// named_modules(), root ""), first replacing plain torch::nn::Linear / Conv1d /
+// Conv2d / Conv3d children of Sequential and ModuleList containers by wrappers
+// that share their parameters. A plain one elsewhere that a rule would quantize
+// is a c10::ValueError naming its path.
 // Returns the provider every wrapper uses (get_unused_rules() is meaningful after
 // a forward: rules are matched when each op first runs).
 std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvider provider);

@@ -141,6 +141,39 @@ TEST(NnPass, Conv2dWrapperKeepsPaddingModes) {
   EXPECT_TRUE(torch::equal(seq->forward(x), ref(qwix::fake_quant(x, "int8", {.channelwise_axes = {0}}))));
 }
 
+// Conv1d (circular padding) and Conv3d (LibTorch's forward on swapped-in fake-quantized weights),
+// in a ModuleList, against torch's own conv of the fake-quantized operands.
+TEST(NnPass, Conv1dAndConv3dWrappers) {
+  torch::manual_seed(4);
+  auto o1 = torch::nn::Conv1dOptions(2, 3, 3).padding(1).padding_mode(torch::kCircular);
+  auto o3 = torch::nn::Conv3dOptions(2, 3, 2).stride(2);
+  torch::nn::ModuleList list{torch::nn::Conv1d{o1}, torch::nn::Conv3d{o3}};
+  const auto plain_w1 = list->ptr<torch::nn::Conv1dImpl>(0)->weight;
+  qwix::nn::quantize_model(list, qwix::QatProvider({w4a8()}));
+  auto c1 = list->ptr<qwix::nn::Conv1dImpl>(0);
+  auto c3 = list->ptr<qwix::nn::Conv3dImpl>(1);
+  ASSERT_TRUE(c1 && c3);
+  EXPECT_TRUE(c1->weight.is_same(plain_w1));
+  const auto x1 = torch::randn({2, 2, 9}), x3 = torch::randn({2, 2, 4, 4, 4});
+  const auto fq_w = [](const at::Tensor& w) { return qwix::fake_quant(w, "int4", {.channelwise_axes = {0}}); };
+  const auto fq_x = [](const at::Tensor& x) { return qwix::fake_quant(x, "int8", {.channelwise_axes = {0}}); };
+  torch::nn::Conv1d r1(o1);
+  torch::nn::Conv3d r3(o3);
+  {
+    torch::NoGradGuard g;
+    r1->weight.copy_(fq_w(c1->weight));
+    r1->bias.copy_(c1->bias);
+    r3->weight.copy_(fq_w(c3->weight));
+    r3->bias.copy_(c3->bias);
+  }
+  auto y1 = c1->forward(x1);
+  EXPECT_TRUE(torch::equal(y1, r1(fq_x(x1))));
+  EXPECT_TRUE(torch::equal(c3->forward(x3), r3(fq_x(x3))));
+  EXPECT_TRUE(c1->weight.is_same(plain_w1));  // the parameter is back after the call
+  y1.sum().backward();
+  EXPECT_TRUE(c1->weight.grad().defined() && c1->weight.grad().abs().sum().item<float>() > 0);
+}
+
 struct Typed : torch::nn::Module {
   torch::nn::Linear fc{nullptr};
   Typed() { fc = register_module("fc", torch::nn::Linear(4, 4)); }
