@@ -1,6 +1,5 @@
 // The LibTorch QAT wrappers: statistics module, operand quantization, forwards.
 #include <c10/util/Exception.h>
-#include <torch/nn/functional/linear.h>
 
 #include "qwix/nn.h"
 
@@ -51,16 +50,6 @@ std::pair<at::Tensor, at::Tensor> quantize_operands(torch::nn::Module& owner, co
 
 }  // namespace detail
 
-LinearImpl::LinearImpl(const torch::nn::LinearImpl& plain) : QatModule<torch::nn::LinearImpl>(plain.options) {
-  weight = parameters_["weight"] = plain.weight;  // the same tensors: optimizers already built keep working
-  if (plain.bias.defined()) bias = parameters_["bias"] = plain.bias;
-}
-
-at::Tensor LinearImpl::forward(const at::Tensor& input) {
-  const auto [x, w] = quantize("linear", input, weight);
-  return torch::nn::functional::linear(x, w, bias);
-}
-
 namespace {
 
 // A ConvNd's options as its constructor takes them (the module stores the generic form).
@@ -75,57 +64,30 @@ torch::nn::ConvOptions<D> conv_options(const torch::nn::detail::ConvNdOptions<D>
       .padding_mode(o.padding_mode());
 }
 
-// Puts `w` in the module's weight member for one call of LibTorch's forward and
-// restores the parameter afterwards, also when the forward throws. (The registered
-// parameter is never touched; gradients reach it through the fake quant.)
-class WeightSwap {
- public:
-  WeightSwap(at::Tensor& slot, const at::Tensor& w) : slot_(slot), saved_(slot) { slot_ = w; }
-  ~WeightSwap() { slot_ = saved_; }
-  WeightSwap(const WeightSwap&) = delete;
-  WeightSwap& operator=(const WeightSwap&) = delete;
-
- private:
-  at::Tensor& slot_;
-  at::Tensor saved_;
-};
-
 }  // namespace
+
+LinearImpl::LinearImpl(const torch::nn::LinearImpl& plain) : QatModule<torch::nn::LinearImpl>(plain.options) {
+  share_parameters(plain);
+}
+at::Tensor LinearImpl::forward(const at::Tensor& input) { return forward_quantized("linear", input); }
 
 Conv1dImpl::Conv1dImpl(const torch::nn::Conv1dImpl& plain)
     : QatModule<torch::nn::Conv1dImpl>(conv_options<1>(plain.options)) {
-  weight = parameters_["weight"] = plain.weight;
-  if (plain.bias.defined()) bias = parameters_["bias"] = plain.bias;
+  share_parameters(plain);
 }
-
-at::Tensor Conv1dImpl::forward(const at::Tensor& input) {
-  const auto [x, w] = quantize("conv1d", input, weight);
-  const WeightSwap swap(weight, w);
-  return torch::nn::Conv1dImpl::forward(x);
-}
+at::Tensor Conv1dImpl::forward(const at::Tensor& input) { return forward_quantized("conv1d", input); }
 
 Conv2dImpl::Conv2dImpl(const torch::nn::Conv2dImpl& plain)
     : QatModule<torch::nn::Conv2dImpl>(conv_options<2>(plain.options)) {
-  weight = parameters_["weight"] = plain.weight;
-  if (plain.bias.defined()) bias = parameters_["bias"] = plain.bias;
+  share_parameters(plain);
 }
-
-at::Tensor Conv2dImpl::forward(const at::Tensor& input) {
-  const auto [x, w] = quantize("conv2d", input, weight);
-  return _conv_forward(x, w);  // LibTorch's own padding-mode handling
-}
+at::Tensor Conv2dImpl::forward(const at::Tensor& input) { return forward_quantized("conv2d", input); }
 
 Conv3dImpl::Conv3dImpl(const torch::nn::Conv3dImpl& plain)
     : QatModule<torch::nn::Conv3dImpl>(conv_options<3>(plain.options)) {
-  weight = parameters_["weight"] = plain.weight;
-  if (plain.bias.defined()) bias = parameters_["bias"] = plain.bias;
+  share_parameters(plain);
 }
-
-at::Tensor Conv3dImpl::forward(const at::Tensor& input) {
-  const auto [x, w] = quantize("conv3d", input, weight);
-  const WeightSwap swap(weight, w);
-  return torch::nn::Conv3dImpl::forward(x);
-}
+at::Tensor Conv3dImpl::forward(const at::Tensor& input) { return forward_quantized("conv3d", input); }
 
 }  // namespace nn
 }  // namespace qwix

@@ -57,6 +57,19 @@ class QatModuleInterface {
 };
 
 namespace detail {
+// Puts `value` in `slot` until the end of the scope (also when an exception leaves it).
+class Swap {
+ public:
+  Swap(at::Tensor& slot, const at::Tensor& value) : slot_(slot), saved_(slot) { slot_ = value; }
+  ~Swap() { slot_ = saved_; }
+  Swap(const Swap&) = delete;
+  Swap& operator=(const Swap&) = delete;
+
+ private:
+  at::Tensor& slot_;
+  at::Tensor saved_;
+};
+
 // Fake-quantizes (x, w) of op `op` (e.g. "linear") as the provider plans it;
 // SRQ statistics live in `owner` as `<op>0_lhs`. Unconfigured or unmatched: (x, w).
 std::pair<at::Tensor, at::Tensor> quantize_operands(torch::nn::Module& owner, const std::string& op,
@@ -76,8 +89,19 @@ class QatModule : public Base, public QatModuleInterface {
   void set_quant_stats_update(bool enabled) override { update_ = enabled; }
 
  protected:
-  std::pair<at::Tensor, at::Tensor> quantize(const std::string& op, const at::Tensor& x, const at::Tensor& w) {
-    return detail::quantize_operands(*this, op, provider_.get(), path_, update_, x, w);
+  // Makes this wrapper hold `plain`'s parameter tensors themselves (optimizers built before keep working).
+  void share_parameters(const Base& plain) {
+    this->weight = this->parameters_["weight"] = plain.weight;
+    if (plain.bias.defined()) this->bias = this->parameters_["bias"] = plain.bias;
+  }
+  // LibTorch's own forward (padding modes and all) on the fake-quantized input, with the
+  // fake-quantized weight in the weight member for the call only. The registered parameter is
+  // never replaced and gradients reach it through the fake quant; not for concurrent forwards
+  // of one module object.
+  at::Tensor forward_quantized(const std::string& op, const at::Tensor& input) {
+    auto [x, w] = detail::quantize_operands(*this, op, provider_.get(), path_, update_, input, this->weight);
+    const detail::Swap swap(this->weight, w);
+    return Base::forward(x);
   }
 
  private:

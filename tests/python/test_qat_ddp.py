@@ -1,5 +1,6 @@
 """DistributedDataParallel on CPU (gloo, 2 processes): every rank uses the same SRQ scales at every
 step, and the statistics equal those one process gathers from all the batches."""
+import gc
 import os
 
 import pytest
@@ -53,12 +54,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.save({"per_step": per_step, "trained": trained, "calibrated": _stats(q),
                     "weights": {k: v for k, v in q.state_dict().items() if "linear0_lhs" not in k}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # DDP's reducer must go before its process group: destroyed after it (at return), the
+        # gloo teardown hung about one run in eight.
+        del ddp, opt
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
 
 # ~5 s alone; generous for a loaded 2-core CI box (spawned workers import torch afresh).
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(180)
 def test_ddp_two_processes_gloo(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
