@@ -40,6 +40,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import qwix_torch as q
+from bench_ops import saved_bytes  # the CPU benchmark's saved-for-backward count
 
 BAR_CASES = ["int8 per-token", "int8 tile128", "fp8e4m3 per-token", "fp8e4m3 tile128"]
 FP8_MAX = 448.0
@@ -121,21 +122,6 @@ def time_rounds(contenders: List[Contender], rounds: int, batch: int, warmup: in
             end.record()
             end.synchronize()
             c.ms.append(start.elapsed_time(end) / batch)
-
-
-def saved_bytes(fn: Callable, x_leaf: torch.Tensor) -> Tuple[int, int]:
-    """(total, extra) bytes of storages autograd saves for backward; extra excludes x's storage."""
-    seen: Dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn(x_leaf)
-    del y
-    total = sum(seen.values())
-    return total, total - seen.get(x_leaf.untyped_storage().data_ptr(), 0)
 
 
 def median(c: Optional[Contender]) -> Optional[float]:

@@ -128,7 +128,7 @@ __device__ __forceinline__ Stat block_reduce_all(Stat s, CalKind k) {
 // 16-byte loads). inv = RN(1 / scale) for ReciprocalDiv.
 struct alignas(32) PackedParams {
   float scale, inv, zero_point, lo, hi, pad[3];
-  __device__ __forceinline__ ReciprocalDiv div() const { return {scale, inv, !(inv >= 2.3509887e-38f)}; }
+  __device__ __forceinline__ ReciprocalDiv div() const { return ReciprocalDiv::with(scale, inv); }
 };
 static_assert(sizeof(PackedParams) == 8 * sizeof(float), "PackedParams is a row of 8 floats");
 

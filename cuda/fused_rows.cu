@@ -127,30 +127,17 @@ void launch(const T* x, T* y, uint8_t* bits, int64_t rows, int64_t L, const Cali
 template <typename T, QKind K>
 void launch_for_length(const T* x, T* y, uint8_t* bits, int64_t rows, int64_t L, const Calibration& c,
                        const QParams& q) {
-  if constexpr (sizeof(T) == 2) {
-    if (L <= 8 * 4 * 4) {
-      launch<T, K, 4, 4>(x, y, bits, rows, L, c, q);  // <= 128: e.g. tiles of 128
-    } else if (L <= 8 * 32 * 2) {
-      launch<T, K, 32, 2>(x, y, bits, rows, L, c, q);  // <= 512
-    } else if (L <= 8 * 64 * 4) {
-      launch<T, K, 64, 4>(x, y, bits, rows, L, c, q);  // <= 2048
-    } else if (L <= 8 * 256 * 4) {
-      launch<T, K, 256, 4>(x, y, bits, rows, L, c, q);  // <= 8192
-    } else {
-      launch<T, K, 512, 4>(x, y, bits, rows, L, c, q);  // longer rows re-read past 16384
-    }
+  constexpr bool k16 = sizeof(T) == 2;
+  if (L <= 128) {  // e.g. tiles of 128 and MX / nvfp4 blocks
+    launch<T, K, k16 ? 4 : 8, k16 ? 4 : 2>(x, y, bits, rows, L, c, q);
+  } else if (L <= 8 * 32 * 2) {
+    launch<T, K, 32, 2>(x, y, bits, rows, L, c, q);  // <= 512
+  } else if (L <= 8 * 64 * 4) {
+    launch<T, K, 64, 4>(x, y, bits, rows, L, c, q);  // <= 2048
+  } else if (L <= 8 * 256 * 4) {
+    launch<T, K, 256, 4>(x, y, bits, rows, L, c, q);  // <= 8192
   } else {
-    if (L <= 8 * 8 * 2) {
-      launch<T, K, 8, 2>(x, y, bits, rows, L, c, q);  // <= 128
-    } else if (L <= 8 * 32 * 2) {
-      launch<T, K, 32, 2>(x, y, bits, rows, L, c, q);  // <= 512
-    } else if (L <= 8 * 64 * 4) {
-      launch<T, K, 64, 4>(x, y, bits, rows, L, c, q);  // <= 2048
-    } else if (L <= 8 * 256 * 4) {
-      launch<T, K, 256, 4>(x, y, bits, rows, L, c, q);  // <= 8192
-    } else {
-      launch<T, K, 512, 4>(x, y, bits, rows, L, c, q);  // longer rows re-read past 16384
-    }
+    launch<T, K, 512, 4>(x, y, bits, rows, L, c, q);  // longer rows re-read past 16384
   }
 }
 

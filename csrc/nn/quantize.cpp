@@ -96,18 +96,14 @@ void set_update(torch::nn::Module& m, bool enabled) {
 
 }  // namespace
 
-std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvider provider) {
-  auto shared = std::make_shared<QatProvider>(std::move(provider));
-  swap_in_containers(model);
-  configure(model, "", shared);
-  return shared;
-}
-
 void set_quant_stats_update(torch::nn::Module& model, bool enabled) { set_update(model, enabled); }
 
 }  // namespace nn
 
 std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvider provider) {
-  return qwix::nn::quantize_model(model, std::move(provider));
+  auto shared = std::make_shared<QatProvider>(std::move(provider));
+  nn::swap_in_containers(model);
+  nn::configure(model, "", shared);
+  return shared;
 }
 }  // namespace qwix

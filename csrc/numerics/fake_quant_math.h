@@ -74,17 +74,13 @@ struct ExactDiv {
 struct ReciprocalDiv {
   float d, r;
   bool divide;  // r would be subnormal: divide instead
-  QWIX_HD static ReciprocalDiv of(float d) {
-    const float r = 1.0f / d;
-    return {d, r, !(r >= 2.3509887e-38f)};  // 2^-125
-  }
+  // From d and r = RN(1/d) (precomputed per group, e.g. in the CUDA params).
+  QWIX_HD static ReciprocalDiv with(float d, float r) { return {d, r, !(r >= 2.3509887e-38f)}; }  // 2^-125
+  QWIX_HD static ReciprocalDiv of(float d) { return with(d, 1.0f / d); }
   QWIX_HD float operator()(float x) const {
     const float q0 = x * r;
     if (divide || !(q0 - q0 == 0.0f)) return x / d;  // q0 - q0 is NaN iff q0 is Inf or NaN
-    return corrected(x, q0);
-  }
-  // copysign: a zero x keeps its sign (the corrections would turn -0 into +0).
-  QWIX_HD float corrected(float x, float q0) const {
+    // copysign: a zero x keeps its sign (the corrections would turn -0 into +0).
 #if defined(__CUDA_ARCH__)
     const float q1 = __fmaf_rn(__fmaf_rn(-q0, d, x), r, q0);
     return copysignf(__fmaf_rn(__fmaf_rn(-q1, d, x), r, q1), q0);

@@ -147,37 +147,30 @@ class Conv3dImpl : public QatModule<torch::nn::Conv3dImpl> {
 };
 TORCH_MODULE(Conv3d);
 
-// The pass: configures every qwix::nn module of `model` (paths from
-// named_modules(), root ""), first replacing plain torch::nn::Linear / Conv1d /
-// Conv2d / Conv3d children of Sequential and ModuleList containers by wrappers
-// that share their parameters. A plain one elsewhere that a rule would quantize
-// is a c10::ValueError naming its path.
-// Returns the provider every wrapper uses (get_unused_rules() is meaningful after
-// a forward: rules are matched when each op first runs).
-std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvider provider);
-
-// The same for a model held by shared_ptr or by a module holder (`net` as users keep it).
-template <typename M>
-std::shared_ptr<QatProvider> quantize_model(const std::shared_ptr<M>& model, QatProvider provider) {
-  return qwix::nn::quantize_model(static_cast<torch::nn::Module&>(*model), std::move(provider));
-}
-template <typename Impl>
-std::shared_ptr<QatProvider> quantize_model(torch::nn::ModuleHolder<Impl>& model, QatProvider provider) {
-  return qwix::nn::quantize_model(static_cast<torch::nn::Module&>(*model), std::move(provider));
-}
-
 // Enables / disables SRQ statistics updates of every wrapper in `model`.
 void set_quant_stats_update(torch::nn::Module& model, bool enabled);
 
 }  // namespace nn
 
-// DESIGN's spelling, `qwix::quantize_model(net, provider)`, for shared_ptr and holders too.
+// The pass, qwix::quantize_model(model, provider) (declared in qwix.h for a Module&):
+// configures every qwix::nn module of `model` (paths from named_modules(), root ""),
+// first replacing plain torch::nn::Linear / Conv1d / Conv2d / Conv3d children of
+// Sequential and ModuleList containers by wrappers that share their parameters. A
+// plain one elsewhere that a rule would quantize is a c10::ValueError naming its
+// path. Returns the provider every wrapper uses (get_unused_rules() is meaningful
+// after a forward: rules are matched when each op first runs). Also for a model
+// held by shared_ptr or by a module holder (`net` as users keep it):
 template <typename M>
 std::shared_ptr<QatProvider> quantize_model(const std::shared_ptr<M>& model, QatProvider provider) {
-  return qwix::nn::quantize_model(model, std::move(provider));
+  return quantize_model(static_cast<torch::nn::Module&>(*model), std::move(provider));
 }
 template <typename Impl>
 std::shared_ptr<QatProvider> quantize_model(torch::nn::ModuleHolder<Impl>& model, QatProvider provider) {
-  return qwix::nn::quantize_model(model, std::move(provider));
+  return quantize_model(static_cast<torch::nn::Module&>(*model), std::move(provider));
 }
+
+namespace nn {
+using qwix::quantize_model;  // qwix::nn::quantize_model: the same functions
+}  // namespace nn
+
 }  // namespace qwix

@@ -206,7 +206,8 @@ namespace torch::nn {
 class Module;
 }  // namespace torch::nn
 namespace qwix {
-// = qwix::nn::quantize_model (see <qwix/nn.h>): returns the provider the wrappers share.
+// The pass (documented in <qwix/nn.h>, which also takes shared_ptr / holders): returns
+// the provider the wrappers share. Also spelled qwix::nn::quantize_model.
 std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvider provider);
 }  // namespace qwix
 

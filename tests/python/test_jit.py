@@ -2,7 +2,6 @@
 Python nn.Module path for the same weights and rules, training, state_dict keys, torch.jit.save /
 load, type sharing between module instances, get_unused_rules, and clear errors."""
 import io
-import math
 import warnings
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from _helpers import assert_same
+from test_qat_models import CNN, MLP, TransformerBlock
 
 import qwix_torch as qwix
 from qwix_torch import QatProvider, QuantizationRule
@@ -18,57 +18,8 @@ from qwix_torch.jit import jit_calibrate, jit_is_quantized, jit_set_quant_stats_
 # ---- models ----------------------------------------------------------------------------------------
 
 
-class MLP(nn.Module):
-    def __init__(self, d_in=16, d_hidden=32, d_out=4):
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, d_hidden)
-        self.fc2 = nn.Linear(d_hidden, d_out)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-class CNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, groups=2)
-        self.head = nn.Linear(8 * 3 * 3, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        return self.head(x.flatten(1))
-
-
-class Attention(nn.Module):
-    def __init__(self, d=16, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d // self.heads)
-        y = scores.softmax(-1) @ v
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-
-class Block(nn.Module):
-    def __init__(self, d=16, heads=2):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = Attention(d, heads)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, 4 * d)
-        self.fc2 = nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+# The nn.Module test models, so both paths quantize the very same classes.
+Block = TransformerBlock
 
 
 class Views(nn.Module):

@@ -75,7 +75,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # indexing, not unpacking: TorchScript scripts it too (test_jit)
         scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d // self.heads)  # activation x activation
         y = scores.softmax(-1) @ v  # activation x activation
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
