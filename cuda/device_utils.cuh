@@ -1,6 +1,7 @@
 #pragma once
 // Device-side helpers for the qwix CUDA kernels: vector access, the
 // calibration statistic and its (sub-)warp/block reductions, group lookup.
+#include <c10/macros/Macros.h>  // C10_HOST_DEVICE, used by IntegerDivider.cuh
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -124,6 +125,22 @@ __device__ __forceinline__ Stat block_reduce_all(Stat s, CalKind k) {
   }
 }
 
+// Fake-quantizes one chunk with `div` (ReciprocalDiv, or UncheckedDiv where the
+// group allows it) into `o`; returns the chunk's mask byte when MASK. SYM: the
+// symmetric integer form (zero point 0).
+template <typename T, QKind K, bool SYM, bool MASK, typename Div>
+__device__ __forceinline__ uint8_t quantize_chunk(const Chunk<T>& v, Chunk<T>& o, const Div& div, const GroupParams& p,
+                                                  const QParams& q) {
+  uint8_t m = 0;
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    const float f = to_float(v.v[j]);
+    o.v[j] = from_float<T>(fake_quant_value<K, SYM>(f, div, p.scale, p.zero_point, q));
+    if constexpr (MASK) m |= static_cast<uint8_t>(in_range(f, p.lo, p.hi)) << j;
+  }
+  return m;
+}
+
 // One group's quantization parameters as the kernels read them (32 bytes: two
 // 16-byte loads). inv = RN(1 / scale) for ReciprocalDiv.
 struct alignas(32) PackedParams {
@@ -131,6 +148,26 @@ struct alignas(32) PackedParams {
   __device__ __forceinline__ ReciprocalDiv div() const { return ReciprocalDiv::with(scale, inv); }
 };
 static_assert(sizeof(PackedParams) == 8 * sizeof(float), "PackedParams is a row of 8 floats");
+
+// A chunk whose 8 elements share one group's parameters, with the cheapest
+// exact per-element form the chunk allows: UncheckedDiv when its max |x|
+// passes unchecked_ok (one uniform branch per chunk instead of one per
+// element), the symmetric integer form when the zero point is 0.
+template <typename T, QKind K, bool MASK>
+__device__ __forceinline__ uint8_t quantize_group_chunk(const Chunk<T>& v, Chunk<T>& o, const PackedParams& pp,
+                                                        const QParams& q) {
+  const GroupParams p{pp.scale, pp.zero_point, pp.lo, pp.hi};
+  const ReciprocalDiv div = pp.div();
+  uint32_t amax = 0;
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    const uint32_t b = abs_bits(to_float(v.v[j]));
+    amax = b > amax ? b : amax;
+  }
+  if (!div.unchecked_ok(bits_float(amax))) return quantize_chunk<T, K, false, MASK>(v, o, div, p, q);
+  if (K == QKind::Int && p.zero_point == 0.0f) return quantize_chunk<T, K, true, MASK>(v, o, div.unchecked(), p, q);
+  return quantize_chunk<T, K, false, MASK>(v, o, div.unchecked(), p, q);
+}
 
 // Group of a flat element index (memory order) for a Layout flattened to
 // device arrays, with 32-bit magic-number division when the tensor allows.

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <limits>
+#include <type_traits>
 
 #include "cuda/device_utils.cuh"
 #include "cuda/kernels.h"
@@ -83,24 +84,32 @@ __global__ void __launch_bounds__(TPR > kMinBlock ? TPR : kMinBlock)
   const ReciprocalDiv div = ReciprocalDiv::of(p.scale);
   uint8_t* row_bits = MASK ? bits + base / kChunk : nullptr;
 
-  auto emit = [&](int64_t i, const Chunk<T>& v) {
-    Chunk<T> o;
-    uint8_t m = 0;
+  // The per-element form is chosen once per row: rows whose values and
+  // quotients are all finite (every row in practice) divide without checks,
+  // and symmetric integer grids skip the zero point; each form is a separate
+  // unrolled copy of the write loops, so no per-element branch remains.
+  auto emit_all = [&](auto sym, const auto& d) {
+    constexpr bool kSym = decltype(sym)::value;
+    auto emit = [&](int64_t i, const Chunk<T>& v) {
+      Chunk<T> o;
+      const uint8_t m = quantize_chunk<T, K, kSym, MASK>(v, o, d, p, q);
+      yc[i] = o;
+      if constexpr (MASK) row_bits[i] = m;
+    };
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
-      const float f = to_float(v.v[j]);
-      o.v[j] = from_float<T>(fake_quant_value<K>(f, div, p.scale, p.zero_point, q));
-      if constexpr (MASK) m |= static_cast<uint8_t>(in_range(f, p.lo, p.hi)) << j;
+    for (int c = 0; c < CACHE; ++c) {
+      const int64_t i = t + static_cast<int64_t>(c) * TPR;
+      if (i < nchunks) emit(i, cache[c]);
     }
-    yc[i] = o;
-    if constexpr (MASK) row_bits[i] = m;
+    for (int64_t i = t + static_cast<int64_t>(CACHE) * TPR; i < nchunks; i += TPR) emit(i, xc[i]);
   };
-#pragma unroll
-  for (int c = 0; c < CACHE; ++c) {
-    const int64_t i = t + static_cast<int64_t>(c) * TPR;
-    if (i < nchunks) emit(i, cache[c]);
+  if (!div.unchecked_ok(bits_float(s.amax_bits))) {
+    emit_all(std::false_type{}, div);
+  } else if (K == QKind::Int && symmetric) {
+    emit_all(std::true_type{}, div.unchecked());
+  } else {
+    emit_all(std::false_type{}, div.unchecked());
   }
-  for (int64_t i = t + static_cast<int64_t>(CACHE) * TPR; i < nchunks; i += TPR) emit(i, xc[i]);
 }
 
 template <typename T, QKind K, int TPR, int CACHE>

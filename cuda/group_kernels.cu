@@ -144,10 +144,14 @@ __global__ void __launch_bounds__(kThreads)
   if (aligned && begin + kChunk <= n) {
     const Chunk<T> v = reinterpret_cast<const Chunk<T>*>(x)[c];
     Chunk<T> o;
+    if (l.num_groups == 1) {  // per-tensor: one parameter set for the chunk
+      m = bits ? quantize_group_chunk<T, K, true>(v, o, P[0], q) : quantize_group_chunk<T, K, false>(v, o, P[0], q);
+    } else {
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
-      gc.at(l.group_of(begin + j), P);
-      o.v[j] = apply_one<T, K>(v.v[j], gc.p, gc.div, q, m, j);
+      for (int j = 0; j < kChunk; ++j) {
+        gc.at(l.group_of(begin + j), P);
+        o.v[j] = apply_one<T, K>(v.v[j], gc.p, gc.div, q, m, j);
+      }
     }
     reinterpret_cast<Chunk<T>*>(y)[c] = o;
   } else {

@@ -64,6 +64,25 @@ struct ExactDiv {
   QWIX_HD float operator()(float x) const { return x / d; }
 };
 
+// x / d from r = RN(1/d) as ReciprocalDiv below computes it, without its
+// per-element checks, for a whole group at once: equal to x / d for every x of
+// a group whose max |x| passes ReciprocalDiv::unchecked_ok, except that a zero
+// x gives +0 (fake_quant_value drops the sign of zero quotients anyway). No
+// branch, no select: one multiply and four FMAs per element.
+struct UncheckedDiv {
+  float d, r;
+  QWIX_HD float operator()(float x) const {
+    const float q0 = x * r;
+#if defined(__CUDA_ARCH__)
+    const float q1 = __fmaf_rn(__fmaf_rn(-q0, d, x), r, q0);
+    return __fmaf_rn(__fmaf_rn(-q1, d, x), r, q1);
+#else
+    const float q1 = std::fma(std::fma(-q0, d, x), r, q0);
+    return std::fma(std::fma(-q1, d, x), r, q1);
+#endif
+  }
+};
+
 // x / d from r = RN(1/d), computed once per group: q0 = RN(x r) is within 1.5
 // ulp of x / d, one FMA correction (Markstein) makes it faithful and a second
 // one correctly rounded, so the result equals x / d bit for bit. Valid when r is
@@ -77,6 +96,11 @@ struct ReciprocalDiv {
   // From d and r = RN(1/d) (precomputed per group, e.g. in the CUDA params).
   QWIX_HD static ReciprocalDiv with(float d, float r) { return {d, r, !(r >= 2.3509887e-38f)}; }  // 2^-125
   QWIX_HD static ReciprocalDiv of(float d) { return with(d, 1.0f / d); }
+  // Whether every x with |x| <= amax divides exactly without the checks: r is
+  // normal and every quotient finite with room to spare (false for a NaN or
+  // Inf amax). Then `unchecked()` serves the whole group.
+  QWIX_HD bool unchecked_ok(float amax) const { return !divide && amax * r <= 1.329228e36f; }  // 2^120
+  QWIX_HD UncheckedDiv unchecked() const { return {d, r}; }
   QWIX_HD float operator()(float x) const {
     const float q0 = x * r;
     if (divide || !(q0 - q0 == 0.0f)) return x / d;  // q0 - q0 is NaN iff q0 is Inf or NaN
@@ -92,14 +116,17 @@ struct ReciprocalDiv {
 };
 
 // Round a finite |v| <= format max to a float format with `mbits` mantissa bits
-// and smallest normal exponent `emin` (subnormals included), ties to even.
+// and smallest normal exponent `emin` (subnormals included), ties to even:
+// magic = 1.5 * 2^(e + 23 - mbits), e = max(exponent(v), emin), has the grid
+// spacing 2^(e - mbits) as its ulp and v + magic stays in magic's binade, so
+// the add rounds v to the grid and the subtract is exact (5 integer/float ops,
+// no multiplies; a zero result is +0). NaN stays NaN.
 QWIX_HD float round_to_float_format(float v, int mbits, int emin) {
-  int32_t e = static_cast<int32_t>((float_bits(v) >> 23) & 0xffu) - 127;
-  e = e < emin ? emin : e;
-  const int32_t q = e - mbits;  // log2 of the spacing of representable values near v
-  const float spacing = bits_float(static_cast<uint32_t>(q + 127) << 23);
-  const float inv_spacing = bits_float(static_cast<uint32_t>(127 - q) << 23);
-  return round_half_even(v * inv_spacing) * spacing;  // power-of-two scalings are exact
+  const uint32_t ev = float_bits(v) & 0x7f800000u;
+  const uint32_t emin_bits = static_cast<uint32_t>(emin + 127) << 23;
+  const uint32_t e = ev > emin_bits ? ev : emin_bits;
+  const float magic = bits_float(e + (static_cast<uint32_t>(23 - mbits) << 23) + 0x400000u);
+  return (v + magic) - magic;
 }
 
 // The 16 NF4 levels (QLoRA) and the fp32 midpoints between neighbours.
@@ -192,9 +219,13 @@ QWIX_HD GroupParams given_params(float scale, float zero_point, const QParams& q
 }
 
 // quantize then dequantize one value, in fp32; `div(x)` is x / scale.
-template <QKind K, typename Div>
+// kSymmetric (zero_point is 0): skips adding and subtracting the zero point,
+// which could only change the sign of a zero that rounding makes +0 anyway.
+template <QKind K, bool kSymmetric = false, typename Div>
 QWIX_HD float fake_quant_value(float x, const Div& div, float scale, float zero_point, const QParams& q) {
-  if constexpr (K == QKind::Int) {
+  if constexpr (K == QKind::Int && kSymmetric) {
+    return round_half_even(clamp_keep_nan(div(x), q.qmin, q.qmax)) * scale;
+  } else if constexpr (K == QKind::Int) {
     const float v = clamp_keep_nan(div(x) + zero_point, q.qmin, q.qmax);
     return (round_half_even(v) - zero_point) * scale;
   } else if constexpr (K == QKind::Float) {
@@ -205,9 +236,9 @@ QWIX_HD float fake_quant_value(float x, const Div& div, float scale, float zero_
     return round_to_nf4(v) * scale;
   }
 }
-template <QKind K>
+template <QKind K, bool kSymmetric = false>
 QWIX_HD float fake_quant_value(float x, float scale, float zero_point, const QParams& q) {
-  return fake_quant_value<K>(x, ExactDiv{scale}, scale, zero_point, q);
+  return fake_quant_value<K, kSymmetric>(x, ExactDiv{scale}, scale, zero_point, q);
 }
 
 // `&`, not `&&`: no branch, so the masked loops vectorize.

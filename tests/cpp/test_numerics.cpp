@@ -2,6 +2,7 @@
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -140,6 +141,126 @@ TEST(Numerics, ReciprocalDivTinyInputsQuantizeAlike) {
         b = qwix::fake_quant_value<decltype(k)::value>(x, qwix::ExactDiv{d}, d, zp, q);
       });
       ASSERT_EQ(bits_of(a), bits_of(b)) << name << " x=" << x << " d=" << d;
+    }
+  }
+}
+
+// The float-format rounding (magic-number add) against the textbook form:
+// scale v to the grid of its binade, round half to even, scale back.
+TEST(Numerics, FloatFormatRoundingMatchesScaledRounding) {
+  for (const char* name : {"float8_e4m3fn", "float8_e5m2", "float4_e2m1fn"}) {
+    const qwix::QParams q = qwix::parse_qtype(name).p;
+    auto textbook = [&](float v) {
+      const int e = std::max(std::ilogb(v == 0.0f ? 1e-30f : v), q.min_exponent);
+      const float spacing = std::ldexp(1.0f, e - q.mantissa_bits);
+      return std::nearbyint(v / spacing) * spacing + 0.0f;  // +0.0f: a zero result is +0
+    };
+    std::vector<float> xs;
+    for (uint32_t b = 0; b <= qwix::float_bits(q.qmax); b += 61) xs.push_back(qwix::bits_float(b));
+    for (float g = 0.0f; g <= q.qmax;) {  // every grid point, the midpoint above it and their neighbours
+      const float step =
+          std::ldexp(1.0f, std::max(std::ilogb(g == 0.0f ? 1e-30f : g), q.min_exponent) - q.mantissa_bits);
+      for (const float v : {g, g + step / 2}) {
+        xs.push_back(v);
+        xs.push_back(std::nextafter(v, 0.0f));
+        xs.push_back(std::nextafter(v, INFINITY));
+      }
+      g += step;
+    }
+    int64_t checked = 0;
+    for (float v : xs) {
+      if (!(v <= q.qmax)) continue;
+      for (const float s : {v, -v}) {
+        ASSERT_EQ(qwix::float_bits(qwix::round_to_float_format(s, q.mantissa_bits, q.min_exponent)),
+                  qwix::float_bits(textbook(s)))
+            << name << " v=" << s;
+        ++checked;
+      }
+    }
+    EXPECT_GT(checked, 1000) << name;
+    EXPECT_TRUE(std::isnan(qwix::round_to_float_format(NAN, q.mantissa_bits, q.min_exponent)));
+  }
+}
+
+// The GPU kernels divide a whole group without per-element checks when the
+// group's max |x| allows it (UncheckedDiv): the quotient must still be x / d
+// bit for bit, and the fake-quantized value the same as with a true division.
+TEST(Numerics, UncheckedDivIsExactWhereAllowed) {
+  std::mt19937_64 rng(4321);
+  auto rand_float = [&](int emin, int emax) {
+    const uint32_t e = static_cast<uint32_t>(emin + 127 + static_cast<int>(rng() % (emax - emin + 1)));
+    return qwix::bits_float((static_cast<uint32_t>(rng() & 1u) << 31) | (e << 23) |
+                            (static_cast<uint32_t>(rng()) & 0x7fffffu));
+  };
+  int64_t allowed = 0, refused = 0;
+  for (int i = 0; i < 2000000; ++i) {
+    const float x = rand_float(-100, 127), d = std::fabs(rand_float(-63, 127));
+    const auto div = qwix::ReciprocalDiv::of(d);
+    if (!div.unchecked_ok(std::fabs(x))) {
+      ++refused;
+      continue;
+    }
+    ASSERT_EQ(qwix::float_bits(div.unchecked()(x)), qwix::float_bits(x / d)) << x << " / " << d;
+    ++allowed;
+  }
+  EXPECT_GT(allowed, 500000);
+  EXPECT_GT(refused, 100000);  // overflowing quotients and subnormal reciprocals were drawn too
+  // Never allowed: non-finite groups, reciprocals that are not normal, huge quotients.
+  const auto one = qwix::ReciprocalDiv::of(1.0f);
+  EXPECT_FALSE(one.unchecked_ok(NAN));
+  EXPECT_FALSE(one.unchecked_ok(INFINITY));
+  EXPECT_FALSE(one.unchecked_ok(3.0e38f));
+  EXPECT_TRUE(one.unchecked_ok(1.0e36f));
+  EXPECT_FALSE(qwix::ReciprocalDiv::of(3.3e38f).unchecked_ok(1.0f));
+  EXPECT_FALSE(qwix::ReciprocalDiv::of(NAN).unchecked_ok(1.0f));
+  // Groups as the kernels see them: dynamic scales from the group's own
+  // calibration (absmax or min/max), values including zeros and tiny ones.
+  for (const char* name : {"int8", "int4", "uint8", "float8_e4m3fn", "float8_e5m2", "float4_e2m1fn", "nf4"}) {
+    const qwix::QParams q = qwix::parse_qtype(name).p;
+    for (int g = 0; g < 2000; ++g) {
+      std::vector<float> x(64);
+      const int top = -60 + static_cast<int>(rng() % 180);
+      for (float& v : x) v = rand_float(std::max(top - 30, -126), std::min(top, 127));
+      x[0] = 0.0f;
+      x[1] = -0.0f;
+      x[2] = rand_float(-126, -100);
+      float amax = 0.0f, mn = INFINITY, mx = -INFINITY;
+      for (const float v : x) {
+        amax = std::max(amax, std::fabs(v));
+        mn = std::min(mn, v);
+        mx = std::max(mx, v);
+      }
+      const bool sym = (g % 2 == 0) || q.kind != qwix::QKind::Int;
+      const qwix::GroupParams p = sym ? qwix::symmetric_params(amax, q) : qwix::asymmetric_params(mn, mx, q);
+      const auto div = qwix::ReciprocalDiv::of(p.scale);
+      ASSERT_TRUE(div.unchecked_ok(amax)) << name << " amax=" << amax << " scale=" << p.scale;
+      for (const float v : x) {
+        float got = 0, want = 0;
+        qwix::dispatch_kind(q.kind, [&](auto k) {
+          constexpr qwix::QKind K = decltype(k)::value;
+          got = sym ? qwix::fake_quant_value<K, true>(v, div.unchecked(), p.scale, p.zero_point, q)
+                    : qwix::fake_quant_value<K>(v, div.unchecked(), p.scale, p.zero_point, q);
+          want = qwix::fake_quant_value<K>(v, qwix::ExactDiv{p.scale}, p.scale, p.zero_point, q);
+        });
+        ASSERT_EQ(qwix::float_bits(got), qwix::float_bits(want)) << name << " x=" << v << " scale=" << p.scale;
+      }
+    }
+  }
+}
+
+// The symmetric form of the integer fake quant (no zero-point add/subtract)
+// gives the same bits as the general form with a zero point of 0.
+TEST(Numerics, SymmetricIntFormMatchesZeroPointZero) {
+  std::mt19937_64 rng(7);
+  for (const char* name : {"int8", "int4", "uint8", "int16"}) {
+    const qwix::QParams q = qwix::parse_qtype(name).p;
+    for (int i = 0; i < 200000; ++i) {
+      const float x = qwix::bits_float(static_cast<uint32_t>(rng()));  // any float: NaN, Inf, subnormals, -0
+      const float scale = std::ldexp(1.0f + static_cast<float>(rng() % 1000) / 1000.0f, static_cast<int>(rng() % 40) - 20);
+      const float a = qwix::fake_quant_value<qwix::QKind::Int, true>(x, scale, 0.0f, q);
+      const float b = qwix::fake_quant_value<qwix::QKind::Int>(x, scale, 0.0f, q);
+      ASSERT_TRUE(same_or_nan(a, b)) << name << " x=" << x << " scale=" << scale;
+      if (!std::isnan(b)) ASSERT_EQ(qwix::float_bits(a), qwix::float_bits(b)) << name << " x=" << x;
     }
   }
 }

@@ -137,7 +137,7 @@ QWIX_CLONES void fused_absmax_rows(const T* __restrict x, T* __restrict y, int64
     const float absmax = m >= kNonFiniteAbsBits ? bits_float(0x7fc00000u) : bits_float(m);
     const GroupParams p = symmetric_params(absmax * mult, q);
     for (int64_t i = 0; i < L; ++i) {
-      yr[i] = Elem<T>::store(fake_quant_value<K>(Elem<T>::load(xr[i]), p.scale, p.zero_point, q));
+      yr[i] = Elem<T>::store(fake_quant_value<K, true>(Elem<T>::load(xr[i]), p.scale, p.zero_point, q));
     }
   }
 }
