@@ -3,7 +3,8 @@
 ``quantize_model`` keeps the model as it is (same classes, same parameter
 names) and adds forward hooks: while the model runs, a
 ``torch.overrides.TorchFunctionMode`` intercepts ``linear``, ``conv1d/2d/3d``,
-``matmul`` / ``@``, ``bmm`` and two-operand ``einsum`` and attributes each call
+``matmul`` / ``@``, ``bmm`` and two-operand ``einsum`` (also inside
+``F.multi_head_attention_forward``, whose body it runs op by op) and attributes each call
 to the innermost module whose forward is running (a module stack kept by
 forward pre/post hooks on every submodule), so an op belongs to its module's
 own forward, never to a parent's. The per-op decision (rule, qtypes,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import types
 from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
@@ -181,6 +183,24 @@ def _op_name(func) -> Optional[str]:
     return None
 
 
+def _body_without_dispatch(func):
+    """A copy of the Python function ``func`` whose own ``has_torch_function`` check is always false.
+
+    ``F.multi_head_attention_forward`` hands itself to an active mode as one call; the mode runs with
+    itself popped, so the ops inside (the projections' ``linear``, ``bmm``) would never be seen. Running
+    this copy with the mode pushed again makes them visible, as TorchScript's inlining does (DESIGN
+    section 3: an op belongs to the module whose forward runs it)."""
+    env = dict(func.__globals__)
+    env["has_torch_function"] = lambda *args: False
+    body = types.FunctionType(func.__code__, env, func.__name__, func.__defaults__, func.__closure__)
+    body.__kwdefaults__ = func.__kwdefaults__
+    return body
+
+
+# Python functions of torch whose ops the rules quantize (nn.MultiheadAttention's forward calls this one).
+_COMPOSITES = {F.multi_head_attention_forward: _body_without_dispatch(F.multi_head_attention_forward)}
+
+
 class _QatMode(TorchFunctionMode):
     def __init__(self, state: _QatState):
         super().__init__()
@@ -191,6 +211,14 @@ class _QatMode(TorchFunctionMode):
             kwargs = {}
         op = _op_name(func)
         if op is None or not self.state.stack:
+            body = _COMPOSITES.get(func) if self.state.stack else None
+            if body is not None:
+                with self:  # this mode is popped while its __torch_function__ runs: the body's ops must see it
+                    return body(*args, **kwargs)
+            if func is torch.Tensor.unflatten:
+                # Python ending in super().unflatten(...), which Dynamo (torch 2.13) cannot trace when a mode
+                # dispatched the call (pytorch/pytorch#179853): call torch.unflatten, the same op.
+                func = torch.unflatten
             return func(*args, **kwargs)
         return _intercept(self.state, op, func, args, kwargs)
 

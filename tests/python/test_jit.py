@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from _helpers import assert_same
-from test_qat_models import CNN, MLP, TransformerBlock
+from test_qat_models import CNN, MLP, TorchAttention, TransformerBlock
 
 import qwix_torch as qwix
 from qwix_torch import QatProvider, QuantizationRule
@@ -141,6 +141,21 @@ def test_transformer_block_matches_python_path():
     assert {n for n, _ in ts.attn.named_children()} == {"qkv", "proj", "einsum0_lhs", "einsum0_rhs", "matmul0_lhs",
                                                          "matmul0_rhs"}
     assert list(ts.attn.matmul0_rhs.sum_of_absmax.shape) == [1, 2, 1, 8]
+
+
+def test_torch_multihead_attention_matches_python_path():
+    # F.multi_head_attention_forward is inlined by the pass and run op by op by the Python path: the same ops
+    # (in-projection, the two bmm of need_weights=True, out-projection), the same names, the same values.
+    rules = [QuantizationRule(module_path="attn", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    x = torch.randn(2, 5, 16)
+    eager, ts, pe, pj = both(TorchAttention(), rules, x, True)
+    for _ in range(2):
+        x = torch.randn(2, 5, 16)
+        assert_same(ts(x, True), eager(x, True), "need_weights")
+    assert_same_state(eager, ts)
+    assert pe.get_unused_rules() == [] and pj.get_unused_rules() == []
+    assert {n for n, _ in ts.attn.named_children()} == {"out_proj", "linear0_lhs", "bmm0_lhs", "bmm0_rhs",
+                                                        "bmm1_lhs", "bmm1_rhs", "linear1_lhs"}
 
 
 def test_fractional_tile_is_resolved_at_run_time():

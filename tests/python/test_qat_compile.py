@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import assert_same
+from reference import ref_fake_quant
 from test_qat_models import MLP, TransformerBlock, ref_mlp
 
 import qwix_torch as qwix
@@ -104,3 +105,25 @@ def test_compiled_set_quant_stats_update_and_calibrate():
     assert int(q.fc1.linear0_lhs.count) == 1
     qwix.calibrate(compiled, [torch.randn(2, 16)] * 2, progress=False)
     assert int(q.fc1.linear0_lhs.count) == 3 and q.training
+
+
+class _Unflatten(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(x).unflatten(-1, (2, 8)).sum(-1)  # Tensor.unflatten: Python ending in super()
+
+
+def test_tensor_unflatten_under_the_mode_compiles():
+    # Dynamo (torch 2.13) cannot trace Tensor.unflatten's super() call when a mode dispatched it
+    # (pytorch/pytorch#179853); the mode calls torch.unflatten instead. nn.MultiheadAttention needs it.
+    torch.manual_seed(0)
+    m, x = _Unflatten(), torch.randn(3, 16)
+    q = qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int8", act_qtype="int8")]), x)
+    compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
+    assert_same(compiled(x), q(x), "unflatten")
+    ref = F.linear(ref_fake_quant(x, "int8", "absmax", (0,)), ref_fake_quant(m.fc.weight, "int8", "absmax", (0,)),
+                   m.fc.bias)
+    assert_same(q(x), ref.unflatten(-1, (2, 8)).sum(-1), "reference")

@@ -163,6 +163,52 @@ def test_transformer_block_matches_reference():
     assert_same(q(x), ref_transformer(m, x), "transformer")
 
 
+class TorchAttention(nn.Module):
+    """nn.MultiheadAttention: its ops run inside F.multi_head_attention_forward, a Python function of torch."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.fc = nn.Linear(d, 4)
+
+    def forward(self, x, need_weights: bool = False):
+        y, _ = self.attn(x, x, x, need_weights=need_weights)
+        return self.fc(y)
+
+
+def ref_torch_attention(m, x):
+    """Self-attention with int8 (per-channel weights, per-token activations) projections, in MHA's own layout."""
+    a, (b, t, d) = m.attn, x.shape
+    hd = d // a.num_heads
+    xt = x.transpose(0, 1)  # MHA works sequence-first
+    qkv = F.linear(fq(xt, "int8", (0, 1)), fq(a.in_proj_weight, "int8", (0,)), a.in_proj_bias)
+    q, k, v = (u.reshape(t, b * a.num_heads, hd).transpose(0, 1).view(b, a.num_heads, t, hd) for u in qkv.chunk(3, -1))
+    o = F.scaled_dot_product_attention(q, k, v).permute(2, 0, 1, 3).reshape(t * b, d)
+    o = F.linear(fq(o, "int8", (0,)), fq(a.out_proj.weight, "int8", (0,)), a.out_proj.bias)
+    return m.fc(o.view(t, b, d).transpose(0, 1))
+
+
+def test_torch_multihead_attention_projections_are_quantized():
+    torch.manual_seed(0)
+    m, x = TorchAttention(), torch.randn(2, 5, 16)
+    p = QatProvider([QuantizationRule(module_path="attn", weight_qtype="int8", act_qtype="int8", op_names=("linear",))])
+    q = qwix.quantize_model(m, p, x)
+    assert p.get_unused_rules() == []
+    assert_same(q(x), ref_torch_attention(m, x), "nn.MultiheadAttention")
+    assert (q(x) - m(x)).abs().max() > 1e-4  # quantized, not the float model
+    with torch.no_grad():  # eval: the mode keeps nn.MultiheadAttention off its fused fast path
+        q.eval()
+        torch.testing.assert_close(q(x), ref_torch_attention(m, x), rtol=0, atol=1e-6)
+        q.train()
+    # need_weights=True takes the bmm path: both products are activation x activation ops of the module.
+    srq = qwix.quantize_model(m, QatProvider([QuantizationRule(module_path="attn", act_qtype="int8",
+                                                               act_static_scale=True)]), x, True)
+    assert {n for n, _ in srq.attn.named_children()} >= {"linear0_lhs", "bmm0_lhs", "bmm0_rhs", "bmm1_lhs",
+                                                         "bmm1_rhs", "linear1_lhs"}
+    compiled = torch.compile(q, fullgraph=True)
+    assert_same(compiled(x), q(x), "compiled")
+
+
 def test_weights_only_and_activations_only():
     torch.manual_seed(0)
     m, x = MLP(), torch.randn(4, 16)
