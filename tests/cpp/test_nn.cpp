@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <qwix/nn.h>
 #include <qwix/qwix.h>
+#include <torch/script.h>
 #include <torch/torch.h>
 
 namespace {
@@ -193,6 +194,92 @@ TEST(NnPass, PlainTypedMembersAreAnErrorOnlyWhenARuleMatches) {
   other.module_path = "elsewhere";
   auto provider = qwix::nn::quantize_model(m, qwix::QatProvider({other}));  // nothing to do: fine
   EXPECT_EQ(provider->get_unused_rules().size(), 1u);
+}
+
+// DESIGN section 1: "a model quantized on any path gives the same forward values
+// for the same weights". The same network on the torch::nn path and on the
+// TorchScript path (tests/python/test_jit.py ties TorchScript to the Python path):
+// outputs and SRQ statistics bit for bit, over training steps and in eval.
+struct PathNet : torch::nn::Module {
+  qwix::nn::Conv2d conv{nullptr};
+  qwix::nn::Linear head{nullptr};
+  PathNet() {
+    conv = register_module("conv", qwix::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)));
+    head = register_module("head", qwix::nn::Linear(4 * 6 * 6, 5));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return head(torch::relu(conv(x)).flatten(1)); }
+};
+
+torch::jit::Module script_of(PathNet& net) {
+  auto cu = std::make_shared<torch::jit::CompilationUnit>();
+  auto leaf = [&](const char* type, const at::Tensor& w, const at::Tensor& b, const char* src) {
+    torch::jit::Module m(c10::QualifiedName(type), cu, /*shouldMangle=*/true);
+    m.register_attribute("training", c10::BoolType::get(), true);
+    m.register_parameter("weight", w.detach().clone().requires_grad_(), false);
+    m.register_parameter("bias", b.detach().clone().requires_grad_(), false);
+    m.define(src);
+    return m;
+  };
+  torch::jit::Module root(c10::QualifiedName("__torch__.PathNet"), cu, /*shouldMangle=*/true);
+  root.register_attribute("training", c10::BoolType::get(), true);
+  root.register_module("conv", leaf("__torch__.Conv", net.conv->weight, net.conv->bias, R"(
+def forward(self, x):
+    return torch.conv2d(x, self.weight, self.bias, [1, 1], [1, 1], [1, 1], 1)
+)"));
+  root.register_module("head", leaf("__torch__.Head", net.head->weight, net.head->bias, R"(
+def forward(self, x):
+    return torch.linear(x, self.weight, self.bias)
+)"));
+  root.define(R"(
+def forward(self, x):
+    return self.head.forward(torch.relu(self.conv.forward(x)).flatten(1))
+)");
+  return root;
+}
+
+TEST(NnPass, SameValuesAsTheTorchScriptPass) {
+  torch::manual_seed(3);
+  auto net = std::make_shared<PathNet>();
+  torch::jit::Module ts = script_of(*net);
+  const at::Tensor example = torch::randn({2, 1, 6, 6});
+  auto rules = [] {
+    qwix::QuantizationRule conv;  // SRQ, asymmetric activations
+    conv.module_path = "conv";
+    conv.weight_qtype = "int8";
+    conv.act_qtype = "uint8";
+    conv.act_calibration_method = "minmax";
+    conv.act_static_scale = true;
+    qwix::QuantizationRule head;  // dynamic, tiled contracting axis
+    head.module_path = "head";
+    head.weight_qtype = "int4";
+    head.act_qtype = "float8_e4m3fn";
+    head.tile_size = 48;
+    return std::vector<qwix::QuantizationRule>{conv, head};
+  }();
+  auto provider = qwix::quantize_model(*net, qwix::QatProvider(rules));
+  qwix::QatProvider jit_provider(rules);
+  qwix::jit::quantize_model(ts, jit_provider, {example});
+  EXPECT_TRUE(jit_provider.get_unused_rules().empty());  // after the example forward
+  for (int step = 0; step < 3; ++step) {  // training mode: statistics updated before each read
+    const at::Tensor x = torch::randn({3, 1, 6, 6}) * (step + 1);
+    const at::Tensor a = net->forward(x), b = ts.forward({x}).toTensor();
+    ASSERT_TRUE(torch::equal(a, b)) << "step " << step << ": max diff " << (a - b).abs().max().item<float>();
+  }
+  EXPECT_TRUE(provider->get_unused_rules().empty());  // the nn path plans at the first forward
+  std::map<std::string, at::Tensor> jit_buffers;
+  for (const auto& b : ts.named_buffers()) jit_buffers[b.name] = b.value;
+  int compared = 0;
+  for (const auto& b : net->named_buffers()) {
+    ASSERT_TRUE(jit_buffers.count(b.key())) << b.key() << " missing on the TorchScript path";
+    EXPECT_TRUE(torch::equal(b.value(), jit_buffers[b.key()])) << b.key();
+    ++compared;
+  }
+  EXPECT_EQ(compared, 3);  // conv.conv2d0_lhs.{count, sum_of_min, sum_of_max}
+  EXPECT_EQ(net->conv->named_buffers()["conv2d0_lhs.count"].item<int>(), 3);
+  net->eval();
+  ts.eval();
+  const at::Tensor x = torch::randn({2, 1, 6, 6});
+  EXPECT_TRUE(torch::equal(net->forward(x), ts.forward({x}).toTensor()));
 }
 
 }  // namespace
