@@ -1,4 +1,4 @@
-// The LibTorch QAT wrappers: statistics module, operand quantization, forwards.
+// The LibTorch QAT wrappers: the statistics module and the wrappers' forwards.
 #include <c10/util/Exception.h>
 
 #include "qwix/nn.h"
@@ -16,39 +16,6 @@ QuantStatImpl::QuantStatImpl(QuantStatTensors init) : t_(std::move(init)) {
     t_.sums[1] = register_buffer("sum_of_max", t_.sums[1]);
   }
 }
-
-namespace detail {
-
-std::pair<at::Tensor, at::Tensor> quantize_operands(torch::nn::Module& owner, const std::string& op,
-                                                    const QatProvider* provider, const std::string& path,
-                                                    bool update_stats, const at::Tensor& x, const at::Tensor& w) {
-  if (provider == nullptr) return {x, w};
-  // The provider is shared by every wrapper; planning only reads it (rule usage is recorded).
-  auto plan = const_cast<QatProvider*>(provider)->plan(path, op, {x.dim(), false}, {w.dim(), true});
-  if (!plan) return {x, w};
-  at::Tensor xq = x;
-  if (plan->lhs.quantize && plan->lhs.static_scale) {
-    const std::string name = op + "0_lhs";
-    std::shared_ptr<QuantStatImpl> stat;
-    const auto children = owner.named_children();
-    if (const auto* found = children.find(name)) {
-      stat = std::dynamic_pointer_cast<QuantStatImpl>(*found);
-      TORCH_CHECK(stat != nullptr, "qwix: submodule '", name, "' of '", path, "' is not a QuantStat");
-    } else {
-      stat = owner.register_module(name, std::make_shared<QuantStatImpl>(make_quant_stat(x.detach(), plan->lhs)));
-    }
-    QuantStatTensors t = stat->tensors();
-    if (update_stats && owner.is_training()) {
-      update_operand_stat(t, calibrate_operand(x.detach(), plan->lhs), plan->lhs);  // update, then read
-    }
-    xq = quantize_operand(x, plan->lhs, &t);
-  } else {
-    xq = quantize_operand(x, plan->lhs);
-  }
-  return {xq, quantize_operand(w, plan->rhs)};
-}
-
-}  // namespace detail
 
 namespace {
 

@@ -27,14 +27,14 @@ void replace_child(torch::nn::Module& parent, const std::shared_ptr<torch::nn::M
 // A wrapper sharing the parameters of a plain Linear / Conv2d (not already a wrapper), else nullptr.
 template <typename Wrapper, typename Plain>
 std::shared_ptr<Wrapper> wrap(const std::shared_ptr<torch::nn::Module>& m) {
-  if (dynamic_cast<QatModuleInterface*>(m.get())) return nullptr;
+  if (dynamic_cast<Quantizable*>(m.get())) return nullptr;
   auto* plain = dynamic_cast<Plain*>(m.get());
   return plain ? std::make_shared<Wrapper>(*plain) : nullptr;
 }
 
 // The op a plain (not wrapped) module would run, for the error message; "" if none.
 std::string plain_op(const torch::nn::Module& m) {
-  if (dynamic_cast<const QatModuleInterface*>(&m)) return "";
+  if (dynamic_cast<const Quantizable*>(&m)) return "";
   if (dynamic_cast<const torch::nn::LinearImpl*>(&m)) return "linear";
   if (dynamic_cast<const torch::nn::Conv1dImpl*>(&m)) return "conv1d";
   if (dynamic_cast<const torch::nn::Conv2dImpl*>(&m)) return "conv2d";
@@ -77,7 +77,7 @@ void swap_in_containers(torch::nn::Module& m) {
 }
 
 void configure(torch::nn::Module& m, const std::string& path, const std::shared_ptr<QatProvider>& provider) {
-  if (auto* q = dynamic_cast<QatModuleInterface*>(&m)) {
+  if (auto* q = dynamic_cast<Quantizable*>(&m)) {
     q->configure(provider, path);
   } else if (const std::string op = plain_op(m); !op.empty() && provider->match_rule(path, op)) {
     TORCH_CHECK_VALUE(false, "qwix: module '", path, "' is a plain torch::nn module (op '", op, "') that rule #",
@@ -90,7 +90,7 @@ void configure(torch::nn::Module& m, const std::string& path, const std::shared_
 }
 
 void set_update(torch::nn::Module& m, bool enabled) {
-  if (auto* q = dynamic_cast<QatModuleInterface*>(&m)) q->set_quant_stats_update(enabled);
+  if (auto* q = dynamic_cast<Quantizable*>(&m)) q->set_quant_stats_update(enabled);
   for (const auto& child : m.named_children()) set_update(*child.value(), enabled);
 }
 

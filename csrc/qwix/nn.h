@@ -15,7 +15,9 @@
 // torch::nn::Linear held by a member: declare such members as qwix::nn::Linear /
 // qwix::nn::Conv1d/2d/3d (same constructors, options and parameter names). Plain
 // modules inside torch::nn::Sequential and torch::nn::ModuleList are replaced by
-// wrappers sharing their parameters. The per-op decisions are the engine's
+// wrappers sharing their parameters. A custom module whose forward calls ops
+// itself (attention: einsum / matmul) derives from qwix::nn::Quantizable and
+// calls them through qat_ops(). The per-op decisions are the engine's
 // (qwix.h), as in the Python and TorchScript paths, and the names match:
 // parameters keep theirs, SRQ statistics are submodules `<op>0_lhs` with buffers
 // `count` and `sum_of_absmax` (or `sum_of_min`, `sum_of_max`).
@@ -24,6 +26,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -46,15 +49,86 @@ class QuantStatImpl : public torch::nn::Module {
 };
 TORCH_MODULE(QuantStat);
 
-// The part of a QAT wrapper the pass talks to, whatever module it wraps.
-class QatModuleInterface {
+class QatOps;
+
+// What the pass configures: every qwix::nn wrapper, and any custom module that
+// derives from it to quantize the ops of its own forward with qat_ops():
+//
+//   struct AttentionImpl : torch::nn::Module, qwix::nn::Quantizable {
+//     at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+//       auto ops = qat_ops();  // one per forward call: op ids einsum0, matmul0, ... as in Python
+//       auto s = ops.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1);
+//       return ops.matmul(s, v);
+//     }
+//   };
+//
+// Until the pass runs, or where no rule matches, the ops are the plain ones.
+class Quantizable {
  public:
-  virtual ~QatModuleInterface() = default;
+  virtual ~Quantizable() = default;
   // Attaches the provider and this module's dotted path (the pass calls it).
-  virtual void configure(std::shared_ptr<QatProvider> provider, std::string path) = 0;
+  void configure(std::shared_ptr<QatProvider> provider, std::string path) {
+    provider_ = std::move(provider);
+    path_ = std::move(path);
+  }
   // SRQ statistics update in training mode (default on; eval mode never updates).
-  virtual void set_quant_stats_update(bool enabled) = 0;
+  void set_quant_stats_update(bool enabled) { update_ = enabled; }
+
+ protected:
+  // The quantized ops of this module's forward (the object must also be a torch::nn::Module).
+  QatOps qat_ops();
+
+ private:
+  friend class QatOps;
+  std::shared_ptr<QatProvider> provider_;
+  std::string path_;
+  bool update_ = true;
 };
+
+// The ops of one forward call of a Quantizable module, fake-quantizing their
+// operands as the provider plans them (DESIGN section 3; the Python path's
+// decisions): an operand that is a parameter of the module (recursively) or a
+// view of one is a weight, any other an activation; op ids count per op name
+// from 0 in call order (make one QatOps per forward call); SRQ statistics are
+// submodules `<op id>_lhs` / `_rhs` of the module, updated before they are read
+// in training mode.
+class QatOps {
+ public:
+  QatOps(torch::nn::Module& owner, const Quantizable& config) : owner_(owner), config_(config) {}
+
+  at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {});
+  at::Tensor conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {},
+                    at::IntArrayRef stride = 1, at::IntArrayRef padding = 0, at::IntArrayRef dilation = 1,
+                    int64_t groups = 1);
+  at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {},
+                    at::IntArrayRef stride = 1, at::IntArrayRef padding = 0, at::IntArrayRef dilation = 1,
+                    int64_t groups = 1);
+  at::Tensor conv3d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {},
+                    at::IntArrayRef stride = 1, at::IntArrayRef padding = 0, at::IntArrayRef dilation = 1,
+                    int64_t groups = 1);
+  at::Tensor matmul(const at::Tensor& a, const at::Tensor& b);
+  at::Tensor bmm(const at::Tensor& a, const at::Tensor& b);
+  // Two operands (explicit or implicit output), as the Python path intercepts.
+  at::Tensor einsum(const std::string& equation, const at::Tensor& a, const at::Tensor& b);
+
+  // The two operands of op `op` (one of valid_op_names()) as planned, taking the next op id.
+  std::pair<at::Tensor, at::Tensor> operands(const std::string& op, const at::Tensor& lhs, const at::Tensor& rhs,
+                                             const std::string& einsum_equation = "");
+
+ private:
+  at::Tensor operand(const std::string& name, const at::Tensor& x, const OperandPlan& plan);
+  bool is_weight(const at::Tensor& t) const;
+
+  torch::nn::Module& owner_;
+  const Quantizable& config_;
+  std::map<std::string, int64_t> counts_;
+};
+
+inline QatOps Quantizable::qat_ops() {
+  auto* module = dynamic_cast<torch::nn::Module*>(this);
+  TORCH_CHECK(module != nullptr, "qwix: a qwix::nn::Quantizable must also be a torch::nn::Module");
+  return QatOps(*module, *this);
+}
 
 namespace detail {
 // Puts `value` in `slot` until the end of the scope (also when an exception leaves it).
@@ -69,24 +143,13 @@ class Swap {
   at::Tensor& slot_;
   at::Tensor saved_;
 };
-
-// Fake-quantizes (x, w) of op `op` (e.g. "linear") as the provider plans it;
-// SRQ statistics live in `owner` as `<op>0_lhs`. Unconfigured or unmatched: (x, w).
-std::pair<at::Tensor, at::Tensor> quantize_operands(torch::nn::Module& owner, const std::string& op,
-                                                    const QatProvider* provider, const std::string& path,
-                                                    bool update_stats, const at::Tensor& x, const at::Tensor& w);
 }  // namespace detail
 
 // Base + QAT: Base's forward with fake-quantized input and weight.
 template <typename Base>
-class QatModule : public Base, public QatModuleInterface {
+class QatModule : public Base, public Quantizable {
  public:
   using Base::Base;
-  void configure(std::shared_ptr<QatProvider> provider, std::string path) override {
-    provider_ = std::move(provider);
-    path_ = std::move(path);
-  }
-  void set_quant_stats_update(bool enabled) override { update_ = enabled; }
 
  protected:
   // Makes this wrapper hold `plain`'s parameter tensors themselves (optimizers built before keep working).
@@ -99,15 +162,10 @@ class QatModule : public Base, public QatModuleInterface {
   // never replaced and gradients reach it through the fake quant; not for concurrent forwards
   // of one module object.
   at::Tensor forward_quantized(const std::string& op, const at::Tensor& input) {
-    auto [x, w] = detail::quantize_operands(*this, op, provider_.get(), path_, update_, input, this->weight);
+    auto [x, w] = qat_ops().operands(op, input, this->weight);
     const detail::Swap swap(this->weight, w);
     return Base::forward(x);
   }
-
- private:
-  std::shared_ptr<QatProvider> provider_;
-  std::string path_;
-  bool update_ = true;
 };
 
 // Drop-in torch::nn::Linear (op "linear"). Not clonable (LibTorch's clone() would

@@ -283,3 +283,79 @@ TEST(NnPass, SameValuesAsTheTorchScriptPass) {
 }
 
 }  // namespace
+
+namespace {
+
+// A custom attention whose forward calls its ops itself, through qat_ops().
+struct AttentionImpl : torch::nn::Module, qwix::nn::Quantizable {
+  at::Tensor wqkv, wo;
+  AttentionImpl() {
+    wqkv = register_parameter("wqkv", torch::randn({48, 16}) * 0.2);
+    wo = register_parameter("wo", torch::randn({16, 16}) * 0.2);
+  }
+  at::Tensor forward(const at::Tensor& x) {
+    auto ops = qat_ops();
+    const int64_t b = x.size(0), t = x.size(1);
+    auto qkv = ops.linear(x, wqkv).reshape({b, t, 3, 2, 8}).permute({2, 0, 3, 1, 4});
+    auto s = ops.einsum("bhqd,bhkd->bhqk", qkv[0], qkv[1]) / std::sqrt(8.0);
+    auto y = ops.matmul(s.softmax(-1), qkv[2]).transpose(1, 2).reshape({b, t, 16});
+    return ops.matmul(y, wo.t());  // a view of a parameter: a weight
+  }
+};
+TORCH_MODULE(Attention);
+
+torch::jit::Module script_attention(const AttentionImpl& a) {
+  auto cu = std::make_shared<torch::jit::CompilationUnit>();
+  torch::jit::Module m(c10::QualifiedName("__torch__.Attention"), cu, /*shouldMangle=*/true);
+  m.register_attribute("training", c10::BoolType::get(), true);
+  m.register_parameter("wqkv", a.wqkv.detach().clone().requires_grad_(), false);
+  m.register_parameter("wo", a.wo.detach().clone().requires_grad_(), false);
+  m.define(R"(
+def forward(self, x):
+    b = x.size(0)
+    t = x.size(1)
+    qkv = torch.linear(x, self.wqkv).reshape([b, t, 3, 2, 8]).permute([2, 0, 3, 1, 4])
+    s = torch.einsum("bhqd,bhkd->bhqk", [qkv[0], qkv[1]]) / 2.8284271247461903
+    y = torch.matmul(s.softmax(-1), qkv[2]).transpose(1, 2).reshape([b, t, 16])
+    return torch.matmul(y, self.wo.t())
+)");
+  return m;
+}
+
+TEST(NnPass, CustomForwardOpsMatchTheTorchScriptPass) {
+  torch::manual_seed(4);
+  Attention att;
+  const at::Tensor x0 = torch::randn({2, 5, 16});
+  // Unconfigured, the ops are the plain ones.
+  EXPECT_TRUE(torch::allclose(att->forward(x0), script_attention(*att).forward({x0}).toTensor()));
+  torch::jit::Module ts = script_attention(*att);
+  qwix::QuantizationRule srq;  // activation x activation products with SRQ; weights int4, activations int8
+  srq.weight_qtype = "int4";
+  srq.act_qtype = "int8";
+  srq.act_static_scale = true;
+  auto provider = qwix::quantize_model(att, qwix::QatProvider({srq}));
+  qwix::QatProvider jit_provider({srq});
+  qwix::jit::quantize_model(ts, jit_provider, {x0});
+  for (int step = 0; step < 3; ++step) {
+    const at::Tensor x = torch::randn({2, 5, 16});
+    const at::Tensor a = att->forward(x), b = ts.forward({x}).toTensor();
+    ASSERT_TRUE(torch::equal(a, b)) << "step " << step << ": max diff " << (a - b).abs().max().item<float>();
+  }
+  std::vector<std::string> names;
+  for (const auto& c : att->named_children()) names.push_back(c.key());
+  EXPECT_EQ(names, (std::vector<std::string>{"linear0_lhs", "einsum0_lhs", "einsum0_rhs", "matmul0_lhs",
+                                             "matmul0_rhs", "matmul1_lhs"}));  // matmul1's rhs is the weight
+  std::map<std::string, at::Tensor> jit_buffers;
+  for (const auto& b : ts.named_buffers()) jit_buffers[b.name] = b.value;
+  for (const auto& b : att->named_buffers()) {
+    ASSERT_TRUE(jit_buffers.count(b.key())) << b.key();
+    EXPECT_TRUE(torch::equal(b.value(), jit_buffers[b.key()])) << b.key();
+  }
+  EXPECT_EQ(att->named_buffers()["matmul0_rhs.count"].item<int>(), 3);
+  EXPECT_TRUE(provider->get_unused_rules().empty());
+  // The straight-through gradient reaches the parameters used through views.
+  att->forward(x0).sum().backward();
+  EXPECT_TRUE(att->wo.grad().defined() && att->wo.grad().abs().sum().item<float>() > 0);
+}
+
+}  // namespace

@@ -1,0 +1,89 @@
+// qwix::nn::QatOps: the ops of a Quantizable module's forward with their
+// operands fake-quantized as the provider plans them (the wrappers use it too).
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include "qwix/nn.h"
+
+namespace qwix {
+namespace nn {
+
+bool QatOps::is_weight(const at::Tensor& t) const {
+  // A parameter of the module (or of a submodule), or a view of one: the Python path's test.
+  const at::Tensor base = t.is_view() ? at::Tensor(t._base()) : t;
+  for (const auto& p : owner_.parameters(/*recurse=*/true)) {
+    if (p.is_same(t) || p.is_same(base)) return true;
+  }
+  return false;
+}
+
+at::Tensor QatOps::operand(const std::string& name, const at::Tensor& x, const OperandPlan& plan) {
+  if (!plan.quantize || !plan.static_scale || !x.is_floating_point()) return quantize_operand(x, plan);
+  std::shared_ptr<QuantStatImpl> stat;
+  const auto children = owner_.named_children();
+  if (const auto* found = children.find(name)) {
+    stat = std::dynamic_pointer_cast<QuantStatImpl>(*found);
+    TORCH_CHECK(stat != nullptr, "qwix: submodule '", name, "' of '", config_.path_, "' is not a QuantStat");
+  } else {
+    stat = owner_.register_module(name, std::make_shared<QuantStatImpl>(make_quant_stat(x.detach(), plan)));
+  }
+  QuantStatTensors t = stat->tensors();
+  if (config_.update_ && owner_.is_training()) {
+    update_operand_stat(t, calibrate_operand(x.detach(), plan), plan);  // update, then read
+  }
+  return quantize_operand(x, plan, &t);
+}
+
+std::pair<at::Tensor, at::Tensor> QatOps::operands(const std::string& op, const at::Tensor& lhs, const at::Tensor& rhs,
+                                                   const std::string& einsum_equation) {
+  const int64_t n = counts_[op]++;
+  if (!config_.provider_) return {lhs, rhs};
+  // The provider is shared by every module of the model; planning records rule usage.
+  auto plan = config_.provider_->plan(config_.path_, op, {lhs.dim(), is_weight(lhs)}, {rhs.dim(), is_weight(rhs)},
+                                      einsum_equation);
+  if (!plan) return {lhs, rhs};
+  const std::string id = op + std::to_string(n);
+  at::Tensor a = operand(id + "_lhs", lhs, plan->lhs);
+  return {a, operand(id + "_rhs", rhs, plan->rhs)};
+}
+
+at::Tensor QatOps::linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
+  auto [x, w] = operands("linear", input, weight);
+  return at::linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+}
+
+at::Tensor QatOps::conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  auto [x, w] = operands("conv1d", input, weight);
+  return at::conv1d(x, w, bias, stride, padding, dilation, groups);
+}
+
+at::Tensor QatOps::conv2d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  auto [x, w] = operands("conv2d", input, weight);
+  return at::conv2d(x, w, bias, stride, padding, dilation, groups);
+}
+
+at::Tensor QatOps::conv3d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  auto [x, w] = operands("conv3d", input, weight);
+  return at::conv3d(x, w, bias, stride, padding, dilation, groups);
+}
+
+at::Tensor QatOps::matmul(const at::Tensor& a, const at::Tensor& b) {
+  auto [x, y] = operands("matmul", a, b);
+  return at::matmul(x, y);
+}
+
+at::Tensor QatOps::bmm(const at::Tensor& a, const at::Tensor& b) {
+  auto [x, y] = operands("bmm", a, b);
+  return at::bmm(x, y);
+}
+
+at::Tensor QatOps::einsum(const std::string& equation, const at::Tensor& a, const at::Tensor& b) {
+  auto [x, y] = operands("einsum", a, b, equation);
+  return at::einsum(equation, {x, y});
+}
+
+}  // namespace nn
+}  // namespace qwix
