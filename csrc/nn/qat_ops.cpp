@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+
 #include "qwix/nn.h"
 
 namespace qwix {
@@ -36,6 +38,12 @@ at::Tensor QatOps::operand(const std::string& name, const at::Tensor& x, const O
 
 std::pair<at::Tensor, at::Tensor> QatOps::operands(const std::string& op, const at::Tensor& lhs, const at::Tensor& rhs,
                                                    const std::string& einsum_equation) {
+  const auto& valid = valid_op_names();
+  if (std::find(valid.begin(), valid.end(), op) == valid.end()) {
+    std::string names;
+    for (const auto& v : valid) names += (names.empty() ? "" : ", ") + v;
+    TORCH_CHECK_VALUE(false, "qwix: unknown op '", op, "' in QatOps::operands; valid ops: ", names);
+  }
   const int64_t n = counts_[op]++;
   if (!config_.provider_) return {lhs, rhs};
   // The provider is shared by every module of the model; planning records rule usage.

@@ -293,6 +293,7 @@ struct AttentionImpl : torch::nn::Module, qwix::nn::Quantizable {
     wqkv = register_parameter("wqkv", torch::randn({48, 16}) * 0.2);
     wo = register_parameter("wo", torch::randn({16, 16}) * 0.2);
   }
+  qwix::nn::QatOps qat_ops_for_test() { return qat_ops(); }
   at::Tensor forward(const at::Tensor& x) {
     auto ops = qat_ops();
     const int64_t b = x.size(0), t = x.size(1);
@@ -353,6 +354,12 @@ TEST(NnPass, CustomForwardOpsMatchTheTorchScriptPass) {
   }
   EXPECT_EQ(att->named_buffers()["matmul0_rhs.count"].item<int>(), 3);
   EXPECT_TRUE(provider->get_unused_rules().empty());
+  auto ops = att->qat_ops_for_test();
+  EXPECT_THROW(ops.operands("conv4d", x0, x0), c10::ValueError);  // names the op and the valid ones
+  struct NotAModule : qwix::nn::Quantizable {
+    void run() { qat_ops(); }
+  } not_a_module;
+  EXPECT_THROW(not_a_module.run(), c10::Error);
   // The straight-through gradient reaches the parameters used through views.
   att->forward(x0).sum().backward();
   EXPECT_TRUE(att->wo.grad().defined() && att->wo.grad().abs().sum().item<float>() > 0);
