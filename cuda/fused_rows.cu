@@ -112,6 +112,43 @@ __global__ void __launch_bounds__(TPR > kMinBlock ? TPR : kMinBlock)
   }
 }
 
+// Calibration only (the calibrate op and SRQ statistics of row layouts): the
+// same row reduction, one (a, b) per row, no write of x.
+template <typename T, int TPR>
+__global__ void __launch_bounds__(TPR > kMinBlock ? TPR : kMinBlock)
+    row_stats_kernel(const T* __restrict__ x, int64_t rows, int64_t L, CalKind ck, float mult, float* __restrict__ a,
+                     float* __restrict__ b) {
+  constexpr int kRowsPerBlock = TPR >= kMinBlock ? 1 : kMinBlock / TPR;
+  const int t = threadIdx.x % TPR;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;
+  const bool active = row < rows;
+  const int64_t nchunks = L / kChunk;
+  const Chunk<T>* xc = reinterpret_cast<const Chunk<T>*>(x + (active ? row : 0) * L);
+  Stat s = Stat::empty();
+  for (int64_t i = t; active && i < nchunks; i += TPR) {
+    const Chunk<T> v = xc[i];
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) s.add(to_float(v.v[j]), ck);
+  }
+  s = row_reduce<TPR>(s, ck);
+  if (!active || t != 0) return;
+  float va = 0.0f, vb = 0.0f;
+  s.finalize(ck, mult, L, &va, &vb);
+  a[row] = va;
+  if (b) b[row] = vb;
+}
+
+template <typename T, int TPR>
+void launch_stats(const T* x, int64_t rows, int64_t L, const Calibration& c, float* a, float* b) {
+  constexpr int kRowsPerBlock = TPR >= kMinBlock ? 1 : kMinBlock / TPR;
+  constexpr int kBlock = TPR > kMinBlock ? TPR : kMinBlock;
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "qwix: too many rows for one launch: ", rows);
+  row_stats_kernel<T, TPR><<<static_cast<unsigned>(blocks), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      x, rows, L, cal_kind(c), c.multiplier, a, b);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, QKind K, int TPR, int CACHE>
 void launch(const T* x, T* y, uint8_t* bits, int64_t rows, int64_t L, const Calibration& c, const QParams& q) {
   constexpr int kRowsPerBlock = TPR >= kMinBlock ? 1 : kMinBlock / TPR;
@@ -167,6 +204,27 @@ bool fused_rows(const at::Tensor& xd, at::Tensor& y, at::Tensor* mask, const Lay
         launch_for_length<scalar_t, decltype(kind)::value>(xd.const_data_ptr<scalar_t>(),
                                                            y.mutable_data_ptr<scalar_t>(), bits, rows, L, c, q);
       });
+    }
+  });
+  return true;
+}
+
+bool rows_calibration(const at::Tensor& xd, const Layout& l, const Calibration& c, at::Tensor& a, at::Tensor& b) {
+  if (!l.rows() || l.num_groups <= 1 || c.is_fixed()) return false;
+  const int64_t L = l.inner(), rows = l.runs();
+  if (L % kChunk != 0 || !chunk_aligned(xd.const_data_ptr(), xd.element_size())) return false;
+  float* pa = a.mutable_data_ptr<float>();
+  float* pb = b.defined() ? b.mutable_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xd.scalar_type(), "qwix_row_stats_cuda", [&] {
+    const scalar_t* x = xd.const_data_ptr<scalar_t>();
+    if (L <= 128) {
+      launch_stats<scalar_t, sizeof(scalar_t) == 2 ? 4 : 8>(x, rows, L, c, pa, pb);
+    } else if (L <= 512) {
+      launch_stats<scalar_t, 32>(x, rows, L, c, pa, pb);
+    } else if (L <= 2048) {
+      launch_stats<scalar_t, 64>(x, rows, L, c, pa, pb);
+    } else {
+      launch_stats<scalar_t, 256>(x, rows, L, c, pa, pb);
     }
   });
   return true;

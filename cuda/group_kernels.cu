@@ -134,8 +134,8 @@ struct GroupCache {
 
 template <typename T, QKind K>
 __global__ void __launch_bounds__(kThreads)
-    apply_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, bool aligned, DeviceLayout l, QParams q,
-                 const PackedParams* __restrict__ P, uint8_t* __restrict__ bits) {
+    apply_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, bool aligned, bool chunk_groups,
+                 DeviceLayout l, QParams q, const PackedParams* __restrict__ P, uint8_t* __restrict__ bits) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t begin = c * kChunk;
   if (begin >= n) return;
@@ -144,8 +144,9 @@ __global__ void __launch_bounds__(kThreads)
   if (aligned && begin + kChunk <= n) {
     const Chunk<T> v = reinterpret_cast<const Chunk<T>*>(x)[c];
     Chunk<T> o;
-    if (l.num_groups == 1) {  // per-tensor: one parameter set for the chunk
-      m = bits ? quantize_group_chunk<T, K, true>(v, o, P[0], q) : quantize_group_chunk<T, K, false>(v, o, P[0], q);
+    if (chunk_groups) {  // the chunk's 8 elements share one group
+      const PackedParams& p = P[l.group_of(begin)];
+      m = bits ? quantize_group_chunk<T, K, true>(v, o, p, q) : quantize_group_chunk<T, K, false>(v, o, p, q);
     } else {
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) {
@@ -268,6 +269,7 @@ void group_calibration(const at::Tensor& xd, const Layout& l, const Calibration&
     if (b.defined()) b.fill_(c.is_fixed() ? c.fixed_hi : 0.0f);
     return;
   }
+  if (rows_calibration(xd, l, c, a, b)) return;
   const CalKind ck = cal_kind(c);
   at::Tensor abs_bits = at::zeros({G}, opts.dtype(at::kInt));
   at::Tensor mn = at::full({G}, std::numeric_limits<int32_t>::max(), opts.dtype(at::kInt));
@@ -324,13 +326,16 @@ void apply(const at::Tensor& xd, at::Tensor& y, at::Tensor* mask, const Layout& 
     const bool columns = l.num_groups > 1 && columns_of(l, px, py, sizeof(scalar_t), &cs);
     const bool aligned = chunk_aligned(px, sizeof(scalar_t)) && chunk_aligned(py, sizeof(scalar_t));
     const DeviceLayout d = columns ? DeviceLayout{} : device_layout(l);
+    // Groups constant over runs of a multiple of 8 elements (per-tensor; SRQ's per-token
+    // scales [1, T, 1] of [B, T, E] activations): one parameter lookup per chunk.
+    const bool chunk_groups = l.num_groups == 1 || (!l.inner_kept() && l.inner() % kChunk == 0);
     dispatch_kind(q.kind, [&](auto kind) {
       constexpr QKind K = decltype(kind)::value;
       if (columns) {
         columns_apply_kernel<scalar_t, K><<<columns_grid(cs), kThreads, 0, stream>>>(px, py, cs, q, P, bits);
       } else {
         apply_kernel<scalar_t, K><<<blocks_for((l.numel + kChunk - 1) / kChunk, kThreads), kThreads, 0, stream>>>(
-            px, py, l.numel, aligned, d, q, P, bits);
+            px, py, l.numel, aligned, chunk_groups, d, q, P, bits);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

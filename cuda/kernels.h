@@ -19,6 +19,11 @@ namespace cuda {
 bool fused_rows(const at::Tensor& xd, at::Tensor& y, at::Tensor* mask, const Layout& l, const Calibration& c,
                 const QParams& q);
 
+// The calibration of a row layout (as fused_rows takes), one kernel, into the
+// preallocated a (and b for asymmetric methods). False, launching nothing, when
+// the layout or alignment does not fit.
+bool rows_calibration(const at::Tensor& xd, const Layout& l, const Calibration& c, at::Tensor& a, at::Tensor& b);
+
 // Per-group calibration in group order, float32: a = absmax (or min), b = max
 // for asymmetric methods (undefined otherwise). Per-tensor reads x once.
 void group_calibration(const at::Tensor& xd, const Layout& l, const Calibration& c, at::Tensor& a, at::Tensor& b);

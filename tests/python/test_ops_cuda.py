@@ -230,3 +230,38 @@ def test_cuda_block_formats_match_cpu(qtype, dtype):
             yc, mc = torch.ops.qwix.fake_quant_forward(x.cuda(), qtype, method, [], [], [], True)
             assert_same(yc.cpu(), y, f"{qtype} {shape} {method}")
             assert torch.equal(mc.cpu(), m)
+
+
+def _row_calibration_and_chunk_groups(device):
+    """The calibrate op of row layouts (one reduction kernel per row length config) and static scales
+    shared by runs of elements (SRQ's [1, T, 1] scales of [B, T, E] activations) against the CPU."""
+    for shape, axes in SHAPES_AXES[:8]:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = make_input(shape, dtype=dtype)
+            x.view(-1)[5] = float("inf")  # one non-finite group
+            ax, tiles = qwix.resolve_tiled_axes(x.shape, axes.get("tiled_axes"))
+            ch = list(axes.get("channelwise_axes", ()))
+            for method in ["absmax", "absmax,0.8", "minmax", "rms,3"]:
+                want = torch.ops.qwix.calibrate(x, method, ch, ax, tiles)
+                got = torch.ops.qwix.calibrate(x.to(device), method, ch, ax, tiles)
+                for g, w in zip(got, want):
+                    if method.startswith("rms"):  # float64 sums in another order
+                        torch.testing.assert_close(g.cpu(), w, rtol=1e-6, atol=0, equal_nan=True)
+                    else:
+                        assert_same(g.cpu(), w, f"{shape} {dtype} {method}")
+    for shape in [(4, 6, 64), (3, 5, 40), (2, 9, 12)]:  # E % 8 == 0 (one lookup per chunk) and not
+        b, t, e = shape
+        for dtype in (torch.float32, torch.bfloat16):
+            x = make_input(shape, dtype=dtype)
+            s = torch.rand(1, t, 1) * 0.05 + 0.01
+            z = torch.randint(0, 255, (1, t, 1)).float()
+            for qtype, zp in [("int8", None), ("uint8", z), ("float8_e4m3fn", None)]:
+                y, m = torch.ops.qwix.fake_quant_with_scale_forward(x, s, zp, qtype, True)
+                zd = zp.to(device) if zp is not None else None
+                yd, md = torch.ops.qwix.fake_quant_with_scale_forward(x.to(device), s.to(device), zd, qtype, True)
+                assert_same(yd.cpu(), y, f"{shape} {dtype} {qtype}")
+                assert torch.equal(md.cpu(), m)
+
+
+def test_cuda_row_calibration_and_chunk_groups_match_cpu():
+    _row_calibration_and_chunk_groups("cuda")
