@@ -151,6 +151,9 @@ def run(sizes: List[Tuple[int, ...]], dtypes: List[torch.dtype], rounds: int, ba
             g = torch.randn(shape, device=dev, dtype=torch.float32).to(dtype)
             buf, buf2 = torch.empty_like(x), torch.empty_like(x)
             scale = (x.abs().amax() / 127.5).float().reshape(1, 1)
+            # SRQ of [B, T, E] activations: per-token statistics averaged over the batch, scale [1, T, 1].
+            x3 = x.view(8, -1, shape[-1]) if shape[0] % 8 == 0 else x.view(1, -1, shape[-1])
+            tok_scale = (x3.abs().amax(-1, keepdim=True).float().mean(0, keepdim=True) / 127.5)
             cs: List[Contender] = [
                 Contender("*", "fwd", "copy_", fwd(lambda t: buf.copy_(t), x)),
                 Contender("*", "fwd", "sm_copy", fwd(lambda t: torch.neg(t, out=buf2), x)),
@@ -166,6 +169,10 @@ def run(sizes: List[Tuple[int, ...]], dtypes: List[torch.dtype], rounds: int, ba
                 "int8 per-tensor": (ours("int8", None, axes=()), None, False),
                 "int8 per-channel of last axis": (ours("int8", None, axes=(len(shape) - 1,)), None, False),
                 "int8 static per-tensor (SRQ)": (lambda t: q.fake_quant_with_scale(t, scale, "int8"), None, True),
+                "int8 static [1,T,1] of [B,T,E] (SRQ)": (
+                    lambda t: q.fake_quant_with_scale(t.view(x3.shape), tok_scale, "int8"), None, False),
+                "calibrate per-token (reads x only)": (
+                    lambda t: q.compute_calibration(t, channelwise_axes=tuple(range(t.dim() - 1))), None, False),
                 "mxfp8 (blocks of 32)": (lambda t: q.fake_quant(t, "mxfp8"), None, False),
                 "nvfp4 (16, two-level)": (lambda t: q.fake_quant(t, "nvfp4"), None, False),
             }

@@ -36,8 +36,8 @@ def test_bench_cuda_harness_on_cpu(monkeypatch, tmp_path, capsys):
                           compile_=False, json_path=str(out), device="cpu") == 0
     data = json.loads(out.read_text())
     ours = [r for r in data["results"] if r["col"] == "ours"]
-    # 10 cases x 2 dtypes forward, 6 of them also forward+backward; all ran without error.
-    assert len(ours) == 2 * (10 + 6) and all(r["ms"] and not r.get("error") for r in ours)
+    # 12 cases x 2 dtypes forward, 6 of them also forward+backward; all ran without error.
+    assert len(ours) == 2 * (12 + 6) and all(r["ms"] and not r.get("error") for r in ours)
     assert {b["status"] for b in data["bars"]} <= {"PASS", "MISS", "n/a"} and len(data["bars"]) == 24
     assert "Bar (issue 3" in capsys.readouterr().out
     saved = {s["dtype"] + " " + s["what"]: s["extra_bytes"] for s in data["saved_bytes"]}
