@@ -9,7 +9,7 @@ CMAKE_BUILD := build/cmake
 CMAKE := $(VENV)/bin/cmake
 LOCK := flock /tmp/qwix-torch-build.lock
 
-.PHONY: all build venv ext cmake cpp-example test test-cpp test-python demo bench cuda-check clean
+.PHONY: all build venv ext cmake cpp-example test test-cpp test-python demo bench sass-cost cuda-check clean
 
 all: build
 
@@ -78,6 +78,10 @@ demo: build
 bench: ext
 	$(PY) benchmarks/bench_ops.py --json build/bench_ops.json
 	$(PY) benchmarks/bench_qat.py --json build/bench_qat.json
+
+# No GPU needed: SASS instructions per element of the CUDA per-element forms (nvcc + cuobjdump).
+sass-cost: venv
+	$(PY) benchmarks/sass_cost.py --json build/sass_cost.json
 
 clean:
 	rm -rf build python/qwix_torch/*.so

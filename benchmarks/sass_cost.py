@@ -9,7 +9,7 @@ the whole issue budget of an H200 at bf16 copy speed).
 
     python benchmarks/sass_cost.py [--arch sm_90] [--json out.json]
 
-cuobjdump comes from the pip package nvidia-cuda-cuobjdump when it is not on PATH.
+cuobjdump and nvdisasm come from the pip packages nvidia-cuda-cuobjdump / -nvdisasm when not on PATH.
 """
 import argparse
 import json
@@ -25,24 +25,38 @@ FORMS = {0: "checked division", 1: "unchecked division", 2: "unchecked + symmetr
 KINDS = {"0": "int", "1": "float", "2": "nf4"}
 
 
-def find_cuobjdump() -> str:
+def cuobjdump_env() -> tuple:
+    """(cuobjdump path, environment): from PATH, else from the pip packages nvidia-cuda-cuobjdump and
+    nvidia-cuda-nvdisasm (installed into this interpreter's environment when missing)."""
     found = shutil.which("cuobjdump")
-    if found:
-        return found
+    if found and shutil.which("nvdisasm"):
+        return found, os.environ.copy()
     try:
-        import nvidia.cu13  # noqa: F401  (pip install nvidia-cuda-cuobjdump)
+        import nvidia.cu13  # noqa: F401
+        bin_dir = os.path.join(list(nvidia.cu13.__path__)[0], "bin")
+        missing = not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("cuobjdump", "nvdisasm"))
     except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "nvidia-cuda-cuobjdump"], check=True)
+        missing = True
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "nvidia-cuda-cuobjdump",
+                        "nvidia-cuda-nvdisasm"], check=True)
+    import importlib
+
     import nvidia.cu13
 
-    path = os.path.join(list(nvidia.cu13.__path__)[0], "bin", "cuobjdump")
-    os.chmod(path, 0o755)
-    return path
+    importlib.reload(nvidia.cu13)
+    bin_dir = os.path.join(list(nvidia.cu13.__path__)[0], "bin")
+    for tool in ("cuobjdump", "nvdisasm"):
+        os.chmod(os.path.join(bin_dir, tool), 0o755)
+    env = os.environ.copy()
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return os.path.join(bin_dir, "cuobjdump"), env
 
 
 def sass_functions(cubin: str) -> dict:
     """Function name -> [(address, instruction)] without NOPs."""
-    text = subprocess.run([find_cuobjdump(), "-sass", cubin], check=True, capture_output=True, text=True).stdout
+    tool, env = cuobjdump_env()
+    text = subprocess.run([tool, "-sass", cubin], check=True, capture_output=True, text=True, env=env).stdout
     out = {}
     for chunk in re.split(r"\n\s*Function : ", text)[1:]:
         name = chunk.split("\n", 1)[0].strip()
