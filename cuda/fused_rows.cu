@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(TPR > kMinBlock ? TPR : kMinBlock)
 }
 
 // Calibration only (the calibrate op and SRQ statistics of row layouts): the
-// same row reduction, one (a, b) per row, no write of x.
+// same row reduction as fused_rows_kernel with the same threads per row (so rms
+// sums add in the same order), one (a, b) per row, no write of x.
 template <typename T, int TPR>
 __global__ void __launch_bounds__(TPR > kMinBlock ? TPR : kMinBlock)
     row_stats_kernel(const T* __restrict__ x, int64_t rows, int64_t L, CalKind ck, float mult, float* __restrict__ a,
@@ -223,8 +224,10 @@ bool rows_calibration(const at::Tensor& xd, const Layout& l, const Calibration& 
       launch_stats<scalar_t, 32>(x, rows, L, c, pa, pb);
     } else if (L <= 2048) {
       launch_stats<scalar_t, 64>(x, rows, L, c, pa, pb);
-    } else {
+    } else if (L <= 8 * 256 * 4) {
       launch_stats<scalar_t, 256>(x, rows, L, c, pa, pb);
+    } else {
+      launch_stats<scalar_t, 512>(x, rows, L, c, pa, pb);
     }
   });
   return true;

@@ -65,10 +65,11 @@ struct ExactDiv {
 };
 
 // x / d from r = RN(1/d) as ReciprocalDiv below computes it, without its
-// per-element checks, for a whole group at once: equal to x / d for every x of
-// a group whose max |x| passes ReciprocalDiv::unchecked_ok, except that a zero
-// x gives +0 (fake_quant_value drops the sign of zero quotients anyway). No
-// branch, no select: one multiply and four FMAs per element.
+// per-element checks, for a whole group at once: the same value as
+// ReciprocalDiv (x / d, with its tiny-quotient caveat) for every x of a group
+// whose max |x| passes ReciprocalDiv::unchecked_ok, except that a zero x gives +0
+// (fake_quant_value drops the sign of zero quotients anyway). No branch, no
+// select: one multiply and four FMAs per element.
 struct UncheckedDiv {
   float d, r;
   QWIX_HD float operator()(float x) const {
@@ -86,10 +87,12 @@ struct UncheckedDiv {
 // x / d from r = RN(1/d), computed once per group: q0 = RN(x r) is within 1.5
 // ulp of x / d, one FMA correction (Markstein) makes it faithful and a second
 // one correctly rounded, so the result equals x / d bit for bit. Valid when r is
-// a normal float (d <= 2^125; else `divide` is set) and the
-// residuals are exact (|x| >= 2^-100; smaller x give quotients below 2^-37 -- qwix
-// scales are >= 2^-63 -- that quantize to zero either way). A non-finite q0
-// (x Inf/NaN, or an overflowing quotient) takes the division too.
+// a normal float (d <= 2^125; else `divide` is set), the residuals are exact
+// (|x| >= 2^-100) and the quotient is normal (>= 2^-126). Outside that, the
+// result is still below 2^-37 in magnitude (qwix scales are >= 2^-63), and every
+// qtype quantizes it to zero exactly as the true quotient (the finest grid step
+// is e5m2's 2^-16). A non-finite q0 (x Inf/NaN, or an overflowing quotient) takes
+// the division too.
 struct ReciprocalDiv {
   float d, r;
   bool divide;  // r would be subnormal: divide instead
