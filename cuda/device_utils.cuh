@@ -142,29 +142,36 @@ __device__ __forceinline__ uint8_t quantize_chunk(const Chunk<T>& v, Chunk<T>& o
 }
 
 // One group's quantization parameters as the kernels read them (32 bytes: two
-// 16-byte loads). inv = RN(1 / scale) for ReciprocalDiv.
+// 16-byte loads). inv = RN(1 / scale) for ReciprocalDiv; amax = the group's max
+// |x| when its statistics were taken (+Inf for given scales: unknown).
 struct alignas(32) PackedParams {
-  float scale, inv, zero_point, lo, hi, pad[3];
+  float scale, inv, zero_point, lo, hi, amax, pad[2];
   __device__ __forceinline__ ReciprocalDiv div() const { return ReciprocalDiv::with(scale, inv); }
 };
 static_assert(sizeof(PackedParams) == 8 * sizeof(float), "PackedParams is a row of 8 floats");
 
 // A chunk whose 8 elements share one group's parameters, with the cheapest
-// exact per-element form the chunk allows: UncheckedDiv when its max |x|
-// passes unchecked_ok (one uniform branch per chunk instead of one per
-// element), the symmetric integer form when the zero point is 0.
+// exact per-element form the chunk allows: UncheckedDiv when the group's (or
+// else the chunk's) max |x| passes unchecked_ok (one uniform branch per chunk
+// instead of one per element), the symmetric integer form when the zero point
+// is 0.
 template <typename T, QKind K, bool MASK>
 __device__ __forceinline__ uint8_t quantize_group_chunk(const Chunk<T>& v, Chunk<T>& o, const PackedParams& pp,
                                                         const QParams& q) {
   const GroupParams p{pp.scale, pp.zero_point, pp.lo, pp.hi};
   const ReciprocalDiv div = pp.div();
-  uint32_t amax = 0;
+  auto chunk_amax = [&] {  // only where the group's own max |x| is unknown (given scales) or too large
+    uint32_t amax = 0;
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
-    const uint32_t b = abs_bits(to_float(v.v[j]));
-    amax = b > amax ? b : amax;
+    for (int j = 0; j < kChunk; ++j) {
+      const uint32_t b = abs_bits(to_float(v.v[j]));
+      amax = b > amax ? b : amax;
+    }
+    return bits_float(amax);
+  };
+  if (!div.unchecked_ok(pp.amax) && !div.unchecked_ok(chunk_amax())) {
+    return quantize_chunk<T, K, false, MASK>(v, o, div, p, q);
   }
-  if (!div.unchecked_ok(bits_float(amax))) return quantize_chunk<T, K, false, MASK>(v, o, div, p, q);
   if (K == QKind::Int && p.zero_point == 0.0f) return quantize_chunk<T, K, true, MASK>(v, o, div.unchecked(), p, q);
   return quantize_chunk<T, K, false, MASK>(v, o, div.unchecked(), p, q);
 }

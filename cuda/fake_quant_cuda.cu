@@ -32,9 +32,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_forward_cuda(const at::Tensor& x, 
   const Layout l = make_layout(xd.sizes(), xd.strides(), spec.groups);
   at::Tensor* m = with_mask ? &mask : nullptr;
   if (fused_rows(xd, y, m, l, spec.calibration, spec.qtype.p)) return {y, mask};
-  at::Tensor a, b;
-  group_calibration(xd, l, spec.calibration, a, b);
-  apply(xd, y, m, l, spec.qtype.p, device_params(params_from(spec.calibration), spec.qtype.p, a, b));
+  at::Tensor a, b, amax_bits;
+  group_calibration(xd, l, spec.calibration, a, b, &amax_bits);
+  apply(xd, y, m, l, spec.qtype.p, device_params(params_from(spec.calibration), spec.qtype.p, a, b, amax_bits));
   return {y, mask};
 }
 

@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(TPR > kMinBlock ? TPR : kMinBlock)
 template <typename T, int TPR>
 __global__ void __launch_bounds__(TPR > kMinBlock ? TPR : kMinBlock)
     row_stats_kernel(const T* __restrict__ x, int64_t rows, int64_t L, CalKind ck, float mult, float* __restrict__ a,
-                     float* __restrict__ b) {
+                     float* __restrict__ b, uint32_t* __restrict__ amax_bits) {
   constexpr int kRowsPerBlock = TPR >= kMinBlock ? 1 : kMinBlock / TPR;
   const int t = threadIdx.x % TPR;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;
@@ -137,16 +137,17 @@ __global__ void __launch_bounds__(TPR > kMinBlock ? TPR : kMinBlock)
   s.finalize(ck, mult, L, &va, &vb);
   a[row] = va;
   if (b) b[row] = vb;
+  if (amax_bits) amax_bits[row] = s.amax_bits;
 }
 
 template <typename T, int TPR>
-void launch_stats(const T* x, int64_t rows, int64_t L, const Calibration& c, float* a, float* b) {
+void launch_stats(const T* x, int64_t rows, int64_t L, const Calibration& c, float* a, float* b, uint32_t* amax_bits) {
   constexpr int kRowsPerBlock = TPR >= kMinBlock ? 1 : kMinBlock / TPR;
   constexpr int kBlock = TPR > kMinBlock ? TPR : kMinBlock;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "qwix: too many rows for one launch: ", rows);
   row_stats_kernel<T, TPR><<<static_cast<unsigned>(blocks), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      x, rows, L, cal_kind(c), c.multiplier, a, b);
+      x, rows, L, cal_kind(c), c.multiplier, a, b, amax_bits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -210,24 +211,30 @@ bool fused_rows(const at::Tensor& xd, at::Tensor& y, at::Tensor* mask, const Lay
   return true;
 }
 
-bool rows_calibration(const at::Tensor& xd, const Layout& l, const Calibration& c, at::Tensor& a, at::Tensor& b) {
+bool rows_calibration(const at::Tensor& xd, const Layout& l, const Calibration& c, at::Tensor& a, at::Tensor& b,
+                      at::Tensor* amax_bits) {
   if (!l.rows() || l.num_groups <= 1 || c.is_fixed()) return false;
   const int64_t L = l.inner(), rows = l.runs();
   if (L % kChunk != 0 || !chunk_aligned(xd.const_data_ptr(), xd.element_size())) return false;
   float* pa = a.mutable_data_ptr<float>();
   float* pb = b.defined() ? b.mutable_data_ptr<float>() : nullptr;
+  uint32_t* pm = nullptr;
+  if (amax_bits) {
+    *amax_bits = at::empty({l.num_groups}, xd.options().dtype(at::kInt));
+    pm = reinterpret_cast<uint32_t*>(amax_bits->mutable_data_ptr<int32_t>());
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xd.scalar_type(), "qwix_row_stats_cuda", [&] {
     const scalar_t* x = xd.const_data_ptr<scalar_t>();
     if (L <= 128) {
-      launch_stats<scalar_t, sizeof(scalar_t) == 2 ? 4 : 8>(x, rows, L, c, pa, pb);
+      launch_stats<scalar_t, sizeof(scalar_t) == 2 ? 4 : 8>(x, rows, L, c, pa, pb, pm);
     } else if (L <= 512) {
-      launch_stats<scalar_t, 32>(x, rows, L, c, pa, pb);
+      launch_stats<scalar_t, 32>(x, rows, L, c, pa, pb, pm);
     } else if (L <= 2048) {
-      launch_stats<scalar_t, 64>(x, rows, L, c, pa, pb);
+      launch_stats<scalar_t, 64>(x, rows, L, c, pa, pb, pm);
     } else if (L <= 8 * 256 * 4) {
-      launch_stats<scalar_t, 256>(x, rows, L, c, pa, pb);
+      launch_stats<scalar_t, 256>(x, rows, L, c, pa, pb, pm);
     } else {
-      launch_stats<scalar_t, 512>(x, rows, L, c, pa, pb);
+      launch_stats<scalar_t, 512>(x, rows, L, c, pa, pb, pm);
     }
   });
   return true;

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <limits>
+#include <type_traits>
 
 #include "cuda/device_utils.cuh"
 #include "cuda/kernels.h"
@@ -101,13 +102,14 @@ __global__ void finalize_kernel(int64_t groups, int64_t count, CalKind ck, float
 }
 
 __global__ void params_kernel(int64_t groups, ParamsFrom from, QParams q, const float* a, const float* b,
-                              PackedParams* out) {
+                              const uint32_t* amax_bits, PackedParams* out) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g >= groups) return;
   const GroupParams p = from == ParamsFrom::Symmetric    ? symmetric_params(a[g], q)
                         : from == ParamsFrom::Asymmetric ? asymmetric_params(a[g], b[g], q)
                                                          : given_params(a[g], b ? b[g] : 0.0f, q);
-  out[g] = PackedParams{p.scale, 1.0f / p.scale, p.zero_point, p.lo, p.hi, {0.0f, 0.0f, 0.0f}};
+  const float amax = amax_bits ? bits_float(amax_bits[g]) : __int_as_float(0x7f800000);  // +Inf: unknown
+  out[g] = PackedParams{p.scale, 1.0f / p.scale, p.zero_point, p.lo, p.hi, amax, {0.0f, 0.0f}};
 }
 
 template <typename T, QKind K>
@@ -204,21 +206,40 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r1 = r0 + kRowSpan < cs.rows ? r0 + kRowSpan : cs.rows;
   PackedParams p[kChunk];
   ReciprocalDiv div[kChunk];
+  UncheckedDiv fast[kChunk];
+  bool unchecked = true, symmetric = true;  // all 8 columns' groups (from their statistics)
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
     p[j] = P[o * cs.cols + cc * kChunk + j];
     div[j] = p[j].div();
+    fast[j] = div[j].unchecked();
+    unchecked &= div[j].unchecked_ok(p[j].amax);
+    symmetric &= p[j].zero_point == 0.0f;
   }
   const int64_t first = (o * cs.rows) * cs.cols + cc * kChunk;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t e = first + r * cs.cols;
-    const Chunk<T> v = *reinterpret_cast<const Chunk<T>*>(x + e);
-    Chunk<T> out;
-    uint8_t m = 0;
+  // One copy of the row loop per per-element form, chosen once per thread (as in fused_rows).
+  auto rows_loop = [&](auto sym, const auto& d) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t e = first + r * cs.cols;
+      const Chunk<T> v = *reinterpret_cast<const Chunk<T>*>(x + e);
+      Chunk<T> out;
+      uint8_t m = 0;
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) out.v[j] = apply_one<T, K>(v.v[j], p[j], div[j], q, m, j);
-    *reinterpret_cast<Chunk<T>*>(y + e) = out;
-    if (bits) bits[e / kChunk] = m;
+      for (int j = 0; j < kChunk; ++j) {
+        const float f = to_float(v.v[j]);
+        m |= static_cast<uint8_t>(in_range(f, p[j].lo, p[j].hi)) << j;
+        out.v[j] = from_float<T>(fake_quant_value<K, decltype(sym)::value>(f, d[j], p[j].scale, p[j].zero_point, q));
+      }
+      *reinterpret_cast<Chunk<T>*>(y + e) = out;
+      if (bits) bits[e / kChunk] = m;
+    }
+  };
+  if (!unchecked) {
+    rows_loop(std::false_type{}, div);
+  } else if (K == QKind::Int && symmetric) {
+    rows_loop(std::true_type{}, fast);
+  } else {
+    rows_loop(std::false_type{}, fast);
   }
 }
 
@@ -259,7 +280,8 @@ unsigned blocks_for(int64_t n, int64_t per_block) {
 
 }  // namespace
 
-void group_calibration(const at::Tensor& xd, const Layout& l, const Calibration& c, at::Tensor& a, at::Tensor& b) {
+void group_calibration(const at::Tensor& xd, const Layout& l, const Calibration& c, at::Tensor& a, at::Tensor& b,
+                       at::Tensor* amax_bits) {
   const int64_t G = l.num_groups;
   auto opts = xd.options();
   a = at::empty({G}, opts.dtype(at::kFloat));
@@ -269,7 +291,7 @@ void group_calibration(const at::Tensor& xd, const Layout& l, const Calibration&
     if (b.defined()) b.fill_(c.is_fixed() ? c.fixed_hi : 0.0f);
     return;
   }
-  if (rows_calibration(xd, l, c, a, b)) return;
+  if (rows_calibration(xd, l, c, a, b, amax_bits)) return;
   const CalKind ck = cal_kind(c);
   at::Tensor abs_bits = at::zeros({G}, opts.dtype(at::kInt));
   at::Tensor mn = at::full({G}, std::numeric_limits<int32_t>::max(), opts.dtype(at::kInt));
@@ -300,14 +322,17 @@ void group_calibration(const at::Tensor& xd, const Layout& l, const Calibration&
                                                           ss.const_data_ptr<double>(), a.mutable_data_ptr<float>(),
                                                           b.defined() ? b.mutable_data_ptr<float>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (amax_bits) *amax_bits = abs_bits;
 }
 
-DeviceParams device_params(ParamsFrom from, const QParams& q, const at::Tensor& a, const at::Tensor& b) {
+DeviceParams device_params(ParamsFrom from, const QParams& q, const at::Tensor& a, const at::Tensor& b,
+                           const at::Tensor& amax_bits) {
   const int64_t G = a.numel();
   DeviceParams p{at::empty({G, 8}, a.options().dtype(at::kFloat))};
   if (G == 0) return p;
   params_kernel<<<blocks_for(G, 256), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
       G, from, q, a.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
+      amax_bits.defined() ? reinterpret_cast<const uint32_t*>(amax_bits.const_data_ptr<int32_t>()) : nullptr,
       reinterpret_cast<PackedParams*>(p.packed.mutable_data_ptr<float>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return p;
