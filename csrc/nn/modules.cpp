@@ -33,25 +33,26 @@ torch::nn::ConvOptions<D> conv_options(const torch::nn::detail::ConvNdOptions<D>
 
 }  // namespace
 
-LinearImpl::LinearImpl(const torch::nn::LinearImpl& plain) : QatModule<torch::nn::LinearImpl>(plain.options) {
+LinearImpl::LinearImpl(const torch::nn::LinearImpl& plain)
+    : QatModule<torch::nn::LinearImpl, LinearImpl>(plain.options) {
   share_parameters(plain);
 }
 at::Tensor LinearImpl::forward(const at::Tensor& input) { return forward_quantized("linear", input); }
 
 Conv1dImpl::Conv1dImpl(const torch::nn::Conv1dImpl& plain)
-    : QatModule<torch::nn::Conv1dImpl>(conv_options<1>(plain.options)) {
+    : QatModule<torch::nn::Conv1dImpl, Conv1dImpl>(conv_options<1>(plain.options)) {
   share_parameters(plain);
 }
 at::Tensor Conv1dImpl::forward(const at::Tensor& input) { return forward_quantized("conv1d", input); }
 
 Conv2dImpl::Conv2dImpl(const torch::nn::Conv2dImpl& plain)
-    : QatModule<torch::nn::Conv2dImpl>(conv_options<2>(plain.options)) {
+    : QatModule<torch::nn::Conv2dImpl, Conv2dImpl>(conv_options<2>(plain.options)) {
   share_parameters(plain);
 }
 at::Tensor Conv2dImpl::forward(const at::Tensor& input) { return forward_quantized("conv2d", input); }
 
 Conv3dImpl::Conv3dImpl(const torch::nn::Conv3dImpl& plain)
-    : QatModule<torch::nn::Conv3dImpl>(conv_options<3>(plain.options)) {
+    : QatModule<torch::nn::Conv3dImpl, Conv3dImpl>(conv_options<3>(plain.options)) {
   share_parameters(plain);
 }
 at::Tensor Conv3dImpl::forward(const at::Tensor& input) { return forward_quantized("conv3d", input); }

@@ -73,6 +73,9 @@ class Quantizable {
   }
   // SRQ statistics update in training mode (default on; eval mode never updates).
   void set_quant_stats_update(bool enabled) { update_ = enabled; }
+  // Whether the pass has configured this module, and its dotted path.
+  bool is_configured() const { return provider_ != nullptr; }
+  const std::string& qat_path() const { return path_; }
 
  protected:
   // The quantized ops of this module's forward (the object must also be a torch::nn::Module).
@@ -145,11 +148,22 @@ class Swap {
 };
 }  // namespace detail
 
-// Base + QAT: Base's forward with fake-quantized input and weight.
-template <typename Base>
+// Base + QAT: Base's forward with fake-quantized input and weight. Self: the wrapper class.
+template <typename Base, typename Self>
 class QatModule : public Base, public Quantizable {
  public:
   using Base::Base;
+
+  // LibTorch's clone() copies the torch::nn part only, which would silently drop the quantization:
+  // an unconfigured wrapper clones into a wrapper; a configured one is an error.
+  std::shared_ptr<torch::nn::Module> clone(const std::optional<torch::Device>& device = std::nullopt) const override {
+    TORCH_CHECK(!is_configured(), "qwix: clone() of the quantized module '", qat_path(), "' would drop its "
+                "quantization (LibTorch clones the torch::nn part only): clone the float model, then run "
+                "qwix::quantize_model on the copy");
+    auto plain = std::dynamic_pointer_cast<Base>(Base::clone(device));
+    TORCH_INTERNAL_ASSERT(plain != nullptr, "clone of a ", this->name(), " is not one");
+    return std::make_shared<Self>(*plain);
+  }
 
  protected:
   // Makes this wrapper hold `plain`'s parameter tensors themselves (optimizers built before keep working).
@@ -168,11 +182,10 @@ class QatModule : public Base, public Quantizable {
   }
 };
 
-// Drop-in torch::nn::Linear (op "linear"). Not clonable (LibTorch's clone() would
-// copy the torch::nn::LinearImpl part only).
-class LinearImpl : public QatModule<torch::nn::LinearImpl> {
+// Drop-in torch::nn::Linear (op "linear").
+class LinearImpl : public QatModule<torch::nn::LinearImpl, LinearImpl> {
  public:
-  using QatModule<torch::nn::LinearImpl>::QatModule;
+  using QatModule<torch::nn::LinearImpl, LinearImpl>::QatModule;
   // A wrapper sharing `plain`'s options and parameter tensors.
   explicit LinearImpl(const torch::nn::LinearImpl& plain);
   at::Tensor forward(const at::Tensor& input);
@@ -181,25 +194,25 @@ TORCH_MODULE(Linear);
 
 // Drop-in torch::nn::Conv1d / Conv2d / Conv3d (ops "conv1d" / "conv2d" / "conv3d";
 // any padding mode: LibTorch's own forward runs on the fake-quantized operands).
-class Conv1dImpl : public QatModule<torch::nn::Conv1dImpl> {
+class Conv1dImpl : public QatModule<torch::nn::Conv1dImpl, Conv1dImpl> {
  public:
-  using QatModule<torch::nn::Conv1dImpl>::QatModule;
+  using QatModule<torch::nn::Conv1dImpl, Conv1dImpl>::QatModule;
   explicit Conv1dImpl(const torch::nn::Conv1dImpl& plain);
   at::Tensor forward(const at::Tensor& input);
 };
 TORCH_MODULE(Conv1d);
 
-class Conv2dImpl : public QatModule<torch::nn::Conv2dImpl> {
+class Conv2dImpl : public QatModule<torch::nn::Conv2dImpl, Conv2dImpl> {
  public:
-  using QatModule<torch::nn::Conv2dImpl>::QatModule;
+  using QatModule<torch::nn::Conv2dImpl, Conv2dImpl>::QatModule;
   explicit Conv2dImpl(const torch::nn::Conv2dImpl& plain);
   at::Tensor forward(const at::Tensor& input);
 };
 TORCH_MODULE(Conv2d);
 
-class Conv3dImpl : public QatModule<torch::nn::Conv3dImpl> {
+class Conv3dImpl : public QatModule<torch::nn::Conv3dImpl, Conv3dImpl> {
  public:
-  using QatModule<torch::nn::Conv3dImpl>::QatModule;
+  using QatModule<torch::nn::Conv3dImpl, Conv3dImpl>::QatModule;
   explicit Conv3dImpl(const torch::nn::Conv3dImpl& plain);
   at::Tensor forward(const at::Tensor& input);
 };

@@ -365,4 +365,36 @@ TEST(NnPass, CustomForwardOpsMatchTheTorchScriptPass) {
   EXPECT_TRUE(att->wo.grad().defined() && att->wo.grad().abs().sum().item<float>() > 0);
 }
 
+// LibTorch's clone() copies the torch::nn part only: an unquantized model clones into wrappers
+// (and can be quantized afterwards); a quantized one refuses instead of dropping its quantization.
+struct CloneNet : torch::nn::Cloneable<CloneNet> {
+  qwix::nn::Linear fc{nullptr};
+  CloneNet() { reset(); }
+  void reset() override { fc = register_module("fc", qwix::nn::Linear(8, 4)); }
+  at::Tensor forward(const at::Tensor& x) { return fc(x); }
+};
+
+TEST(NnPass, CloneKeepsWrappersOrRefuses) {
+  torch::manual_seed(5);
+  auto net = std::make_shared<CloneNet>();
+  auto copy = std::dynamic_pointer_cast<CloneNet>(net->clone());
+  ASSERT_TRUE(copy != nullptr);
+  ASSERT_TRUE(dynamic_cast<qwix::nn::LinearImpl*>(copy->fc.get()) != nullptr);
+  EXPECT_FALSE(copy->fc->weight.is_same(net->fc->weight));
+  EXPECT_TRUE(torch::equal(copy->fc->weight, net->fc->weight));
+  auto alone = std::dynamic_pointer_cast<qwix::nn::LinearImpl>(net->fc->clone());
+  ASSERT_TRUE(alone != nullptr);  // a wrapper, not a plain torch::nn::LinearImpl
+  qwix::quantize_model(net, qwix::QatProvider({w4a8()}));
+  qwix::quantize_model(copy, qwix::QatProvider({w4a8()}));
+  const auto x = torch::randn({3, 8});
+  EXPECT_TRUE(torch::equal(copy->forward(x), net->forward(x)));
+  EXPECT_TRUE(torch::equal(net->forward(x), fq_linear(x, net->fc->weight, net->fc->bias)));
+  try {
+    net->clone();
+    ADD_FAILURE() << "clone() of a quantized model must fail";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'fc' would drop its quantization"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
