@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One script for the lent GPU machine (torch with CUDA already installed, nvcc,
 # no network): build the extension against that torch, run the CUDA tests, the
-# CUDA benchmark (issue 3's bar) and compute-sanitizer on a test subset; results
-# under $OUT (default build/gpu_check), at most 8 files.
+# CUDA benchmark (issue 3's bar), compute-sanitizer on a test subset and Nsight
+# Compute counters of the bar cases; results under $OUT (default build/gpu_check),
+# at most 9 files.
 # Usage: bash benchmarks/gpu_check.sh   (from the repository root; < 8 minutes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,5 +48,16 @@ if command -v compute-sanitizer > /dev/null; then
     | tee "$OUT/sanitizer.txt" | tail -n 15
   san_rc=${PIPESTATUS[0]}
 fi
-echo "tests rc=$tests_rc bench rc=$bench_rc sanitizer rc=$san_rc total $(( $(date +%s) - t0 ))s" | tee "$OUT/summary.txt"
+echo "== Nsight Compute (bar cases, one launch each)"
+ncu_rc=skipped
+if command -v ncu > /dev/null; then
+  timeout 120 ncu --csv --kernel-name regex:fused_rows --metrics gpu__time_duration.sum,\
+dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,\
+smsp__inst_executed.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \
+    "$PY" benchmarks/ncu_probe.py > "$OUT/ncu.csv" 2>&1
+  ncu_rc=$?
+  grep -E "launch:|dram__|sm__throughput|inst_executed" "$OUT/ncu.csv" | cut -c1-200 | head -n 50
+fi
+echo "tests rc=$tests_rc bench rc=$bench_rc sanitizer rc=$san_rc ncu rc=$ncu_rc total $(( $(date +%s) - t0 ))s" \
+  | tee "$OUT/summary.txt"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
