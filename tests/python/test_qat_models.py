@@ -209,6 +209,23 @@ def test_torch_multihead_attention_projections_are_quantized():
     assert_same(compiled(x), q(x), "compiled")
 
 
+def test_torch_transformer_encoder_eval_is_quantized_too():
+    # In eval mode under no_grad, nn.TransformerEncoderLayer would run its fused fast path
+    # (torch._transformer_encoder_layer_fwd), invisible to any interception; the QAT mode keeps it on
+    # the module path, so eval quantizes exactly as training does.
+    torch.manual_seed(0)
+    m = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+    x = torch.randn(2, 5, 16)
+    q = qwix.quantize_model(m, _w8a8(), x)
+    y_train = q(x)
+    q.eval()
+    m.eval()
+    with torch.no_grad():
+        # (no_grad may pick another attention kernel: equal to float rounding)
+        torch.testing.assert_close(q(x), y_train.detach(), rtol=0, atol=1e-5)
+        assert (q(x) - m(x)).abs().max() > 1e-3  # not the float fast path
+
+
 def test_weights_only_and_activations_only():
     torch.manual_seed(0)
     m, x = MLP(), torch.randn(4, 16)
