@@ -30,8 +30,26 @@ at::Tensor QatOps::operand(const std::string& name, const at::Tensor& x, const O
     stat = owner_.register_module(name, std::make_shared<QuantStatImpl>(make_quant_stat(x.detach(), plan)));
   }
   QuantStatTensors t = stat->tensors();
-  if (config_.update_ && owner_.is_training()) {
-    update_operand_stat(t, calibrate_operand(x.detach(), plan), plan);  // update, then read
+  if (config_.update_ && owner_.is_training()) {  // update, then read
+    std::vector<at::Tensor> cal = calibrate_operand(x.detach(), plan);
+    int64_t replicas = 1;
+    if (config_.all_reduce_) {  // one collective: every sum's batch average, flattened together
+      std::vector<at::Tensor> flat;
+      for (auto& c : cal) {
+        if (!plan.batch_axes.empty()) c = c.mean(plan.batch_axes, /*keepdim=*/true);
+        flat.push_back(c.reshape(-1));
+      }
+      at::Tensor all = at::cat(flat);
+      replicas = (*config_.all_reduce_)(all);
+      TORCH_CHECK(replicas >= 1, "qwix: the statistics all-reduce of '", config_.path_, "' returned ", replicas,
+                  " replicas; it must return the number of replicas (>= 1)");
+      int64_t offset = 0;
+      for (auto& c : cal) {
+        c = all.narrow(0, offset, c.numel()).view(c.sizes());
+        offset += c.numel();
+      }
+    }
+    update_operand_stat(t, cal, plan, replicas);
   }
   return quantize_operand(x, plan, &t);
 }

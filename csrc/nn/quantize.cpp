@@ -98,6 +98,15 @@ void set_update(torch::nn::Module& m, bool enabled) {
 
 void set_quant_stats_update(torch::nn::Module& model, bool enabled) { set_update(model, enabled); }
 
+void set_stat_all_reduce(torch::nn::Module& model, StatAllReduce sum) {
+  auto shared = sum ? std::make_shared<const StatAllReduce>(std::move(sum)) : nullptr;
+  std::function<void(torch::nn::Module&)> visit = [&](torch::nn::Module& m) {
+    if (auto* q = dynamic_cast<Quantizable*>(&m)) q->set_stat_all_reduce(shared);
+    for (const auto& child : m.named_children()) visit(*child.value());
+  };
+  visit(model);
+}
+
 }  // namespace nn
 
 std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvider provider) {

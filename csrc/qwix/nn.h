@@ -26,6 +26,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -73,6 +74,10 @@ class Quantizable {
   }
   // SRQ statistics update in training mode (default on; eval mode never updates).
   void set_quant_stats_update(bool enabled) { update_ = enabled; }
+  // Data parallelism: see qwix::nn::set_stat_all_reduce.
+  void set_stat_all_reduce(std::shared_ptr<const std::function<int64_t(at::Tensor&)>> sum) {
+    all_reduce_ = std::move(sum);
+  }
   // Whether the pass has configured this module, and its dotted path.
   bool is_configured() const { return provider_ != nullptr; }
   const std::string& qat_path() const { return path_; }
@@ -86,6 +91,7 @@ class Quantizable {
   std::shared_ptr<QatProvider> provider_;
   std::string path_;
   bool update_ = true;
+  std::shared_ptr<const std::function<int64_t(at::Tensor&)>> all_reduce_;
 };
 
 // The ops of one forward call of a Quantizable module, fake-quantizing their
@@ -220,6 +226,21 @@ TORCH_MODULE(Conv3d);
 
 // Enables / disables SRQ statistics updates of every wrapper in `model`.
 void set_quant_stats_update(torch::nn::Module& model, bool enabled);
+
+// Data-parallel SRQ (DESIGN section 3: every replica uses the same scale at every step, and the
+// statistics equal what one process would gather from all the batches). `sum` adds a float32
+// tensor across the replicas in place and returns their number; each update then adds the sum
+// over replicas of their batch averages (one collective per update) and counts the replicas.
+// With a c10d process group:
+//   qwix::nn::set_stat_all_reduce(*net, [pg](at::Tensor& t) {
+//     std::vector<at::Tensor> v{t};
+//     pg->allreduce(v)->wait();
+//     return static_cast<int64_t>(pg->getSize());
+//   });
+// Every replica must run the same quantized ops in the same order (as DDP requires anyway).
+// An empty function turns it off.
+using StatAllReduce = std::function<int64_t(at::Tensor&)>;
+void set_stat_all_reduce(torch::nn::Module& model, StatAllReduce sum);
 
 }  // namespace nn
 

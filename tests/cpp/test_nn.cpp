@@ -6,6 +6,10 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
 namespace {
 
 namespace F = torch::nn::functional;
@@ -395,6 +399,95 @@ TEST(NnPass, CloneKeepsWrappersOrRefuses) {
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("'fc' would drop its quantization"), std::string::npos) << e.what();
   }
+}
+
+}  // namespace
+
+namespace {
+
+// Sums a tensor across `n` threads (a stand-in for a process group's all-reduce).
+struct ThreadWorld {
+  explicit ThreadWorld(int n) : n(n) {}
+  int64_t all_reduce(at::Tensor& t) {
+    std::unique_lock<std::mutex> lock(mu);
+    const int64_t my_round = round;
+    acc = acc.defined() ? acc + t : t.clone();  // two addends: the same sum in any order
+    if (++arrived == n) {
+      result = acc;
+      acc = at::Tensor();
+      arrived = 0;
+      ++round;
+      cv.notify_all();
+    } else {
+      cv.wait(lock, [&] { return round != my_round; });
+    }
+    t.copy_(result);
+    return n;
+  }
+  int n, arrived = 0;
+  int64_t round = 0;
+  at::Tensor acc, result;
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+TEST(NnPass, DataParallelStatisticsAreTheSameOnEveryReplica) {
+  torch::manual_seed(6);
+  qwix::QuantizationRule r = w4a8();
+  r.act_static_scale = true;
+  auto make = [&](const Net& like) {
+    auto net = std::make_shared<Net>();
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < net->parameters().size(); ++i) net->parameters()[i].copy_(like.parameters()[i]);
+    qwix::quantize_model(net, qwix::QatProvider({r}));
+    return net;
+  };
+  Net seed_net;
+  auto replica0 = make(seed_net), replica1 = make(seed_net), single = make(seed_net);
+  std::vector<at::Tensor> batches0, batches1;
+  for (int step = 0; step < 3; ++step) {
+    batches0.push_back(torch::randn({4, 16}) * (step + 1));
+    batches1.push_back(torch::randn({4, 16}) * 0.5);
+  }
+  ThreadWorld world(2);
+  for (auto* net : {&replica0, &replica1}) {
+    qwix::nn::set_stat_all_reduce(**net, [&world](at::Tensor& t) { return world.all_reduce(t); });
+  }
+  std::vector<at::Tensor> out0, out1;
+  std::thread t1([&] {
+    for (const auto& x : batches1) out1.push_back(replica1->forward(x));
+  });
+  for (const auto& x : batches0) out0.push_back(replica0->forward(x));
+  t1.join();
+  for (int step = 0; step < 3; ++step) {  // one process that sees both batches of every step
+    single->forward(batches0[step]);
+    single->forward(batches1[step]);
+  }
+  auto b0 = replica0->named_buffers(), b1 = replica1->named_buffers(), bs = single->named_buffers();
+  ASSERT_EQ(b0.size(), 6u);  // fc1, body.0, body.2: count + sum_of_absmax each
+  for (const auto& b : b0) {
+    EXPECT_TRUE(torch::equal(b.value(), b1[b.key()])) << b.key() << ": replicas differ";
+    if (b.key().rfind("fc1.", 0) == 0) {
+      // The first layer sees the raw batches: its statistics are what one process gathers from
+      // all of them (deeper layers see activations quantized with the shared scale of each step).
+      EXPECT_TRUE(torch::allclose(b.value().to(torch::kDouble), bs[b.key()].to(torch::kDouble), 1e-6, 0))
+          << b.key() << ": " << b.value() << " vs one process " << bs[b.key()];
+    }
+  }
+  EXPECT_EQ(b0["body.2.linear0_lhs.count"].item<int>(), 6);
+  EXPECT_EQ(b0["fc1.linear0_lhs.count"].item<int>(), 6);  // 3 steps x 2 replicas
+  // The same scale on both replicas: the same input gives the same output.
+  replica0->eval();
+  replica1->eval();
+  const auto x = torch::randn({2, 16});
+  EXPECT_TRUE(torch::equal(replica0->forward(x), replica1->forward(x)));
+  // A reducer that reports no replicas is an error naming the module.
+  qwix::nn::set_stat_all_reduce(*replica0, [](at::Tensor&) { return int64_t{0}; });
+  replica0->train();
+  EXPECT_THROW(replica0->forward(x), c10::Error);
+  qwix::nn::set_stat_all_reduce(*replica0, nullptr);  // off again
+  replica0->forward(x);
+  EXPECT_EQ(replica0->named_buffers()["fc1.linear0_lhs.count"].item<int>(), 7);
 }
 
 }  // namespace
