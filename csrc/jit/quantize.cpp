@@ -1,7 +1,7 @@
 // The TorchScript pass (DESIGN sections 1 and 3): qwix::jit::quantize_model.
 //
-// Per module of the tree, the ops linear / conv1d-3d / matmul / bmm / einsum
-// (two operands) of its own `forward` are quantized as the provider's plan
+// Per module of the tree, the ops linear / conv1d-3d / matmul / bmm (and
+// baddbmm's product) / einsum (two operands) of its own `forward` are quantized as the provider's plan
 // says, the same decisions and ops as the Python nn.Module path:
 //
 //  1. Each module's forward is its own graph (submodule calls stay
@@ -63,6 +63,7 @@ std::optional<std::string> intercepted_op(const Node* n) {
   static const std::vector<std::pair<c10::Symbol, std::string>> kinds = {
       {c10::aten::linear, "linear"}, {c10::aten::conv1d, "conv1d"}, {c10::aten::conv2d, "conv2d"},
       {c10::aten::conv3d, "conv3d"}, {c10::aten::matmul, "matmul"}, {c10::aten::bmm, "bmm"},
+      {c10::aten::baddbmm, "bmm"},  // input + batch1 @ batch2: its product is a bmm (as in Python)
       {c10::aten::einsum, "einsum"},
   };
   for (const auto& [k, name] : kinds)
@@ -164,6 +165,7 @@ struct Site {
   std::string op;
   Value* lhs = nullptr;
   Value* rhs = nullptr;
+  size_t lhs_pos = 0, rhs_pos = 1;  // their input positions (baddbmm: 1, 2)
   std::string equation;
   std::string where;
   // what the example forward showed
@@ -392,8 +394,12 @@ class Pass {
       s.lhs = list->input(0);
       s.rhs = list->input(1);
     } else {
-      s.lhs = n->input(0);
-      s.rhs = n->input(1);
+      if (n->kind() == c10::aten::baddbmm) {
+        s.lhs_pos = 1;
+        s.rhs_pos = 2;
+      }
+      s.lhs = n->input(s.lhs_pos);
+      s.rhs = n->input(s.rhs_pos);
     }
     inst.sites.push_back(std::move(s));
   }
@@ -501,8 +507,8 @@ class Pass {
         s.node->replaceInput(1, list);
         if (!old->hasUses()) old->destroy();
       } else {
-        s.node->replaceInput(0, ql);
-        s.node->replaceInput(1, qr);
+        s.node->replaceInput(s.lhs_pos, ql);
+        s.node->replaceInput(s.rhs_pos, qr);
       }
       inst.signature += sig;
       inst.modified = true;

@@ -3,7 +3,7 @@
 ``quantize_model`` keeps the model as it is (same classes, same parameter
 names) and adds forward hooks: while the model runs, a
 ``torch.overrides.TorchFunctionMode`` intercepts ``linear``, ``conv1d/2d/3d``,
-``matmul`` / ``@``, ``bmm`` and two-operand ``einsum`` (also inside
+``matmul`` / ``@``, ``bmm`` (and ``baddbmm``'s product), two-operand ``einsum`` (also inside
 ``F.multi_head_attention_forward``, whose body it runs op by op) and attributes each call
 to the innermost module whose forward is running (a module stack kept by
 forward pre/post hooks on every submodule), so an op belongs to its module's
@@ -172,6 +172,8 @@ def _op_name(func) -> Optional[str]:
         return "rmatmul"
     if func is torch.bmm or func is torch.Tensor.bmm:
         return "bmm"
+    if func is torch.baddbmm or func is torch.Tensor.baddbmm:
+        return "baddbmm"  # input + batch1 @ batch2: the product is quantized as a bmm
     if func is torch.conv2d:
         return "conv2d"
     if func is torch.conv1d:
@@ -245,6 +247,12 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
         equation = args[0]
         lhs, rhs = operands
         rest: tuple = ()
+    elif op == "baddbmm":  # baddbmm(input, batch1, batch2, *, beta, alpha): a bmm of batch1, batch2
+        if len(args) != 3:
+            return func(*args, **kwargs)
+        op = "bmm"
+        lhs, rhs = args[1], args[2]
+        rest = (args[0],)
     elif op == "rmatmul":  # a.__rmatmul__(b) is b @ a
         if len(args) != 2:
             return func(*args, **kwargs)
@@ -291,6 +299,8 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
 def _call(func, op, equation, lhs, rhs, rest, kwargs):
     if op == "einsum":
         return func(equation, lhs, rhs)
+    if func is torch.baddbmm or func is torch.Tensor.baddbmm:
+        return func(rest[0], lhs, rhs, **kwargs)
     return func(lhs, rhs, *rest, **kwargs)
 
 

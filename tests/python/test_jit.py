@@ -145,17 +145,21 @@ def test_transformer_block_matches_python_path():
 
 def test_torch_multihead_attention_matches_python_path():
     # F.multi_head_attention_forward is inlined by the pass and run op by op by the Python path: the same ops
-    # (in-projection, the two bmm of need_weights=True, out-projection), the same names, the same values.
+    # (in-projection, the two products of need_weights=True, out-projection), the same names, the same values.
+    # With a mask, q·k is torch.baddbmm (its product quantized as bmm0). TorchScript quantizes the branch its
+    # example ran (the other one raises), so each branch gets its own example.
     rules = [QuantizationRule(module_path="attn", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
-    x = torch.randn(2, 5, 16)
-    eager, ts, pe, pj = both(TorchAttention(), rules, x, True)
-    for _ in range(2):
-        x = torch.randn(2, 5, 16)
-        assert_same(ts(x, True), eager(x, True), "need_weights")
-    assert_same_state(eager, ts)
-    assert pe.get_unused_rules() == [] and pj.get_unused_rules() == []
-    assert {n for n, _ in ts.attn.named_children()} == {"out_proj", "linear0_lhs", "bmm0_lhs", "bmm0_rhs",
-                                                        "bmm1_lhs", "bmm1_rhs", "linear1_lhs"}
+    causal = torch.triu(torch.full((5, 5), float("-inf")), 1)
+    for mask in (None, causal):
+        torch.manual_seed(0)
+        eager, ts, pe, pj = both(TorchAttention(), rules, torch.randn(2, 5, 16), True, mask)
+        for _ in range(2):
+            x = torch.randn(2, 5, 16)
+            assert_same(ts(x, True, mask), eager(x, True, mask), f"need_weights, mask {mask is not None}")
+        assert_same_state(eager, ts)
+        assert pe.get_unused_rules() == [] and pj.get_unused_rules() == []
+        assert {n for n, _ in ts.attn.named_children()} == {"out_proj", "linear0_lhs", "bmm0_lhs", "bmm0_rhs",
+                                                            "bmm1_lhs", "bmm1_rhs", "linear1_lhs"}
 
 
 def test_fractional_tile_is_resolved_at_run_time():

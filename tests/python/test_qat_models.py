@@ -5,6 +5,7 @@ bf16 casts and autocast."""
 import copy
 import io
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -171,8 +172,8 @@ class TorchAttention(nn.Module):
         self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
         self.fc = nn.Linear(d, 4)
 
-    def forward(self, x, need_weights: bool = False):
-        y, _ = self.attn(x, x, x, need_weights=need_weights)
+    def forward(self, x, need_weights: bool = False, mask: Optional[torch.Tensor] = None):
+        y, _ = self.attn(x, x, x, need_weights=need_weights, attn_mask=mask)
         return self.fc(y)
 
 
@@ -205,6 +206,13 @@ def test_torch_multihead_attention_projections_are_quantized():
                                                                act_static_scale=True)]), x, True)
     assert {n for n, _ in srq.attn.named_children()} >= {"linear0_lhs", "bmm0_lhs", "bmm0_rhs", "bmm1_lhs",
                                                          "bmm1_rhs", "linear1_lhs"}
+    # With a mask, q·k is torch.baddbmm(mask, q, k): still bmm0, so the op ids (and the SRQ statistics)
+    # do not depend on the mask.
+    counts = {n: int(c.count) for n, c in srq.attn.named_children() if n.endswith(("_lhs", "_rhs"))}
+    mask = torch.triu(torch.full((5, 5), float("-inf")), 1)
+    srq(x, True, mask)
+    assert {n: int(c.count) for n, c in srq.attn.named_children() if n.endswith(("_lhs", "_rhs"))} == {
+        n: c + 1 for n, c in counts.items()}
     compiled = torch.compile(q, fullgraph=True)
     assert_same(compiled(x), q(x), "compiled")
 
