@@ -11,12 +11,11 @@ namespace qwix {
 namespace nn {
 
 bool QatOps::is_weight(const at::Tensor& t) const {
-  // A parameter of the module (or of a submodule), or a view of one: the Python path's test.
-  const at::Tensor base = t.is_view() ? at::Tensor(t._base()) : t;
-  for (const auto& p : owner_.parameters(/*recurse=*/true)) {
-    if (p.is_same(t) || p.is_same(base)) return true;
-  }
-  return false;
+  // A parameter of the model, or a view of one: the Python path's nn.Parameter test.
+  if (!config_.model_parameters_) return false;
+  const auto& params = *config_.model_parameters_;
+  return params.count(t.unsafeGetTensorImpl()) > 0 ||
+         (t.is_view() && params.count(t._base().unsafeGetTensorImpl()) > 0);
 }
 
 at::Tensor QatOps::operand(const std::string& name, const at::Tensor& x, const OperandPlan& plan) {
@@ -30,7 +29,7 @@ at::Tensor QatOps::operand(const std::string& name, const at::Tensor& x, const O
     stat = owner_.register_module(name, std::make_shared<QuantStatImpl>(make_quant_stat(x.detach(), plan)));
   }
   QuantStatTensors t = stat->tensors();
-  if (config_.update_ && owner_.is_training()) {  // update, then read
+  if (config_.update_ && owner_.is_training() && !config_.creating_) {  // update, then read
     std::vector<at::Tensor> cal = calibrate_operand(x.detach(), plan);
     int64_t replicas = 1;
     if (config_.all_reduce_) {  // one collective: every sum's batch average, flattened together
@@ -104,6 +103,12 @@ at::Tensor QatOps::matmul(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor QatOps::bmm(const at::Tensor& a, const at::Tensor& b) {
   auto [x, y] = operands("bmm", a, b);
   return at::bmm(x, y);
+}
+
+at::Tensor QatOps::baddbmm(const at::Tensor& input, const at::Tensor& batch1, const at::Tensor& batch2,
+                           const at::Scalar& beta, const at::Scalar& alpha) {
+  auto [x, y] = operands("bmm", batch1, batch2);
+  return at::baddbmm(input, x, y, beta, alpha);
 }
 
 at::Tensor QatOps::einsum(const std::string& equation, const at::Tensor& a, const at::Tensor& b) {

@@ -1,9 +1,13 @@
 // The torch::nn::Module rewriting pass: swaps plain Linear / Conv2d children of
 // containers for wrappers, then configures every wrapper with its path.
+#include <ATen/Context.h>
+#include <ATen/core/Generator.h>
 #include <c10/util/Exception.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/container/sequential.h>
 
+#include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "qwix/nn.h"
@@ -76,9 +80,10 @@ void swap_in_containers(torch::nn::Module& m) {
   }
 }
 
-void configure(torch::nn::Module& m, const std::string& path, const std::shared_ptr<QatProvider>& provider) {
+void configure(torch::nn::Module& m, const std::string& path, const std::shared_ptr<QatProvider>& provider,
+               const std::shared_ptr<const Quantizable::ParameterSet>& parameters) {
   if (auto* q = dynamic_cast<Quantizable*>(&m)) {
-    q->configure(provider, path);
+    q->configure(provider, path, parameters);
   } else if (const std::string op = plain_op(m); !op.empty() && provider->match_rule(path, op)) {
     TORCH_CHECK_VALUE(false, "qwix: module '", path, "' is a plain torch::nn module (op '", op, "') that rule #",
                       *provider->match_rule(path, op),
@@ -86,25 +91,65 @@ void configure(torch::nn::Module& m, const std::string& path, const std::shared_
                       "intercept: declare it as qwix::nn::Linear / qwix::nn::Conv1d / Conv2d / Conv3d (same options "
                       "and parameters), or keep it in a torch::nn::Sequential / ModuleList");
   }
-  for (const auto& child : m.named_children()) configure(*child.value(), join_path(path, child.key()), provider);
+  for (const auto& child : m.named_children()) {
+    configure(*child.value(), join_path(path, child.key()), provider, parameters);
+  }
 }
 
-void set_update(torch::nn::Module& m, bool enabled) {
-  if (auto* q = dynamic_cast<Quantizable*>(&m)) q->set_quant_stats_update(enabled);
-  for (const auto& child : m.named_children()) set_update(*child.value(), enabled);
+// Calls fn on every configured Quantizable of `model`; a model with none is an error naming `what`.
+void for_each_configured(torch::nn::Module& model, const char* what, const std::function<void(Quantizable&)>& fn) {
+  int64_t n = 0;
+  std::function<void(torch::nn::Module&)> visit = [&](torch::nn::Module& m) {
+    if (auto* q = dynamic_cast<Quantizable*>(&m); q && q->is_configured()) {
+      fn(*q);
+      ++n;
+    }
+    for (const auto& child : m.named_children()) visit(*child.value());
+  };
+  visit(model);
+  TORCH_CHECK_VALUE(n > 0, "qwix: ", what, " needs a model that qwix::quantize_model has configured (this one has "
+                    "no configured qwix::nn module); call it after quantize_model");
 }
 
 }  // namespace
 
-void set_quant_stats_update(torch::nn::Module& model, bool enabled) { set_update(model, enabled); }
+void set_quant_stats_update(torch::nn::Module& model, bool enabled) {
+  for_each_configured(model, "set_quant_stats_update", [&](Quantizable& q) { q.set_quant_stats_update(enabled); });
+}
 
 void set_stat_all_reduce(torch::nn::Module& model, StatAllReduce sum) {
   auto shared = sum ? std::make_shared<const StatAllReduce>(std::move(sum)) : nullptr;
-  std::function<void(torch::nn::Module&)> visit = [&](torch::nn::Module& m) {
-    if (auto* q = dynamic_cast<Quantizable*>(&m)) q->set_stat_all_reduce(shared);
-    for (const auto& child : m.named_children()) visit(*child.value());
+  for_each_configured(model, "set_stat_all_reduce", [&](Quantizable& q) { q.set_stat_all_reduce(shared); });
+}
+
+void create_quant_stats(torch::nn::Module& model, const std::function<void()>& forward) {
+  std::vector<std::pair<at::Tensor, at::Tensor>> buffers;  // (buffer, saved copy)
+  for (const auto& b : model.buffers()) buffers.emplace_back(b, b.clone());
+  std::vector<std::pair<at::Generator, c10::intrusive_ptr<c10::TensorImpl>>> rngs;
+  std::vector<c10::Device> devices{c10::Device(c10::kCPU)};
+  for (const auto& p : model.parameters()) {
+    const c10::Device d = p.device().is_cuda() ? p.device() : c10::Device(c10::kCPU);
+    if (std::find(devices.begin(), devices.end(), d) == devices.end()) devices.push_back(d);
+  }
+  for (const auto& d : devices) {
+    at::Generator g = at::globalContext().defaultGenerator(d);
+    rngs.emplace_back(g, g.get_state().getIntrusivePtr());
+  }
+  for_each_configured(model, "create_quant_stats", [](Quantizable& q) { q.set_creating_quant_stats(true); });
+  auto restore = [&] {
+    for_each_configured(model, "create_quant_stats", [](Quantizable& q) { q.set_creating_quant_stats(false); });
+    at::NoGradGuard no_grad;
+    for (auto& [b, saved] : buffers) b.copy_(saved);
+    for (auto& [g, state] : rngs) g.set_state(at::Tensor(state));
   };
-  visit(model);
+  try {
+    at::NoGradGuard no_grad;
+    forward();
+  } catch (...) {
+    restore();
+    throw;
+  }
+  restore();
 }
 
 }  // namespace nn
@@ -112,7 +157,9 @@ void set_stat_all_reduce(torch::nn::Module& model, StatAllReduce sum) {
 std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvider provider) {
   auto shared = std::make_shared<QatProvider>(std::move(provider));
   nn::swap_in_containers(model);
-  nn::configure(model, "", shared);
+  auto parameters = std::make_shared<nn::Quantizable::ParameterSet>();
+  for (const auto& p : model.parameters()) parameters->emplace(p.unsafeGetTensorImpl(), p);
+  nn::configure(model, "", shared, parameters);
   return shared;
 }
 }  // namespace qwix

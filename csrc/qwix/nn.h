@@ -30,6 +30,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <utility>
 
 #include "qwix/qwix.h"
@@ -66,11 +67,17 @@ class QatOps;
 // Until the pass runs, or where no rule matches, the ops are the plain ones.
 class Quantizable {
  public:
+  // The model's parameters (by TensorImpl, holding them): an operand that is one, or a view of
+  // one, is a weight -- the Python path's nn.Parameter test, over the whole model.
+  using ParameterSet = std::unordered_map<const c10::TensorImpl*, at::Tensor>;
+
   virtual ~Quantizable() = default;
-  // Attaches the provider and this module's dotted path (the pass calls it).
-  void configure(std::shared_ptr<QatProvider> provider, std::string path) {
+  // Attaches the provider, this module's dotted path and the model's parameters (the pass calls it).
+  void configure(std::shared_ptr<QatProvider> provider, std::string path,
+                 std::shared_ptr<const ParameterSet> parameters) {
     provider_ = std::move(provider);
     path_ = std::move(path);
+    model_parameters_ = std::move(parameters);
   }
   // SRQ statistics update in training mode (default on; eval mode never updates).
   void set_quant_stats_update(bool enabled) { update_ = enabled; }
@@ -78,32 +85,46 @@ class Quantizable {
   void set_stat_all_reduce(std::shared_ptr<const std::function<int64_t(at::Tensor&)>> sum) {
     all_reduce_ = std::move(sum);
   }
+  // qwix::nn::create_quant_stats: while set, QuantStats are created but not updated.
+  void set_creating_quant_stats(bool creating) { creating_ = creating; }
   // Whether the pass has configured this module, and its dotted path.
   bool is_configured() const { return provider_ != nullptr; }
   const std::string& qat_path() const { return path_; }
 
  protected:
-  // The quantized ops of this module's forward (the object must also be a torch::nn::Module).
+  // The quantized ops of this forward call: one QatOps per call (op ids count from 0 in it), so
+  // a second one while the first is alive is an error (pass the first to helpers).
   QatOps qat_ops();
 
  private:
   friend class QatOps;
   std::shared_ptr<QatProvider> provider_;
   std::string path_;
+  std::shared_ptr<const ParameterSet> model_parameters_;
   bool update_ = true;
+  bool creating_ = false;
   std::shared_ptr<const std::function<int64_t(at::Tensor&)>> all_reduce_;
+  int live_ops_ = 0;  // QatOps objects alive for this module (see qat_ops)
 };
 
 // The ops of one forward call of a Quantizable module, fake-quantizing their
 // operands as the provider plans them (DESIGN section 3; the Python path's
-// decisions): an operand that is a parameter of the module (recursively) or a
-// view of one is a weight, any other an activation; op ids count per op name
-// from 0 in call order (make one QatOps per forward call); SRQ statistics are
-// submodules `<op id>_lhs` / `_rhs` of the module, updated before they are read
-// in training mode.
+// decisions): an operand that is a parameter of the model or a view of one is a
+// weight, any other an activation; op ids count per op name from 0 in call
+// order; SRQ statistics are submodules `<op id>_lhs` / `_rhs` of the module,
+// updated before they are read in training mode. Movable, not copyable.
 class QatOps {
  public:
-  QatOps(torch::nn::Module& owner, const Quantizable& config) : owner_(owner), config_(config) {}
+  QatOps(QatOps&& other) noexcept
+      : owner_(other.owner_), config_(other.config_), counts_(std::move(other.counts_)), live_(other.live_) {
+    other.live_ = false;
+  }
+  QatOps(const QatOps&) = delete;
+  QatOps& operator=(const QatOps&) = delete;
+  QatOps& operator=(QatOps&&) = delete;
+  ~QatOps() {
+    if (live_) --config_.live_ops_;
+  }
 
   at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {});
   at::Tensor conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {},
@@ -117,6 +138,9 @@ class QatOps {
                     int64_t groups = 1);
   at::Tensor matmul(const at::Tensor& a, const at::Tensor& b);
   at::Tensor bmm(const at::Tensor& a, const at::Tensor& b);
+  // input * beta + (batch1 @ batch2) * alpha: the product is quantized as a bmm (as in Python).
+  at::Tensor baddbmm(const at::Tensor& input, const at::Tensor& batch1, const at::Tensor& batch2,
+                     const at::Scalar& beta = 1, const at::Scalar& alpha = 1);
   // Two operands (explicit or implicit output), as the Python path intercepts.
   at::Tensor einsum(const std::string& equation, const at::Tensor& a, const at::Tensor& b);
 
@@ -125,17 +149,22 @@ class QatOps {
                                              const std::string& einsum_equation = "");
 
  private:
+  friend class Quantizable;
+  QatOps(torch::nn::Module& owner, Quantizable& config) : owner_(owner), config_(config) { ++config_.live_ops_; }
   at::Tensor operand(const std::string& name, const at::Tensor& x, const OperandPlan& plan);
   bool is_weight(const at::Tensor& t) const;
 
   torch::nn::Module& owner_;
-  const Quantizable& config_;
+  Quantizable& config_;
   std::map<std::string, int64_t> counts_;
+  bool live_ = true;
 };
 
 inline QatOps Quantizable::qat_ops() {
   auto* module = dynamic_cast<torch::nn::Module*>(this);
   TORCH_CHECK(module != nullptr, "qwix: a qwix::nn::Quantizable must also be a torch::nn::Module");
+  TORCH_CHECK(live_ops_ == 0, "qwix: qat_ops() of '", path_, "' called while another one of the same module is "
+              "alive: op ids count per QatOps, so make one per forward call and pass it to helper functions");
   return QatOps(*module, *this);
 }
 
@@ -224,8 +253,17 @@ class Conv3dImpl : public QatModule<torch::nn::Conv3dImpl, Conv3dImpl> {
 };
 TORCH_MODULE(Conv3d);
 
-// Enables / disables SRQ statistics updates of every wrapper in `model`.
+// Enables / disables SRQ statistics updates of every Quantizable in `model` (after
+// qwix::quantize_model; before it, a c10::ValueError).
 void set_quant_stats_update(torch::nn::Module& model, bool enabled);
+
+// Runs `forward` once (typically `[&] { net->forward(example); }`) to create every
+// SRQ QuantStat submodule, as the Python path's example inputs do, and leaves all
+// else as it was: no gradients, statistics not updated, buffers (batch-norm
+// statistics) and the RNG restored. Needed before loading a checkpoint that holds
+// statistics (LibTorch's load reads only the submodules that exist). After
+// qwix::quantize_model.
+void create_quant_stats(torch::nn::Module& model, const std::function<void()>& forward);
 
 // Data-parallel SRQ (DESIGN section 3: every replica uses the same scale at every step, and the
 // statistics equal what one process would gather from all the batches). `sum` adds a float32
@@ -238,7 +276,7 @@ void set_quant_stats_update(torch::nn::Module& model, bool enabled);
 //     return static_cast<int64_t>(pg->getSize());
 //   });
 // Every replica must run the same quantized ops in the same order (as DDP requires anyway).
-// An empty function turns it off.
+// An empty function turns it off. After qwix::quantize_model (before it, a c10::ValueError).
 using StatAllReduce = std::function<int64_t(at::Tensor&)>;
 void set_stat_all_reduce(torch::nn::Module& model, StatAllReduce sum);
 

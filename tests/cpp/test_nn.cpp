@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include <condition_variable>
+#include <sstream>
 #include <mutex>
 #include <thread>
 
@@ -358,8 +359,13 @@ TEST(NnPass, CustomForwardOpsMatchTheTorchScriptPass) {
   }
   EXPECT_EQ(att->named_buffers()["matmul0_rhs.count"].item<int>(), 3);
   EXPECT_TRUE(provider->get_unused_rules().empty());
-  auto ops = att->qat_ops_for_test();
-  EXPECT_THROW(ops.operands("conv4d", x0, x0), c10::ValueError);  // names the op and the valid ones
+  {
+    auto ops = att->qat_ops_for_test();
+    EXPECT_THROW(ops.operands("conv4d", x0, x0), c10::ValueError);  // names the op and the valid ones
+    // One QatOps per forward call: a second one while the first is alive would reuse op ids.
+    EXPECT_THROW(att->forward(x0), c10::Error);
+  }
+  att->forward(x0);  // fine again once it is gone
   struct NotAModule : qwix::nn::Quantizable {
     void run() { qat_ops(); }
   } not_a_module;
@@ -488,6 +494,85 @@ TEST(NnPass, DataParallelStatisticsAreTheSameOnEveryReplica) {
   qwix::nn::set_stat_all_reduce(*replica0, nullptr);  // off again
   replica0->forward(x);
   EXPECT_EQ(replica0->named_buffers()["fc1.linear0_lhs.count"].item<int>(), 7);
+}
+
+// A parameter of another module (a tied embedding) passed into a custom forward is a weight, as an
+// nn.Parameter is in Python; settings before quantize_model are errors.
+struct TiedHeadImpl : torch::nn::Module, qwix::nn::Quantizable {
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& embedding) {
+    auto ops = qat_ops();
+    return ops.matmul(x, embedding.t());  // a view of the sibling's parameter
+  }
+};
+TORCH_MODULE(TiedHead);
+struct TiedLm : torch::nn::Module {
+  torch::nn::Embedding emb{nullptr};
+  TiedHead head{nullptr};
+  TiedLm() {
+    emb = register_module("emb", torch::nn::Embedding(12, 8));
+    head = register_module("head", TiedHead());
+  }
+  at::Tensor forward(const at::Tensor& tokens) { return head->forward(emb(tokens), emb->weight); }
+};
+
+TEST(NnPass, TiedParametersAreWeightsAndSettingsNeedTheModel) {
+  torch::manual_seed(7);
+  auto lm = std::make_shared<TiedLm>();
+  EXPECT_THROW(qwix::nn::set_quant_stats_update(*lm, false), c10::ValueError);  // before quantize_model
+  EXPECT_THROW(qwix::nn::set_stat_all_reduce(*lm, nullptr), c10::ValueError);
+  qwix::quantize_model(lm, qwix::QatProvider({w4a8()}));
+  const auto tokens = torch::randint(0, 12, {3, 5});
+  const auto h = lm->emb(tokens);
+  qwix::FakeQuantOptions act, w;
+  act.channelwise_axes = {0, 1};
+  w.channelwise_axes = {1};  // matmul: every non-contracting axis of the rhs [8, 12] -> axis 1
+  const auto want = at::matmul(qwix::fake_quant(h, "int8", act), qwix::fake_quant(lm->emb->weight.t(), "int4", w));
+  EXPECT_TRUE(torch::equal(lm->forward(tokens), want));
+  qwix::nn::set_quant_stats_update(*lm, false);  // fine now
+}
+
+// Checkpoints with SRQ statistics: the QuantStats appear at the first forward, so a fresh model
+// creates them with an example forward (changing nothing else) before loading.
+struct BnNet : torch::nn::Module {
+  qwix::nn::Linear fc{nullptr};
+  torch::nn::BatchNorm1d bn{nullptr};
+  torch::nn::Dropout drop{nullptr};
+  BnNet() {
+    fc = register_module("fc", qwix::nn::Linear(16, 8));
+    bn = register_module("bn", torch::nn::BatchNorm1d(8));
+    drop = register_module("drop", torch::nn::Dropout(0.5));
+  }
+  at::Tensor forward(const at::Tensor& x) { return drop(bn(fc(x))); }
+};
+
+TEST(NnPass, CreateQuantStatsThenLoadACheckpoint) {
+  torch::manual_seed(8);
+  qwix::QuantizationRule r = w4a8();
+  r.act_static_scale = true;
+  auto trained = std::make_shared<BnNet>();
+  qwix::quantize_model(trained, qwix::QatProvider({r}));
+  for (int step = 0; step < 3; ++step) trained->forward(torch::randn({6, 16}));
+  std::stringstream buffer;
+  torch::save(trained, buffer);
+
+  auto fresh = std::make_shared<BnNet>();
+  qwix::quantize_model(fresh, qwix::QatProvider({r}));
+  EXPECT_EQ(fresh->fc->named_children().size(), 0u);  // no statistics before a forward
+  const auto bn_mean = fresh->bn->running_mean.clone();
+  torch::manual_seed(9);
+  qwix::nn::create_quant_stats(*fresh, [&] { fresh->forward(torch::randn({6, 16}) * 5); });
+  const auto after = torch::rand({4});
+  torch::manual_seed(9);
+  EXPECT_TRUE(torch::equal(after, torch::rand({4})));  // the RNG as it was (input and dropout drew numbers)
+  EXPECT_TRUE(torch::equal(fresh->bn->running_mean, bn_mean));  // buffers as they were
+  auto stat = fresh->fc->named_buffers();
+  EXPECT_EQ(stat["linear0_lhs.count"].item<int>(), 0);  // created, not updated
+  EXPECT_EQ(stat["linear0_lhs.sum_of_absmax"].item<float>(), 0.0f);
+  torch::load(fresh, buffer);
+  for (const auto& b : trained->named_buffers()) {
+    EXPECT_TRUE(torch::equal(b.value(), fresh->named_buffers()[b.key()])) << b.key();
+  }
+  EXPECT_EQ(fresh->fc->named_buffers()["linear0_lhs.count"].item<int>(), 3);
 }
 
 }  // namespace
