@@ -296,12 +296,21 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
     return _call(func, op, equation, lhs, rhs, rest, kwargs)
 
 
+# Under torch.compile the ops go into the graph as aten overloads: Dynamo runs the graph with this mode
+# on the stack (the root module's pre-hook runs eagerly), and a backend that executes the graph in Python
+# (backend="eager") would hand torch-level calls to the mode again and quantize twice; the mode lets
+# aten overloads through.
+_ATEN = {"linear": torch.ops.aten.linear, "conv1d": torch.ops.aten.conv1d, "conv2d": torch.ops.aten.conv2d,
+         "conv3d": torch.ops.aten.conv3d, "matmul": torch.ops.aten.matmul, "bmm": torch.ops.aten.bmm}
+
+
 def _call(func, op, equation, lhs, rhs, rest, kwargs):
+    compiling = torch.compiler.is_compiling()
     if op == "einsum":
-        return func(equation, lhs, rhs)
+        return torch.ops.aten.einsum(equation, [lhs, rhs]) if compiling else func(equation, lhs, rhs)
     if func is torch.baddbmm or func is torch.Tensor.baddbmm:
-        return func(rest[0], lhs, rhs, **kwargs)
-    return func(lhs, rhs, *rest, **kwargs)
+        return (torch.ops.aten.baddbmm if compiling else func)(rest[0], lhs, rhs, **kwargs)
+    return (_ATEN[op] if compiling else func)(lhs, rhs, *rest, **kwargs)
 
 
 def _quantize(state: _QatState, module: nn.Module, path: str, name: str, x: torch.Tensor, p: OperandPlan):

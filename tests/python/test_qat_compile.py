@@ -127,3 +127,21 @@ def test_tensor_unflatten_under_the_mode_compiles():
     ref = F.linear(ref_fake_quant(x, "int8", "absmax", (0,)), ref_fake_quant(m.fc.weight, "int8", "absmax", (0,)),
                    m.fc.bias)
     assert_same(q(x), ref.unflatten(-1, (2, 8)).sum(-1), "reference")
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_python_backends_do_not_quantize_twice(backend):
+    # Dynamo runs the graph under the QAT mode (the root's pre-hook runs eagerly); a backend that runs
+    # the FX graph in Python must not hand its calls to the mode again.
+    from test_qat_models import TorchAttention
+
+    torch.manual_seed(0)
+    for model, args, rules in [
+        (TransformerBlock(), (torch.randn(2, 6, 16),), _srq_rules()),
+        (TorchAttention(), (torch.randn(2, 5, 16), True, torch.triu(torch.full((5, 5), float("-inf")), 1)),
+         [QuantizationRule(weight_qtype="int8", act_qtype="int8")]),
+    ]:
+        q = qwix.quantize_model(model, QatProvider(rules), *args)
+        q.eval()  # statistics frozen: eager and compiled see the same scales
+        compiled = torch.compile(q, fullgraph=True, backend=backend)
+        assert_same(compiled(*args), q(*args), f"{type(model).__name__} {backend}")
