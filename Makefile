@@ -57,18 +57,26 @@ test-cpp: cmake
 test-python: ext
 	$(PY) -m pytest tests/python -q -x -p no:cacheprovider
 
-# CI has nvcc but no GPU: compile every .cu file for sm_80 and sm_90 against torch's headers.
+# CI has nvcc but no GPU: compile every .cu file for sm_80 and sm_90 against torch's headers, in
+# C++17 -- the GPU machine's torch (2.11) builds extensions with C++17, this machine's (2.13) with
+# C++20 -- and check that every csrc/ .cpp file is valid C++17 too, so that the GPU build never
+# fails on a C++20-only construct that the CPU build accepts.
 NVCC ?= nvcc
 CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 TORCH_INC = $(shell $(PY) -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
+PY_INC = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 CU_OBJS := $(patsubst cuda/%.cu,build/cuda-check/%.o,$(wildcard cuda/*.cu))
+CXX17_OKS := $(patsubst csrc/%.cpp,build/cxx17-check/%.ok,$(wildcard csrc/*/*.cpp csrc/*/*/*.cpp))
 cuda-check: venv
 	@command -v $(NVCC) > /dev/null || { echo "error: nvcc not found (needed by cuda-check)"; exit 1; }
-	@$(MAKE) --no-print-directory -j $(JOBS) $(CU_OBJS)
-	@echo "cuda-check: compiled $(words $(CU_OBJS)) CUDA files for sm_80 and sm_90"
+	@$(MAKE) --no-print-directory -j $(JOBS) $(CU_OBJS) $(CXX17_OKS)
+	@echo "cuda-check: compiled $(words $(CU_OBJS)) CUDA files for sm_80 and sm_90, $(words $(CXX17_OKS)) C++ files as C++17"
 build/cuda-check/%.o: cuda/%.cu $(wildcard cuda/*.cuh) $(wildcard csrc/numerics/*.h) csrc/ops/common.h
 	@mkdir -p $(@D)
-	$(NVCC) -c -std=c++20 -O3 --expt-relaxed-constexpr $(CUDA_ARCHS) -Icsrc -I. -Icuda/compile_check $(TORCH_INC) $< -o $@
+	$(NVCC) -c -std=c++17 -O3 --expt-relaxed-constexpr $(CUDA_ARCHS) -Icsrc -I. -Icuda/compile_check $(TORCH_INC) $< -o $@
+build/cxx17-check/%.ok: csrc/%.cpp $(wildcard csrc/*/*.h) $(wildcard csrc/qwix/*.h)
+	@mkdir -p $(@D)
+	@$(CXX) -std=c++17 -fsyntax-only -w -Icsrc -I. $(TORCH_INC) -I$(PY_INC) $< && touch $@
 
 test: build cuda-check test-cpp cpp-example test-python
 
