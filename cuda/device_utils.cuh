@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "numerics/calibration.h"
 #include "numerics/fake_quant_math.h"
@@ -150,6 +151,19 @@ struct alignas(32) PackedParams {
 };
 static_assert(sizeof(PackedParams) == 8 * sizeof(float), "PackedParams is a row of 8 floats");
 
+// Runs emit(sym, division) with the cheapest exact per-element form, chosen
+// once for a whole row / chunk / thread: `checked` (ReciprocalDiv) unless
+// `unchecked` says every quotient may skip the checks, then `fast`
+// (UncheckedDiv), with the symmetric integer form (sym = std::true_type) where
+// the zero point is 0. Each form is its own unrolled copy of emit's loop.
+template <QKind K, typename Checked, typename Fast, typename Emit>
+__device__ __forceinline__ auto with_division_form(bool unchecked, bool zero_point_is_0, const Checked& checked,
+                                                   const Fast& fast, Emit&& emit) {
+  if (!unchecked) return emit(std::false_type{}, checked);
+  if (K == QKind::Int && zero_point_is_0) return emit(std::true_type{}, fast);
+  return emit(std::false_type{}, fast);
+}
+
 // A chunk whose 8 elements share one group's parameters, with the cheapest
 // exact per-element form the chunk allows: UncheckedDiv when the group's (or
 // else the chunk's) max |x| passes unchecked_ok (one uniform branch per chunk
@@ -169,11 +183,10 @@ __device__ __forceinline__ uint8_t quantize_group_chunk(const Chunk<T>& v, Chunk
     }
     return bits_float(amax);
   };
-  if (!div.unchecked_ok(pp.amax) && !div.unchecked_ok(chunk_amax())) {
-    return quantize_chunk<T, K, false, MASK>(v, o, div, p, q);
-  }
-  if (K == QKind::Int && p.zero_point == 0.0f) return quantize_chunk<T, K, true, MASK>(v, o, div.unchecked(), p, q);
-  return quantize_chunk<T, K, false, MASK>(v, o, div.unchecked(), p, q);
+  const bool unchecked = div.unchecked_ok(pp.amax) || div.unchecked_ok(chunk_amax());
+  return with_division_form<K>(unchecked, p.zero_point == 0.0f, div, div.unchecked(), [&](auto sym, const auto& d) {
+    return quantize_chunk<T, K, decltype(sym)::value, MASK>(v, o, d, p, q);
+  });
 }
 
 // Group of a flat element index (memory order) for a Layout flattened to

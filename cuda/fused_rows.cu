@@ -9,7 +9,6 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <limits>
-#include <type_traits>
 
 #include "cuda/device_utils.cuh"
 #include "cuda/kernels.h"
@@ -84,10 +83,8 @@ __global__ void __launch_bounds__(TPR > kMinBlock ? TPR : kMinBlock)
   const ReciprocalDiv div = ReciprocalDiv::of(p.scale);
   uint8_t* row_bits = MASK ? bits + base / kChunk : nullptr;
 
-  // The per-element form is chosen once per row: rows whose values and
-  // quotients are all finite (every row in practice) divide without checks,
-  // and symmetric integer grids skip the zero point; each form is a separate
-  // unrolled copy of the write loops, so no per-element branch remains.
+  // The per-element form is chosen once per row (rows whose values and
+  // quotients are all finite -- every row in practice -- divide without checks).
   auto emit_all = [&](auto sym, const auto& d) {
     constexpr bool kSym = decltype(sym)::value;
     auto emit = [&](int64_t i, const Chunk<T>& v) {
@@ -103,13 +100,7 @@ __global__ void __launch_bounds__(TPR > kMinBlock ? TPR : kMinBlock)
     }
     for (int64_t i = t + static_cast<int64_t>(CACHE) * TPR; i < nchunks; i += TPR) emit(i, xc[i]);
   };
-  if (!div.unchecked_ok(bits_float(s.amax_bits))) {
-    emit_all(std::false_type{}, div);
-  } else if (K == QKind::Int && symmetric) {
-    emit_all(std::true_type{}, div.unchecked());
-  } else {
-    emit_all(std::false_type{}, div.unchecked());
-  }
+  with_division_form<K>(div.unchecked_ok(bits_float(s.amax_bits)), symmetric, div, div.unchecked(), emit_all);
 }
 
 // Calibration only (the calibrate op and SRQ statistics of row layouts): the

@@ -11,7 +11,6 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <limits>
-#include <type_traits>
 
 #include "cuda/device_utils.cuh"
 #include "cuda/kernels.h"
@@ -217,7 +216,7 @@ __global__ void __launch_bounds__(kThreads)
     symmetric &= p[j].zero_point == 0.0f;
   }
   const int64_t first = (o * cs.rows) * cs.cols + cc * kChunk;
-  // One copy of the row loop per per-element form, chosen once per thread (as in fused_rows).
+  // The per-element form is chosen once per thread, for its 8 columns together.
   auto rows_loop = [&](auto sym, const auto& d) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t e = first + r * cs.cols;
@@ -234,13 +233,7 @@ __global__ void __launch_bounds__(kThreads)
       if (bits) bits[e / kChunk] = m;
     }
   };
-  if (!unchecked) {
-    rows_loop(std::false_type{}, div);
-  } else if (K == QKind::Int && symmetric) {
-    rows_loop(std::true_type{}, fast);
-  } else {
-    rows_loop(std::false_type{}, fast);
-  }
+  with_division_form<K>(unchecked, symmetric, div, fast, rows_loop);
 }
 
 // The columns view of a layout, when it has one the kernels can launch.

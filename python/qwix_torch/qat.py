@@ -211,18 +211,19 @@ class _QatMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        op = _op_name(func)
-        if op is None or not self.state.stack:
-            body = _COMPOSITES.get(func) if self.state.stack else None
+        if self.state.stack:
+            op = _op_name(func)
+            if op is not None:
+                return _intercept(self.state, op, func, args, kwargs)
+            body = _COMPOSITES.get(func)
             if body is not None:
                 with self:  # this mode is popped while its __torch_function__ runs: the body's ops must see it
                     return body(*args, **kwargs)
-            if func is torch.Tensor.unflatten:
-                # Python ending in super().unflatten(...), which Dynamo (torch 2.13) cannot trace when a mode
-                # dispatched the call (pytorch/pytorch#179853): call torch.unflatten, the same op.
-                func = torch.unflatten
-            return func(*args, **kwargs)
-        return _intercept(self.state, op, func, args, kwargs)
+        if func is torch.Tensor.unflatten:
+            # Python ending in super().unflatten(...), which Dynamo (torch 2.13) cannot trace when a mode
+            # dispatched the call (pytorch/pytorch#179853): call torch.unflatten, the same op.
+            func = torch.unflatten
+        return func(*args, **kwargs)
 
 
 _OPERAND_NAMES = {
