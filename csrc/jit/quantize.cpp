@@ -8,7 +8,9 @@
 //     prim::CallMethod "forward", the boundary of a module as a forward hook is
 //     in Python). Calls to free functions and to other methods (self._conv_forward,
 //     F.multi_head_attention_forward, ...) whose code holds such ops are inlined,
-//     so those ops belong to the calling module, as they do in Python.
+//     so those ops belong to the calling module, as they do in Python. Where the
+//     provider decomposes attention, aten::scaled_dot_product_attention is
+//     replaced by the body of qwix::decomposed_attention (two matmuls).
 //  2. Shapes come from running the example inputs once: every module that some
 //     rule can match gets its own type (a TorchScript type is shared by all
 //     instances of a class), probe operators are inserted before each op and at
@@ -34,6 +36,8 @@
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/ir/constants.h>
 #include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/frontend/resolver.h>
+#include <torch/csrc/jit/frontend/sugared_value.h>
 
 #include <map>
 #include <set>
@@ -112,8 +116,56 @@ torch::jit::Function* inlinable_callee(const Node* n) {
   return nullptr;
 }
 
+// F.scaled_dot_product_attention decomposed into its two matmuls (qwix::decomposed_attention), as a
+// TorchScript function compiled once.
+// The names its source uses (see decomposed_attention_source); TorchScript's own builtins do the rest.
+struct AttentionSourceResolver : torch::jit::Resolver {
+  std::shared_ptr<torch::jit::SugaredValue> resolveValue(const std::string& name, torch::jit::GraphFunction& m,
+                                                         const torch::jit::SourceRange& loc) override {
+    if (name == "torch") return std::make_shared<torch::jit::BuiltinModule>("aten");  // torch.matmul: aten::matmul
+    if (name == "ValueError") return std::make_shared<torch::jit::ExceptionValue>("ValueError");
+    if (name == "safe_softmax")
+      return std::make_shared<torch::jit::BuiltinFunction>(c10::Symbol::aten("_safe_softmax"), std::nullopt);
+    if (name == "bool_dtype")  // a dtype is an int in TorchScript
+      return std::make_shared<torch::jit::SimpleValue>(m.graph()->insertConstant(c10::IValue(c10::kBool), loc));
+    return nullptr;
+  }
+  c10::TypePtr resolveType(const std::string&, const torch::jit::SourceRange&) override { return nullptr; }
+};
+
+torch::jit::GraphFunction& decomposed_attention_function() {
+  static const std::shared_ptr<torch::jit::CompilationUnit> cu = [] {
+    auto unit = std::make_shared<torch::jit::CompilationUnit>();
+    unit->define(std::nullopt, decomposed_attention_source(), std::make_shared<AttentionSourceResolver>(), nullptr);
+    return unit;
+  }();
+  return torch::jit::toGraphFunction(cu->get_function("scaled_dot_product_attention"));
+}
+
+bool is_attention(const Node* n) { return n->kind() == c10::aten::scaled_dot_product_attention; }
+
+// Replaces every sdpa node of the block (and its sub-blocks) by the decomposed function's body.
+void decompose_attention(Block* b) {
+  static const char* const kSchema =
+      "aten::scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+      "float dropout_p=0., bool is_causal=False, *, float? scale=None, bool enable_gqa=False) -> Tensor";
+  for (auto it = b->nodes().begin(); it != b->nodes().end();) {
+    Node* n = *it;
+    ++it;
+    if (is_attention(n)) {
+      TORCH_CHECK_VALUE(n->matches(kSchema), "qwix: cannot decompose a scaled_dot_product_attention call whose "
+                        "schema is not ", kSchema, " (this torch's differs from the one qwix knows)");
+      torch::jit::inlineCallTo(n, &decomposed_attention_function());
+      continue;
+    }
+    for (Block* sb : n->blocks()) decompose_attention(sb);
+  }
+}
+
+// attention: scaled_dot_product_attention counts as an op (it will be decomposed into two matmuls).
 class Inliner {
  public:
+  explicit Inliner(bool attention) : attention_(attention) {}
   void run(Graph& g) {
     while (inline_block(g.block())) {
     }
@@ -131,7 +183,7 @@ class Inliner {
 
   bool block_has_ops(Block* b) {
     for (Node* n : b->nodes()) {
-      if (intercepted_op(n)) return true;
+      if (intercepted_op(n) || (attention_ && is_attention(n))) return true;
       if (auto* fn = inlinable_callee(n); fn && has_ops(fn)) return true;
       for (Block* sb : n->blocks())
         if (block_has_ops(sb)) return true;
@@ -155,6 +207,7 @@ class Inliner {
     return changed;
   }
 
+  bool attention_;
   std::unordered_map<torch::jit::Function*, bool> memo_;
 };
 
@@ -342,7 +395,9 @@ class Pass {
   void prepare(Instance& inst) {
     auto g = forward_graph(inst);
     if (!g) return;
-    Inliner().run(*g);
+    const bool attention = provider_.decomposes_attention(inst.path);
+    Inliner(attention).run(*g);
+    if (attention) decompose_attention(g->block());
     const size_t ii = &inst - instances_.data();
     std::function<void(Block*)> walk = [&](Block* b) {
       for (Node* n : b->nodes()) {

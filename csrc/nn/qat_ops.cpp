@@ -116,5 +116,15 @@ at::Tensor QatOps::einsum(const std::string& equation, const at::Tensor& a, cons
   return at::einsum(equation, {x, y});
 }
 
+at::Tensor QatOps::scaled_dot_product_attention(const at::Tensor& query, const at::Tensor& key,
+                                                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+                                                double dropout_p, bool is_causal, std::optional<double> scale,
+                                                bool enable_gqa) {
+  if (!config_.provider_ || !config_.provider_->decomposes_attention(config_.path_))
+    return at::scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa);
+  auto matmul = [this](const at::Tensor& a, const at::Tensor& b) { return this->matmul(a, b); };
+  return decomposed_attention(matmul, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa);
+}
+
 }  // namespace nn
 }  // namespace qwix

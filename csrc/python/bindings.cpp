@@ -94,6 +94,7 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("module_path"), py::arg("op_name"), py::arg("lhs_rank"), py::arg("lhs_is_weight"),
           py::arg("rhs_rank"), py::arg("rhs_is_weight"), py::arg("einsum_equation") = "")
+      .def("decomposes_attention", &qwix::QatProvider::decomposes_attention, py::arg("module_path"))
       .def("unused_rule_indices", &qwix::QatProvider::unused_rule_indices)
       .def("is_used", &qwix::QatProvider::is_used)
       .def("mark_used", &qwix::QatProvider::mark_used);
@@ -112,5 +113,18 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("plan"), py::arg("count") = py::none(), py::arg("sums") = py::none(),
       py::arg("update") = false);
+  m.def("decomposed_attention_source", &qwix::decomposed_attention_source,
+        "scaled_dot_product_attention decomposed into two matmuls, as TorchScript source (also Python).");
+  // The C++ form with plain matmuls, for tests that tie it to the source form.
+  m.def(
+      "decomposed_attention",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::optional<at::Tensor> attn_mask,
+         double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa) {
+        auto matmul = [](const at::Tensor& a, const at::Tensor& b) { return at::matmul(a, b); };
+        return qwix::decomposed_attention(matmul, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa);
+      },
+      py::arg("query"), py::arg("key"), py::arg("value"), py::arg("attn_mask") = py::none(),
+      py::arg("dropout_p") = 0.0, py::arg("is_causal") = false, py::arg("scale") = py::none(),
+      py::arg("enable_gqa") = false);
   qwix_init_jit_bindings(m);
 }

@@ -143,6 +143,13 @@ class QatOps {
                      const at::Scalar& beta = 1, const at::Scalar& alpha = 1);
   // Two operands (explicit or implicit output), as the Python path intercepts.
   at::Tensor einsum(const std::string& equation, const at::Tensor& a, const at::Tensor& b);
+  // torch::scaled_dot_product_attention, or where the provider decomposes attention for this module
+  // (QatProvider::decomposes_attention) qwix::decomposed_attention: q·kᵀ and weights·v become the
+  // next two matmul op ids, as on the Python and TorchScript paths.
+  at::Tensor scaled_dot_product_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                          const std::optional<at::Tensor>& attn_mask = std::nullopt,
+                                          double dropout_p = 0.0, bool is_causal = false,
+                                          std::optional<double> scale = std::nullopt, bool enable_gqa = false);
 
   // The two operands of op `op` (one of valid_op_names()) as planned, taking the next op id.
   std::pair<at::Tensor, at::Tensor> operands(const std::string& op, const at::Tensor& lhs, const at::Tensor& rhs,

@@ -10,6 +10,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -158,6 +159,11 @@ class QatProvider {
   std::optional<OpPlan> plan(const std::string& module_path, const std::string& op_name, const OperandInfo& lhs,
                              const OperandInfo& rhs, const std::string& einsum_equation = "");
 
+  // Whether F.scaled_dot_product_attention run by this module's forward is decomposed (see
+  // decomposed_attention) so that its two products are quantized: the first rule matching
+  // (module_path, "matmul") has an act_qtype. Does not mark the rule used (the matmuls' plans do).
+  bool decomposes_attention(const std::string& module_path) const;
+
   // Rules that matched no op so far (Qwix's get_unused_rules), in order.
   std::vector<QuantizationRule> get_unused_rules() const;
   std::vector<int64_t> unused_rule_indices() const;
@@ -195,6 +201,25 @@ void update_operand_stat(QuantStatTensors& stat, const std::vector<at::Tensor>& 
 // a dynamic scale, or for static plans the scale from `stat` (dynamic while its count is 0).
 // Statistics are not updated here (see update_operand_stat: update before reading).
 at::Tensor quantize_operand(const at::Tensor& x, const OperandPlan& plan, const QuantStatTensors* stat = nullptr);
+
+// ---- Attention (F.scaled_dot_product_attention) ----
+// torch's fused attention computes q·kᵀ and weights·v inside one kernel, out of the rules' reach.
+// Where QatProvider::decomposes_attention says so, the three paths run it as below instead, and its
+// two products are the module's next two `matmul` ops (matmul<n>: q·kᵀ, matmul<n+1>: weights·v):
+//   attn = matmul(q, kᵀ) * scale               (scale: 1/sqrt(q.size(-1)) unless given)
+//   causal: -inf above the diagonal; attn_mask: bool -> -inf where false, float -> added
+//   attn = _safe_softmax(attn, -1)             (a fully masked row gives 0, as sdpa)
+//   attn = dropout(attn, dropout_p, train=True) (dropout_p > 0; sdpa applies it in eval too)
+//   out  = matmul(attn, v)                      (enable_gqa: k and v heads repeated first)
+// Same signature and defaults as torch.nn.functional.scaled_dot_product_attention.
+using MatmulFn = std::function<at::Tensor(const at::Tensor&, const at::Tensor&)>;
+at::Tensor decomposed_attention(const MatmulFn& matmul, const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask = std::nullopt,
+                                double dropout_p = 0.0, bool is_causal = false,
+                                std::optional<double> scale = std::nullopt, bool enable_gqa = false);
+// The same function as TorchScript source, which is also Python (torch, Tensor and Optional in
+// scope): the TorchScript pass inlines it, the Python path runs it. Tests tie the two forms.
+const std::string& decomposed_attention_source();
 
 }  // namespace qwix
 

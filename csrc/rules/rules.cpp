@@ -173,6 +173,11 @@ std::optional<int64_t> QatProvider::match_rule(const std::string& module_path, c
   return std::nullopt;
 }
 
+bool QatProvider::decomposes_attention(const std::string& module_path) const {
+  const auto i = match_rule(module_path, "matmul");
+  return i && rules_[*i].act_qtype.has_value();
+}
+
 std::optional<int64_t> QatProvider::find_rule(const std::string& module_path, const std::string& op_name) {
   auto i = match_rule(module_path, op_name);
   if (i) used_[*i] = 1;

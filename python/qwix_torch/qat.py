@@ -4,7 +4,9 @@
 names) and adds forward hooks: while the model runs, a
 ``torch.overrides.TorchFunctionMode`` intercepts ``linear``, ``conv1d/2d/3d``,
 ``matmul`` / ``@``, ``bmm`` (and ``baddbmm``'s product), two-operand ``einsum`` (also inside
-``F.multi_head_attention_forward``, whose body it runs op by op) and attributes each call
+``F.multi_head_attention_forward``, whose body it runs op by op, and inside
+``F.scaled_dot_product_attention``, run decomposed where a rule quantizes matmul activations) and
+attributes each call
 to the innermost module whose forward is running (a module stack kept by
 forward pre/post hooks on every submodule), so an op belongs to its module's
 own forward, never to a parent's. The per-op decision (rule, qtypes,
@@ -26,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from qwix_torch import _C
 from qwix_torch.ops import resolve_tiled_axes
 from qwix_torch.rules import OpPlan, OperandPlan, QatProvider
 
@@ -123,6 +126,7 @@ class _QatState:
     def __init__(self, provider: QatProvider):
         self.provider = provider
         self.plans: dict = {}  # (path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation) -> OpPlan | None
+        self.attention: dict = {}  # path -> whether its scaled_dot_product_attention runs decomposed
         self.stack: list = []  # (module, path, op counts, mode or None) of the running forwards
         self.update_enabled = True  # set_quant_stats_update
         self.force_update = False  # calibrate(): update in eval mode too
@@ -139,6 +143,11 @@ def _make_plan(provider: QatProvider, path: str, op: str, lhs_rank: int, lhs_w: 
                equation: str) -> Optional[OpPlan]:
     # Under torch.compile this runs at trace time and its result is a constant of the graph.
     return provider.plan(path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation)
+
+
+@torch.compiler.assume_constant_result
+def _decomposes_attention(provider: QatProvider, path: str) -> bool:
+    return provider.decomposes_attention(path)
 
 
 def _pre_hook(state: _QatState, path: str, module: nn.Module, args) -> None:
@@ -203,6 +212,18 @@ def _body_without_dispatch(func):
 _COMPOSITES = {F.multi_head_attention_forward: _body_without_dispatch(F.multi_head_attention_forward)}
 
 
+def _load_decomposed_attention():
+    """F.scaled_dot_product_attention as two matmuls: the engine's TorchScript source (the TorchScript
+    pass inlines the same text), run as Python so that the mode sees the matmuls."""
+    env = {"torch": torch, "Tensor": torch.Tensor, "Optional": Optional, "ValueError": ValueError,
+           "safe_softmax": torch.ops.aten._safe_softmax, "bool_dtype": torch.bool}  # (Dynamo traces torch.ops)
+    exec(compile(_C.decomposed_attention_source(), "<qwix decomposed_attention>", "exec"), env)
+    return env["scaled_dot_product_attention"]
+
+
+_DECOMPOSED_ATTENTION = _load_decomposed_attention()
+
+
 class _QatMode(TorchFunctionMode):
     def __init__(self, state: _QatState):
         super().__init__()
@@ -216,6 +237,8 @@ class _QatMode(TorchFunctionMode):
             if op is not None:
                 return _intercept(self.state, op, func, args, kwargs)
             body = _COMPOSITES.get(func)
+            if body is None and func is F.scaled_dot_product_attention and self._decomposes_attention():
+                body = _DECOMPOSED_ATTENTION  # its q·kᵀ and weights·v become this module's next two matmuls
             if body is not None:
                 with self:  # this mode is popped while its __torch_function__ runs: the body's ops must see it
                     return body(*args, **kwargs)
@@ -224,6 +247,16 @@ class _QatMode(TorchFunctionMode):
             # dispatched the call (pytorch/pytorch#179853): call torch.unflatten, the same op.
             func = torch.unflatten
         return func(*args, **kwargs)
+
+
+    def _decomposes_attention(self) -> bool:
+        path = self.state.stack[-1][1]
+        decomposed = self.state.attention.get(path)
+        if decomposed is None:
+            decomposed = _decomposes_attention(self.state.provider, path)
+            if not torch.compiler.is_compiling():
+                self.state.attention[path] = decomposed
+        return decomposed
 
 
 _OPERAND_NAMES = {
@@ -408,7 +441,8 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
     The returned model has the same classes, submodules and parameter names;
     inside each module's own forward the ops ``linear``, ``conv1d/2d/3d``,
     ``matmul`` / ``@``, ``bmm`` and two-operand ``einsum`` are fake-quantized as
-    the provider's first matching rule says. With ``example_inputs`` the model
+    the provider's first matching rule says (``F.scaled_dot_product_attention`` runs as two
+    ``matmul`` ops where that rule for ``matmul`` has an ``act_qtype``). With ``example_inputs`` the model
     runs once in its current mode (no gradients, no statistics updates; buffers such as
     batch-norm statistics and the RNG state are restored afterwards) so that rules are matched
     and every SRQ ``QuantStat`` (``<module>.<op id>_lhs`` / ``_rhs``) exists

@@ -177,6 +177,11 @@ class QatProvider:
             return None
         return OpPlan(p.rule_index, OperandPlan.from_cpp(p.lhs), OperandPlan.from_cpp(p.rhs))
 
+    def decomposes_attention(self, module_path: str) -> bool:
+        """Whether ``F.scaled_dot_product_attention`` in this module's forward runs as two quantizable
+        ``matmul`` ops: the first rule matching (``module_path``, ``"matmul"``) has an ``act_qtype``."""
+        return self._cpp.decomposes_attention(module_path)
+
     def __repr__(self) -> str:
         return f"QatProvider({list(self._rules)!r})"
 

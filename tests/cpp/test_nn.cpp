@@ -375,6 +375,85 @@ TEST(NnPass, CustomForwardOpsMatchTheTorchScriptPass) {
   EXPECT_TRUE(att->wo.grad().defined() && att->wo.grad().abs().sum().item<float>() > 0);
 }
 
+// Attention through QatOps::scaled_dot_product_attention: decomposed into matmul0 / matmul1 where a rule
+// quantizes the module's matmul activations, as the TorchScript pass does with aten::scaled_dot_product_attention.
+struct SdpaAttentionImpl : torch::nn::Module, qwix::nn::Quantizable {
+  at::Tensor wqkv, wo;
+  SdpaAttentionImpl() {
+    wqkv = register_parameter("wqkv", torch::randn({48, 16}) * 0.2);
+    wo = register_parameter("wo", torch::randn({16, 16}) * 0.2);
+  }
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& mask) {
+    auto ops = qat_ops();
+    const int64_t b = x.size(0), t = x.size(1);
+    auto qkv = ops.linear(x, wqkv).reshape({b, t, 3, 2, 8}).permute({2, 0, 3, 1, 4});
+    auto y = ops.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], mask);
+    return ops.linear(y.transpose(1, 2).reshape({b, t, 16}), wo);
+  }
+};
+TORCH_MODULE(SdpaAttention);
+
+torch::jit::Module script_sdpa_attention(const SdpaAttentionImpl& a) {
+  auto cu = std::make_shared<torch::jit::CompilationUnit>();
+  torch::jit::Module m(c10::QualifiedName("__torch__.SdpaAttention"), cu, /*shouldMangle=*/true);
+  m.register_attribute("training", c10::BoolType::get(), true);
+  m.register_parameter("wqkv", a.wqkv.detach().clone().requires_grad_(), false);
+  m.register_parameter("wo", a.wo.detach().clone().requires_grad_(), false);
+  m.define(R"(
+def forward(self, x, mask):
+    b = x.size(0)
+    t = x.size(1)
+    qkv = torch.linear(x, self.wqkv).reshape([b, t, 3, 2, 8]).permute([2, 0, 3, 1, 4])
+    y = torch.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], mask)
+    return torch.linear(y.transpose(1, 2).reshape([b, t, 16]), self.wo)
+)");
+  return m;
+}
+
+TEST(NnPass, ScaledDotProductAttentionMatchesTheTorchScriptPass) {
+  const at::Tensor mask = torch::rand({5, 5}) > 0.3;
+  for (const bool quantize_products : {true, false}) {
+    torch::manual_seed(6);
+    SdpaAttention att;
+    torch::jit::Module ts = script_sdpa_attention(*att);
+    const at::Tensor x0 = torch::randn({2, 5, 16});
+    qwix::QuantizationRule rule;
+    rule.weight_qtype = "int8";
+    if (quantize_products) {  // SRQ int8 activations: the products are quantized
+      rule.act_qtype = "int8";
+      rule.act_static_scale = true;
+    }
+    qwix::quantize_model(att, qwix::QatProvider({rule}));
+    qwix::QatProvider jit_provider({rule});
+    qwix::jit::quantize_model(ts, jit_provider, {x0, mask});
+    for (int step = 0; step < 3; ++step) {
+      const at::Tensor x = torch::randn({2, 5, 16});
+      const at::Tensor a = att->forward(x, mask), b = ts.forward({x, mask}).toTensor();
+      ASSERT_TRUE(torch::equal(a, b)) << "step " << step << ": max diff " << (a - b).abs().max().item<float>();
+    }
+    std::vector<std::string> names;
+    for (const auto& c : att->named_children()) names.push_back(c.key());
+    if (quantize_products) {
+      EXPECT_EQ(names, (std::vector<std::string>{"linear0_lhs", "matmul0_lhs", "matmul0_rhs", "matmul1_lhs",
+                                                 "matmul1_rhs", "linear1_lhs"}));
+      EXPECT_EQ(att->named_buffers()["matmul1_rhs.count"].item<int>(), 3);
+    } else {  // weights only: the fused op, untouched
+      EXPECT_TRUE(names.empty());
+      const at::Tensor x = torch::randn({2, 5, 16});
+      auto w = qwix::fake_quant(att->wqkv, "int8", {.channelwise_axes = {0}});
+      auto qkv = at::linear(x, w).reshape({2, 5, 3, 2, 8}).permute({2, 0, 3, 1, 4});
+      auto y = at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], mask).transpose(1, 2).reshape({2, 5, 16});
+      auto expected = at::linear(y, qwix::fake_quant(att->wo, "int8", {.channelwise_axes = {0}}));
+      EXPECT_TRUE(torch::equal(att->forward(x, mask), expected));
+    }
+  }
+  // Bad arguments name themselves.
+  const at::Tensor q = torch::randn({1, 2, 4, 8});
+  EXPECT_THROW(qwix::decomposed_attention(at::matmul, q, q, q, mask.narrow(0, 0, 4).narrow(1, 0, 4), 0.0, true),
+               c10::ValueError);
+  EXPECT_THROW(qwix::decomposed_attention(at::matmul, q, q, q, std::nullopt, 2.0), c10::ValueError);
+}
+
 // LibTorch's clone() copies the torch::nn part only: an unquantized model clones into wrappers
 // (and can be quantized afterwards); a quantized one refuses instead of dropping its quantization.
 struct CloneNet : torch::nn::Cloneable<CloneNet> {

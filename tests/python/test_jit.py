@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from _helpers import assert_same
+from test_qat_attention import SdpaAttention, _masks
 from test_qat_models import CNN, MLP, TorchAttention, TransformerBlock
 
 import qwix_torch as qwix
@@ -160,6 +161,59 @@ def test_torch_multihead_attention_matches_python_path():
         assert pe.get_unused_rules() == [] and pj.get_unused_rules() == []
         assert {n for n, _ in ts.attn.named_children()} == {"out_proj", "linear0_lhs", "bmm0_lhs", "bmm0_rhs",
                                                             "bmm1_lhs", "bmm1_rhs", "linear1_lhs"}
+
+
+def test_scaled_dot_product_attention_matches_python_path():
+    # aten::scaled_dot_product_attention is replaced by the engine's decomposition where the Python path runs
+    # it decomposed: its products are matmul0 (q·kᵀ) and matmul1 (weights·v) in both, with the same values.
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    for variant in ("none", "causal", "bool", "float", "gqa"):
+        torch.manual_seed(0)
+        mask, causal = _masks(5).get(variant), variant == "causal"
+        model = SdpaAttention(kv_heads=1 if variant == "gqa" else 2)
+        eager, ts, pe, pj = both(model, rules, torch.randn(2, 5, 16), mask, causal)
+        for _ in range(2):
+            x = torch.randn(2, 5, 16)
+            assert_same(ts(x, mask, causal), eager(x, mask, causal), variant)
+        assert_same_state(eager, ts)
+        assert {n for n, _ in ts.named_children()} == {"q", "kv", "o", "matmul0_lhs", "matmul0_rhs", "matmul1_lhs",
+                                                       "matmul1_rhs"}
+        assert "aten::scaled_dot_product_attention" not in str(ts.graph)
+
+
+def _attend(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class HelperAttention(nn.Module):
+    def forward(self, q, k, v):
+        return _attend(q, k, v) * 2.0
+
+
+def test_scaled_dot_product_attention_in_a_helper_function_and_when_not_decomposed():
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    # A free function holding only the attention is inlined too (it holds two matmuls once decomposed).
+    eager, ts, _, _ = both(HelperAttention(), [QuantizationRule(act_qtype="int8")], q, k, v)
+    assert_same(ts(q, k, v), eager(q, k, v), "helper")
+    assert (ts(q, k, v) - HelperAttention()(q, k, v)).abs().max() > 1e-3
+    # No rule quantizes the products: the fused op stays, as on the Python path.
+    for rules in ([QuantizationRule(weight_qtype="int8")], [QuantizationRule(act_qtype="int8", op_names=("einsum",))]):
+        eager, ts, _, _ = both(HelperAttention(), rules, q, k, v)
+        assert_same(ts(q, k, v), eager(q, k, v), "fused")
+        assert_same(ts(q, k, v), HelperAttention()(q, k, v), "fused, unquantized")
+
+
+def test_torch_multihead_attention_without_weights_matches_python_path():
+    # need_weights=False: F.multi_head_attention_forward calls scaled_dot_product_attention (4-D q, k, v).
+    rules = [QuantizationRule(module_path="attn", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    torch.manual_seed(0)
+    eager, ts, pe, pj = both(TorchAttention(), rules, torch.randn(2, 5, 16), False)
+    for _ in range(2):
+        x = torch.randn(2, 5, 16)
+        assert_same(ts(x, False), eager(x, False), "need_weights=False")
+    assert_same_state(eager, ts)
+    assert {n for n, _ in ts.attn.named_children()} == {"out_proj", "linear0_lhs", "matmul0_lhs", "matmul0_rhs",
+                                                        "matmul1_lhs", "matmul1_rhs", "linear1_lhs"}
 
 
 def test_fractional_tile_is_resolved_at_run_time():
