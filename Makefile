@@ -86,6 +86,7 @@ demo: build
 bench: ext
 	$(PY) benchmarks/bench_ops.py --json build/bench_ops.json
 	$(PY) benchmarks/bench_qat.py --json build/bench_qat.json
+	$(PY) benchmarks/bench_attention.py --json build/bench_attention.json
 
 # No GPU needed: SASS instructions per element of the CUDA per-element forms (nvcc + cuobjdump).
 sass-cost: venv

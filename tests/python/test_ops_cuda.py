@@ -183,6 +183,27 @@ def test_cuda_qat_model_matches_cpu():
         torch.testing.assert_close(a, b, rtol=0, atol=float(b.abs().max()) * 2e-2)
 
 
+def test_cuda_decomposed_attention_matches_cpu():
+    """F.scaled_dot_product_attention decomposed and quantized (SRQ) on CUDA: as on CPU, same statistics."""
+    from test_qat_attention import SdpaAttention, _masks
+
+    torch.manual_seed(0)
+    fp = SdpaAttention()
+    rules = [qwix.QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    x, mask = make_input((2, 6, 16)), _masks(6)["bool"]
+    outs, stats = [], []
+    for dev in ["cpu", "cuda"]:
+        m = qwix.quantize_model(fp.to(dev), qwix.QatProvider(rules), x.to(dev), mask.to(dev))
+        y = m(x.to(dev), mask.to(dev))
+        y.sum().backward()
+        outs.append(y.detach().cpu())
+        stats.append({k: v.cpu() for k, v in m.state_dict().items() if "sum_of" in k or k.endswith("count")})
+    assert stats[0].keys() == stats[1].keys() and "matmul1_rhs.sum_of_absmax" in stats[0]
+    for k in stats[0]:
+        torch.testing.assert_close(stats[1][k], stats[0][k], rtol=1e-4, atol=0)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=float(outs[0].abs().max()) * 2e-2)
+
+
 @pytest.mark.parametrize("qtype,method", [("int8", "absmax"), ("nf4", "absmax"), ("int4", "minmax"),
                                           ("float4_e2m1fn", "absmax"), ("float8_e4m3fn", "absmax,0.5")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

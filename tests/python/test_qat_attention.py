@@ -234,3 +234,16 @@ def test_sdpa_under_compile_fullgraph():
     torch._dynamo.reset()
     inductor = torch.compile(copy.deepcopy(eager).eval(), fullgraph=True)
     torch.testing.assert_close(inductor(x, mask), eager.eval()(x, mask), rtol=0, atol=0.05)
+
+
+def test_bench_attention_quick_runs(tmp_path):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import bench_attention
+
+    out = tmp_path / "b.json"
+    assert bench_attention.main(["--quick", "--json", str(out)]) == 0
+    import json
+    res = json.loads(out.read_text())["results"][0]
+    assert set(res["median_s"]) == {"fp32", "qwix linear", "qwix all", "fp32 math"}
