@@ -1,7 +1,7 @@
 // The TorchScript pass (DESIGN sections 1 and 3): qwix::jit::quantize_model.
 //
 // Per module of the tree, the ops linear / conv1d-3d / matmul / bmm (and
-// baddbmm's product) / einsum (two operands) of its own `forward` are quantized as the provider's plan
+// baddbmm's product; mm and addmm's product as matmul) / einsum (two operands) of its own `forward` are quantized as the provider's plan
 // says, the same decisions and ops as the Python nn.Module path:
 //
 //  1. Each module's forward is its own graph (submodule calls stay
@@ -68,6 +68,7 @@ std::optional<std::string> intercepted_op(const Node* n) {
       {c10::aten::linear, "linear"}, {c10::aten::conv1d, "conv1d"}, {c10::aten::conv2d, "conv2d"},
       {c10::aten::conv3d, "conv3d"}, {c10::aten::matmul, "matmul"}, {c10::aten::bmm, "bmm"},
       {c10::aten::baddbmm, "bmm"},  // input + batch1 @ batch2: its product is a bmm (as in Python)
+      {c10::aten::mm, "matmul"},    {c10::aten::addmm, "matmul"},  // a 2-D matmul; input + mat1 @ mat2
       {c10::aten::einsum, "einsum"},
   };
   for (const auto& [k, name] : kinds)
@@ -218,7 +219,7 @@ struct Site {
   std::string op;
   Value* lhs = nullptr;
   Value* rhs = nullptr;
-  size_t lhs_pos = 0, rhs_pos = 1;  // their input positions (baddbmm: 1, 2)
+  size_t lhs_pos = 0, rhs_pos = 1;  // their input positions (baddbmm, addmm: 1, 2)
   std::string equation;
   std::string where;
   // what the example forward showed
@@ -449,7 +450,7 @@ class Pass {
       s.lhs = list->input(0);
       s.rhs = list->input(1);
     } else {
-      if (n->kind() == c10::aten::baddbmm) {
+      if (n->kind() == c10::aten::baddbmm || n->kind() == c10::aten::addmm) {
         s.lhs_pos = 1;
         s.rhs_pos = 2;
       }

@@ -111,6 +111,17 @@ at::Tensor QatOps::baddbmm(const at::Tensor& input, const at::Tensor& batch1, co
   return at::baddbmm(input, x, y, beta, alpha);
 }
 
+at::Tensor QatOps::mm(const at::Tensor& mat1, const at::Tensor& mat2) {
+  auto [x, y] = operands("matmul", mat1, mat2);
+  return at::mm(x, y);
+}
+
+at::Tensor QatOps::addmm(const at::Tensor& input, const at::Tensor& mat1, const at::Tensor& mat2,
+                         const at::Scalar& beta, const at::Scalar& alpha) {
+  auto [x, y] = operands("matmul", mat1, mat2);
+  return at::addmm(input, x, y, beta, alpha);
+}
+
 at::Tensor QatOps::einsum(const std::string& equation, const at::Tensor& a, const at::Tensor& b) {
   auto [x, y] = operands("einsum", a, b, equation);
   return at::einsum(equation, {x, y});

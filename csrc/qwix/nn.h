@@ -141,6 +141,10 @@ class QatOps {
   // input * beta + (batch1 @ batch2) * alpha: the product is quantized as a bmm (as in Python).
   at::Tensor baddbmm(const at::Tensor& input, const at::Tensor& batch1, const at::Tensor& batch2,
                      const at::Scalar& beta = 1, const at::Scalar& alpha = 1);
+  // 2-D products, quantized as matmul ops (as in Python): mat1 @ mat2, and input * beta + (mat1 @ mat2) * alpha.
+  at::Tensor mm(const at::Tensor& mat1, const at::Tensor& mat2);
+  at::Tensor addmm(const at::Tensor& input, const at::Tensor& mat1, const at::Tensor& mat2,
+                   const at::Scalar& beta = 1, const at::Scalar& alpha = 1);
   // Two operands (explicit or implicit output), as the Python path intercepts.
   at::Tensor einsum(const std::string& equation, const at::Tensor& a, const at::Tensor& b);
   // torch::scaled_dot_product_attention, or where the provider decomposes attention for this module

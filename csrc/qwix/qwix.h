@@ -251,8 +251,9 @@ namespace qwix::jit {
 
 // Quantizes a TorchScript module for QAT with the same rules, plans, ops and op
 // ids as the Python nn.Module path (same forward values for the same weights):
-// in each module's own forward, linear / conv1d-3d / matmul / bmm / two-operand
-// einsum get qwix::fake_quant, or for SRQ a QuantStat submodule <op id>_lhs/_rhs
+// in each module's own forward, linear / conv1d-3d / matmul (mm, addmm's product) /
+// bmm (baddbmm's product) / two-operand einsum, and scaled_dot_product_attention's
+// two matmuls where it is decomposed, get qwix::fake_quant, or for SRQ a QuantStat submodule <op id>_lhs/_rhs
 // plus qwix::srq_scale + qwix::fake_quant_with_scale (statistics updated before
 // the read in training mode). Parameter names do not change.
 //

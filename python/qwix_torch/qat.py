@@ -3,7 +3,8 @@
 ``quantize_model`` keeps the model as it is (same classes, same parameter
 names) and adds forward hooks: while the model runs, a
 ``torch.overrides.TorchFunctionMode`` intercepts ``linear``, ``conv1d/2d/3d``,
-``matmul`` / ``@``, ``bmm`` (and ``baddbmm``'s product), two-operand ``einsum`` (also inside
+``matmul`` / ``@`` (and ``mm``, ``addmm``'s product), ``bmm`` (and ``baddbmm``'s product), two-operand
+``einsum`` (also inside
 ``F.multi_head_attention_forward``, whose body it runs op by op, and inside
 ``F.scaled_dot_product_attention``, run decomposed where a rule quantizes matmul activations) and
 attributes each call
@@ -183,6 +184,10 @@ def _op_name(func) -> Optional[str]:
         return "bmm"
     if func is torch.baddbmm or func is torch.Tensor.baddbmm:
         return "baddbmm"  # input + batch1 @ batch2: the product is quantized as a bmm
+    if func is torch.mm or func is torch.Tensor.mm:
+        return "mm"  # a 2-D matmul
+    if func is torch.addmm or func is torch.Tensor.addmm:
+        return "addmm"  # input + mat1 @ mat2 (HF GPT-2's Conv1D): the product is quantized as a matmul
     if func is torch.conv2d:
         return "conv2d"
     if func is torch.conv1d:
@@ -281,12 +286,18 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
         equation = args[0]
         lhs, rhs = operands
         rest: tuple = ()
-    elif op == "baddbmm":  # baddbmm(input, batch1, batch2, *, beta, alpha): a bmm of batch1, batch2
+    elif op in ("baddbmm", "addmm"):  # (input, b1, b2, *, beta, alpha): a bmm / matmul of b1, b2
         if len(args) != 3:
             return func(*args, **kwargs)
-        op = "bmm"
+        op = "bmm" if op == "baddbmm" else "matmul"
         lhs, rhs = args[1], args[2]
         rest = (args[0],)
+    elif op == "mm":
+        if len(args) != 2 or kwargs:
+            return func(*args, **kwargs)
+        op = "matmul"
+        lhs, rhs = args
+        rest = ()
     elif op == "rmatmul":  # a.__rmatmul__(b) is b @ a
         if len(args) != 2:
             return func(*args, **kwargs)
@@ -344,6 +355,10 @@ def _call(func, op, equation, lhs, rhs, rest, kwargs):
         return torch.ops.aten.einsum(equation, [lhs, rhs]) if compiling else func(equation, lhs, rhs)
     if func is torch.baddbmm or func is torch.Tensor.baddbmm:
         return (torch.ops.aten.baddbmm if compiling else func)(rest[0], lhs, rhs, **kwargs)
+    if func is torch.addmm or func is torch.Tensor.addmm:
+        return (torch.ops.aten.addmm if compiling else func)(rest[0], lhs, rhs, **kwargs)
+    if func is torch.mm or func is torch.Tensor.mm:
+        return (torch.ops.aten.mm if compiling else func)(lhs, rhs)
     return (_ATEN[op] if compiling else func)(lhs, rhs, *rest, **kwargs)
 
 

@@ -454,6 +454,68 @@ TEST(NnPass, ScaledDotProductAttentionMatchesTheTorchScriptPass) {
   EXPECT_THROW(qwix::decomposed_attention(at::matmul, q, q, q, std::nullopt, 2.0), c10::ValueError);
 }
 
+// 2-D products through QatOps::mm / addmm are matmul ops (GPT-2's Conv1D), as aten::mm / aten::addmm in TorchScript.
+struct MmNetImpl : torch::nn::Module, qwix::nn::Quantizable {
+  at::Tensor w1, b1, w2;
+  MmNetImpl() {
+    w1 = register_parameter("w1", torch::randn({16, 32}) * 0.2);  // [in, out]
+    b1 = register_parameter("b1", torch::randn({32}) * 0.1);
+    w2 = register_parameter("w2", torch::randn({4, 32}) * 0.2);
+  }
+  at::Tensor forward(const at::Tensor& x) {
+    auto ops = qat_ops();
+    auto h = ops.addmm(b1, x, w1, /*beta=*/0.5, /*alpha=*/2.0).relu();
+    return ops.mm(h, w2.t());
+  }
+};
+TORCH_MODULE(MmNet);
+
+TEST(NnPass, MmAndAddmmMatchTheTorchScriptPass) {
+  torch::manual_seed(8);
+  MmNet net;
+  auto cu = std::make_shared<torch::jit::CompilationUnit>();
+  torch::jit::Module ts(c10::QualifiedName("__torch__.MmNet"), cu, /*shouldMangle=*/true);
+  ts.register_attribute("training", c10::BoolType::get(), true);
+  for (const auto& p : net->named_parameters()) ts.register_parameter(p.key(), p.value().detach().clone(), false);
+  ts.define(R"(
+def forward(self, x):
+    h = torch.addmm(self.b1, x, self.w1, beta=0.5, alpha=2.0).relu()
+    return torch.mm(h, self.w2.t())
+)");
+  const at::Tensor x0 = torch::randn({6, 16});
+  qwix::QuantizationRule srq;
+  srq.weight_qtype = "int4";
+  srq.act_qtype = "int8";
+  srq.act_static_scale = true;
+  qwix::quantize_model(net, qwix::QatProvider({srq}));
+  qwix::QatProvider jit_provider({srq});
+  qwix::jit::quantize_model(ts, jit_provider, {x0});
+  for (int step = 0; step < 3; ++step) {
+    const at::Tensor x = torch::randn({6, 16});
+    const at::Tensor a = net->forward(x), b = ts.forward({x}).toTensor();
+    ASSERT_TRUE(torch::equal(a, b)) << "step " << step;
+  }
+  std::vector<std::string> names;
+  for (const auto& c : net->named_children()) names.push_back(c.key());
+  EXPECT_EQ(names, (std::vector<std::string>{"matmul0_lhs", "matmul1_lhs"}));
+  // The weight [in, out] is quantized per output column (matmul's rhs: its non-contracting axis).
+  const at::Tensor x = torch::randn({6, 16});
+  net->eval();
+  auto xq = qwix::srq_scale(x, net->named_buffers()["matmul0_lhs.count"],
+                            {net->named_buffers()["matmul0_lhs.sum_of_absmax"]}, "int8", "absmax", {0});
+  auto expected_h = at::addmm(net->b1, qwix::fake_quant_with_scale(x, xq[0], "int8"),
+                              qwix::fake_quant(net->w1, "int4", {.channelwise_axes = {1}}), 0.5, 2.0);
+  auto ops_h = at::addmm(net->b1, x, net->w1, 0.5, 2.0);  // unquantized, to show the difference matters
+  EXPECT_FALSE(torch::allclose(expected_h, ops_h, 0, 1e-4));
+  EXPECT_TRUE(torch::equal(net->forward(x), [&] {
+    auto h = expected_h.relu();
+    auto hs = qwix::srq_scale(h, net->named_buffers()["matmul1_lhs.count"],
+                              {net->named_buffers()["matmul1_lhs.sum_of_absmax"]}, "int8", "absmax", {0});
+    return at::mm(qwix::fake_quant_with_scale(h, hs[0], "int8"),
+                  qwix::fake_quant(net->w2.t(), "int4", {.channelwise_axes = {1}}));
+  }()));
+}
+
 // LibTorch's clone() copies the torch::nn part only: an unquantized model clones into wrappers
 // (and can be quantized afterwards); a quantized one refuses instead of dropping its quantization.
 struct CloneNet : torch::nn::Cloneable<CloneNet> {

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from _helpers import assert_same
 from test_qat_attention import SdpaAttention, _masks
-from test_qat_models import CNN, MLP, TorchAttention, TransformerBlock
+from test_qat_models import CNN, MLP, MmBlock, TorchAttention, TransformerBlock
 
 import qwix_torch as qwix
 from qwix_torch import QatProvider, QuantizationRule
@@ -214,6 +214,19 @@ def test_torch_multihead_attention_without_weights_matches_python_path():
     assert_same_state(eager, ts)
     assert {n for n, _ in ts.attn.named_children()} == {"out_proj", "linear0_lhs", "matmul0_lhs", "matmul0_rhs",
                                                         "matmul1_lhs", "matmul1_rhs", "linear1_lhs"}
+
+
+def test_mm_and_addmm_match_python_path():
+    # aten::mm and aten::addmm (GPT-2's Conv1D) are matmul ops, as on the Python path.
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    torch.manual_seed(0)
+    eager, ts, pe, pj = both(MmBlock(), rules, torch.randn(2, 3, 16))
+    for _ in range(2):
+        x = torch.randn(2, 3, 16)
+        assert_same(ts(x), eager(x), "mm block")
+    assert_same_state(eager, ts)
+    assert pe.get_unused_rules() == [] == pj.get_unused_rules()
+    assert {n for n, _ in ts.c_fc.named_children()} == {"matmul0_lhs"}
 
 
 def test_fractional_tile_is_resolved_at_run_time():

@@ -217,6 +217,69 @@ def test_torch_multihead_attention_projections_are_quantized():
     assert_same(compiled(x), q(x), "compiled")
 
 
+class GPT2Conv1D(nn.Module):
+    """HF transformers' Conv1D (GPT-2's projections): weight [in, out], y = torch.addmm(bias, x, weight)."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
+        return y.view(x.size(0), x.size(1), -1)
+
+
+class MmBlock(nn.Module):
+    """2-D products: torch.addmm in a child, Tensor.mm, Tensor.addmm with beta/alpha, then a matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_fc = GPT2Conv1D(16, 32)
+        self.w = nn.Parameter(torch.randn(32, 8) * 0.2)
+        self.w2 = nn.Parameter(torch.randn(4, 8) * 0.2)
+        self.b = nn.Parameter(torch.full((4,), 0.1))
+
+    def forward(self, x):
+        h = torch.relu(self.c_fc(x)).reshape(-1, 32).mm(self.w)  # matmul0
+        y = self.b.addmm(h, self.w2.t(), beta=0.5, alpha=2.0)  # matmul1 (the weight is a view)
+        return torch.matmul(y, y.t())  # matmul2: two activations
+
+
+def ref_mm_block(m, x):
+    """int8 weights per output column ([in, out] layout), int8 activations per row."""
+    h = torch.addmm(m.c_fc.bias, fq(x.reshape(-1, 16), "int8", (0,)), fq(m.c_fc.weight, "int8", (1,)))
+    h = torch.mm(fq(torch.relu(h), "int8", (0,)), fq(m.w, "int8", (1,)))
+    # (per column of a transposed view = per row of the tensor, transposed: the op keeps the view's strides,
+    # and BLAS rounds differently for another layout)
+    y = torch.addmm(m.b, fq(h, "int8", (0,)), fq(m.w2, "int8", (0,)).t(), beta=0.5, alpha=2.0)
+    return torch.matmul(fq(y, "int8", (0,)), fq(y, "int8", (0,)).t())
+
+
+def test_mm_and_addmm_are_quantized_as_matmuls():
+    # torch.mm / Tensor.mm and the product of torch.addmm / Tensor.addmm (HF GPT-2's Conv1D) are matmul
+    # ops: the same op name for rules, the same op ids and per-op defaults.
+    torch.manual_seed(0)
+    m, x = MmBlock(), torch.randn(2, 3, 16)
+    p = _w8a8()
+    q = qwix.quantize_model(m, p)
+    assert_same(q(x), ref_mm_block(m, x), "mm block")
+    assert p.get_unused_rules() == []
+    q(x).sum().backward()
+    assert all(t.grad.abs().sum() > 0 for t in (q.c_fc.weight, q.w, q.w2, q.b))
+    only_linear = qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int8", op_names=("linear",))]))
+    assert_same(only_linear(x), m(x), "op_names without matmul")
+    srq = qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int8", act_qtype="int8",
+                                                               act_static_scale=True)]), x)
+    assert {n for n, _ in srq.named_children() if n.endswith(("_lhs", "_rhs"))} == {
+        "matmul0_lhs", "matmul1_lhs", "matmul2_lhs", "matmul2_rhs"}
+    assert {n for n, _ in srq.c_fc.named_children()} == {"matmul0_lhs"}
+    compiled = torch.compile(copy.deepcopy(srq), fullgraph=True, backend="aot_eager")
+    eager = copy.deepcopy(srq)
+    for _ in range(2):
+        assert_same(compiled(x), eager(x), "compiled")
+
+
 def test_torch_transformer_encoder_eval_is_quantized_too():
     # In eval mode under no_grad, nn.TransformerEncoderLayer would run its fused fast path
     # (torch._transformer_encoder_layer_fwd), invisible to any interception; the QAT mode keeps it on
