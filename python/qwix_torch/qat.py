@@ -239,7 +239,9 @@ class _QatMode(TorchFunctionMode):
             kwargs = {}
         if self.state.stack:
             op = _op_name(func)
-            if op is not None:
+            # out= calls are not intercepted: they have no autograd, and inductor's compiled code makes them
+            # (extern_kernels.mm/bmm/addmm are torch.mm(..., out=buf)) while this mode is on the stack.
+            if op is not None and "out" not in kwargs:
                 return _intercept(self.state, op, func, args, kwargs)
             body = _COMPOSITES.get(func)
             if body is None and func is F.scaled_dot_product_attention and self._decomposes_attention():

@@ -145,3 +145,33 @@ def test_python_backends_do_not_quantize_twice(backend):
         q.eval()  # statistics frozen: eager and compiled see the same scales
         compiled = torch.compile(q, fullgraph=True, backend=backend)
         assert_same(compiled(*args), q(*args), f"{type(model).__name__} {backend}")
+
+
+def test_inductor_extern_kernels_are_not_quantized_again():
+    # Inductor's compiled code calls extern_kernels.mm / bmm / addmm, i.e. torch.mm(a, b, out=buf), while the
+    # QAT mode is on the stack: out= calls pass through (they have no autograd, so no QAT model makes them).
+    from test_qat_models import MmBlock
+
+    torch.manual_seed(0)
+    m, x = MmBlock(), torch.randn(2, 3, 16)
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    eager = qwix.quantize_model(m, QatProvider(rules), x)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+    for (n, a), (_, b) in zip(eager.named_buffers(), compiled_model.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=0, msg=n)  # each statistic updated once per forward
+
+    class OutMm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(16, 4))
+
+        def forward(self, x):
+            out = torch.empty(x.size(0), 4)
+            return torch.mm(x, self.w, out=out)
+
+    q = qwix.quantize_model(OutMm(), QatProvider(rules))
+    with torch.no_grad():
+        assert_same(q(x[0]), x[0] @ q.w, "out= passes through")
