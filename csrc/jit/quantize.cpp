@@ -1,6 +1,6 @@
 // The TorchScript pass (DESIGN sections 1 and 3): qwix::jit::quantize_model.
 //
-// Per module of the tree, the ops linear / conv1d-3d / matmul / bmm (and
+// Per module of the tree, the ops linear / conv1d-3d / conv_transpose1d-3d / matmul / bmm (and
 // baddbmm's product; mm and addmm's product as matmul) / einsum (two operands) of its own `forward` are quantized as the provider's plan
 // says, the same decisions and ops as the Python nn.Module path:
 //
@@ -66,7 +66,9 @@ constexpr const char* kForceAttr = "_qwix_force_update";
 std::optional<std::string> intercepted_op(const Node* n) {
   static const std::vector<std::pair<c10::Symbol, std::string>> kinds = {
       {c10::aten::linear, "linear"}, {c10::aten::conv1d, "conv1d"}, {c10::aten::conv2d, "conv2d"},
-      {c10::aten::conv3d, "conv3d"}, {c10::aten::matmul, "matmul"}, {c10::aten::bmm, "bmm"},
+      {c10::aten::conv3d, "conv3d"}, {c10::aten::conv_transpose1d, "conv_transpose1d"},
+      {c10::aten::conv_transpose2d, "conv_transpose2d"}, {c10::aten::conv_transpose3d, "conv_transpose3d"},
+      {c10::aten::matmul, "matmul"}, {c10::aten::bmm, "bmm"},
       {c10::aten::baddbmm, "bmm"},  // input + batch1 @ batch2: its product is a bmm (as in Python)
       {c10::aten::mm, "matmul"},    {c10::aten::addmm, "matmul"},  // a 2-D matmul; input + mat1 @ mat2
       {c10::aten::einsum, "einsum"},

@@ -31,6 +31,19 @@ torch::nn::ConvOptions<D> conv_options(const torch::nn::detail::ConvNdOptions<D>
       .padding_mode(o.padding_mode());
 }
 
+// A ConvTransposeNd's options as its constructor takes them.
+template <size_t D>
+torch::nn::ConvTransposeOptions<D> conv_transpose_options(const torch::nn::detail::ConvNdOptions<D>& o) {
+  return torch::nn::ConvTransposeOptions<D>(o.in_channels(), o.out_channels(), o.kernel_size())
+      .stride(o.stride())
+      .padding(std::get<torch::ExpandingArray<D>>(o.padding()))  // never 'same' / 'valid' for transposed convs
+      .output_padding(o.output_padding())
+      .groups(o.groups())
+      .bias(o.bias())
+      .dilation(o.dilation())
+      .padding_mode(o.padding_mode());
+}
+
 }  // namespace
 
 LinearImpl::LinearImpl(const torch::nn::LinearImpl& plain)
@@ -56,6 +69,30 @@ Conv3dImpl::Conv3dImpl(const torch::nn::Conv3dImpl& plain)
   share_parameters(plain);
 }
 at::Tensor Conv3dImpl::forward(const at::Tensor& input) { return forward_quantized("conv3d", input); }
+
+ConvTranspose1dImpl::ConvTranspose1dImpl(const torch::nn::ConvTranspose1dImpl& plain)
+    : QatModule<torch::nn::ConvTranspose1dImpl, ConvTranspose1dImpl>(conv_transpose_options<1>(plain.options)) {
+  share_parameters(plain);
+}
+at::Tensor ConvTranspose1dImpl::forward(const at::Tensor& input, const std::optional<at::IntArrayRef>& output_size) {
+  return forward_quantized("conv_transpose1d", input, output_size);
+}
+
+ConvTranspose2dImpl::ConvTranspose2dImpl(const torch::nn::ConvTranspose2dImpl& plain)
+    : QatModule<torch::nn::ConvTranspose2dImpl, ConvTranspose2dImpl>(conv_transpose_options<2>(plain.options)) {
+  share_parameters(plain);
+}
+at::Tensor ConvTranspose2dImpl::forward(const at::Tensor& input, const std::optional<at::IntArrayRef>& output_size) {
+  return forward_quantized("conv_transpose2d", input, output_size);
+}
+
+ConvTranspose3dImpl::ConvTranspose3dImpl(const torch::nn::ConvTranspose3dImpl& plain)
+    : QatModule<torch::nn::ConvTranspose3dImpl, ConvTranspose3dImpl>(conv_transpose_options<3>(plain.options)) {
+  share_parameters(plain);
+}
+at::Tensor ConvTranspose3dImpl::forward(const at::Tensor& input, const std::optional<at::IntArrayRef>& output_size) {
+  return forward_quantized("conv_transpose3d", input, output_size);
+}
 
 }  // namespace nn
 }  // namespace qwix

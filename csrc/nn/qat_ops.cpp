@@ -95,6 +95,27 @@ at::Tensor QatOps::conv3d(const at::Tensor& input, const at::Tensor& weight, con
   return at::conv3d(x, w, bias, stride, padding, dilation, groups);
 }
 
+at::Tensor QatOps::conv_transpose1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                    int64_t groups, at::IntArrayRef dilation) {
+  auto [x, w] = operands("conv_transpose1d", input, weight);
+  return at::conv_transpose1d(x, w, bias, stride, padding, output_padding, groups, dilation);
+}
+
+at::Tensor QatOps::conv_transpose2d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                    int64_t groups, at::IntArrayRef dilation) {
+  auto [x, w] = operands("conv_transpose2d", input, weight);
+  return at::conv_transpose2d(x, w, bias, stride, padding, output_padding, groups, dilation);
+}
+
+at::Tensor QatOps::conv_transpose3d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                    int64_t groups, at::IntArrayRef dilation) {
+  auto [x, w] = operands("conv_transpose3d", input, weight);
+  return at::conv_transpose3d(x, w, bias, stride, padding, output_padding, groups, dilation);
+}
+
 at::Tensor QatOps::matmul(const at::Tensor& a, const at::Tensor& b) {
   auto [x, y] = operands("matmul", a, b);
   return at::matmul(x, y);

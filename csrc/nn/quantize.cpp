@@ -43,6 +43,9 @@ std::string plain_op(const torch::nn::Module& m) {
   if (dynamic_cast<const torch::nn::Conv1dImpl*>(&m)) return "conv1d";
   if (dynamic_cast<const torch::nn::Conv2dImpl*>(&m)) return "conv2d";
   if (dynamic_cast<const torch::nn::Conv3dImpl*>(&m)) return "conv3d";
+  if (dynamic_cast<const torch::nn::ConvTranspose1dImpl*>(&m)) return "conv_transpose1d";
+  if (dynamic_cast<const torch::nn::ConvTranspose2dImpl*>(&m)) return "conv_transpose2d";
+  if (dynamic_cast<const torch::nn::ConvTranspose3dImpl*>(&m)) return "conv_transpose3d";
   return "";
 }
 
@@ -64,6 +67,15 @@ void swap_in_containers(torch::nn::Module& m) {
       } else if (auto c3 = wrap<Conv3dImpl, torch::nn::Conv3dImpl>(plain)) {
         replace_child(m, plain, c3);
         any = torch::nn::AnyModule(c3);
+      } else if (auto t1 = wrap<ConvTranspose1dImpl, torch::nn::ConvTranspose1dImpl>(plain)) {
+        replace_child(m, plain, t1);
+        any = torch::nn::AnyModule(t1);
+      } else if (auto t2 = wrap<ConvTranspose2dImpl, torch::nn::ConvTranspose2dImpl>(plain)) {
+        replace_child(m, plain, t2);
+        any = torch::nn::AnyModule(t2);
+      } else if (auto t3 = wrap<ConvTranspose3dImpl, torch::nn::ConvTranspose3dImpl>(plain)) {
+        replace_child(m, plain, t3);
+        any = torch::nn::AnyModule(t3);
       }
     }
   } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&m)) {
@@ -72,6 +84,9 @@ void swap_in_containers(torch::nn::Module& m) {
       if (!w) w = wrap<Conv1dImpl, torch::nn::Conv1dImpl>(entry);
       if (!w) w = wrap<Conv2dImpl, torch::nn::Conv2dImpl>(entry);
       if (!w) w = wrap<Conv3dImpl, torch::nn::Conv3dImpl>(entry);
+      if (!w) w = wrap<ConvTranspose1dImpl, torch::nn::ConvTranspose1dImpl>(entry);
+      if (!w) w = wrap<ConvTranspose2dImpl, torch::nn::ConvTranspose2dImpl>(entry);
+      if (!w) w = wrap<ConvTranspose3dImpl, torch::nn::ConvTranspose3dImpl>(entry);
       if (w) {
         replace_child(m, entry, w);
         entry = w;
@@ -88,7 +103,7 @@ void configure(torch::nn::Module& m, const std::string& path, const std::shared_
     TORCH_CHECK_VALUE(false, "qwix: module '", path, "' is a plain torch::nn module (op '", op, "') that rule #",
                       *provider->match_rule(path, op),
                       " would quantize, but LibTorch calls it through its parent's typed member, which no pass can "
-                      "intercept: declare it as qwix::nn::Linear / qwix::nn::Conv1d / Conv2d / Conv3d (same options "
+                      "intercept: declare it as qwix::nn::Linear / Conv1d-3d / ConvTranspose1d-3d (same options "
                       "and parameters), or keep it in a torch::nn::Sequential / ModuleList");
   }
   for (const auto& child : m.named_children()) {

@@ -136,6 +136,16 @@ class QatOps {
   at::Tensor conv3d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {},
                     at::IntArrayRef stride = 1, at::IntArrayRef padding = 0, at::IntArrayRef dilation = 1,
                     int64_t groups = 1);
+  // (input, weight [in, out/groups, k...], bias, stride, padding, output_padding, groups, dilation), as at::
+  at::Tensor conv_transpose1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {},
+                              at::IntArrayRef stride = 1, at::IntArrayRef padding = 0,
+                              at::IntArrayRef output_padding = 0, int64_t groups = 1, at::IntArrayRef dilation = 1);
+  at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {},
+                              at::IntArrayRef stride = 1, at::IntArrayRef padding = 0,
+                              at::IntArrayRef output_padding = 0, int64_t groups = 1, at::IntArrayRef dilation = 1);
+  at::Tensor conv_transpose3d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {},
+                              at::IntArrayRef stride = 1, at::IntArrayRef padding = 0,
+                              at::IntArrayRef output_padding = 0, int64_t groups = 1, at::IntArrayRef dilation = 1);
   at::Tensor matmul(const at::Tensor& a, const at::Tensor& b);
   at::Tensor bmm(const at::Tensor& a, const at::Tensor& b);
   // input * beta + (batch1 @ batch2) * alpha: the product is quantized as a bmm (as in Python).
@@ -221,10 +231,11 @@ class QatModule : public Base, public Quantizable {
   // fake-quantized weight in the weight member for the call only. The registered parameter is
   // never replaced and gradients reach it through the fake quant; not for concurrent forwards
   // of one module object.
-  at::Tensor forward_quantized(const std::string& op, const at::Tensor& input) {
+  template <typename... Rest>
+  at::Tensor forward_quantized(const std::string& op, const at::Tensor& input, const Rest&... rest) {
     auto [x, w] = qat_ops().operands(op, input, this->weight);
     const detail::Swap swap(this->weight, w);
-    return Base::forward(x);
+    return Base::forward(x, rest...);
   }
 };
 
@@ -264,6 +275,31 @@ class Conv3dImpl : public QatModule<torch::nn::Conv3dImpl, Conv3dImpl> {
 };
 TORCH_MODULE(Conv3d);
 
+// Drop-in torch::nn::ConvTranspose1d / 2d / 3d (ops "conv_transpose1d" / "2d" / "3d"; output_size as LibTorch's).
+class ConvTranspose1dImpl : public QatModule<torch::nn::ConvTranspose1dImpl, ConvTranspose1dImpl> {
+ public:
+  using QatModule<torch::nn::ConvTranspose1dImpl, ConvTranspose1dImpl>::QatModule;
+  explicit ConvTranspose1dImpl(const torch::nn::ConvTranspose1dImpl& plain);
+  at::Tensor forward(const at::Tensor& input, const std::optional<at::IntArrayRef>& output_size = std::nullopt);
+};
+TORCH_MODULE(ConvTranspose1d);
+
+class ConvTranspose2dImpl : public QatModule<torch::nn::ConvTranspose2dImpl, ConvTranspose2dImpl> {
+ public:
+  using QatModule<torch::nn::ConvTranspose2dImpl, ConvTranspose2dImpl>::QatModule;
+  explicit ConvTranspose2dImpl(const torch::nn::ConvTranspose2dImpl& plain);
+  at::Tensor forward(const at::Tensor& input, const std::optional<at::IntArrayRef>& output_size = std::nullopt);
+};
+TORCH_MODULE(ConvTranspose2d);
+
+class ConvTranspose3dImpl : public QatModule<torch::nn::ConvTranspose3dImpl, ConvTranspose3dImpl> {
+ public:
+  using QatModule<torch::nn::ConvTranspose3dImpl, ConvTranspose3dImpl>::QatModule;
+  explicit ConvTranspose3dImpl(const torch::nn::ConvTranspose3dImpl& plain);
+  at::Tensor forward(const at::Tensor& input, const std::optional<at::IntArrayRef>& output_size = std::nullopt);
+};
+TORCH_MODULE(ConvTranspose3d);
+
 // Enables / disables SRQ statistics updates of every Quantizable in `model` (after
 // qwix::quantize_model; before it, a c10::ValueError).
 void set_quant_stats_update(torch::nn::Module& model, bool enabled);
@@ -295,7 +331,7 @@ void set_stat_all_reduce(torch::nn::Module& model, StatAllReduce sum);
 
 // The pass, qwix::quantize_model(model, provider) (declared in qwix.h for a Module&):
 // configures every qwix::nn module of `model` (paths from named_modules(), root ""),
-// first replacing plain torch::nn::Linear / Conv1d / Conv2d / Conv3d children of
+// first replacing plain torch::nn::Linear / Conv1d-3d / ConvTranspose1d-3d children of
 // Sequential and ModuleList containers by wrappers that share their parameters. A
 // plain one elsewhere that a rule would quantize is a c10::ValueError naming its
 // path. Returns the provider every wrapper uses (get_unused_rules() is meaningful

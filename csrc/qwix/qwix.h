@@ -65,7 +65,7 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> resolve_tiled_axes(c10::In
 // Rules and providers (DESIGN section 3), implemented in csrc/rules/.
 // The one engine: the per-op decisions (which rule, which qtype, calibration,
 // channelwise and tiled axes, static or dynamic, batch axes, clip_gradient) for
-// every operand of linear / conv / matmul / bmm / einsum are made here, and the
+// every operand of linear / conv / conv_transpose / matmul / bmm / einsum are made here, and the
 // Python nn.Module path, the C++ frontend path and the TorchScript path only
 // intercept ops and keep module bookkeeping.
 // ===========================================================================
@@ -123,6 +123,8 @@ struct OperandPlan {
 // The decision for one operand of `op_name` (one of valid_op_names()).
 //   linear  lhs [..., in]: per token (all axes but the last); rhs (W [out, in]): per output channel.
 //   conv*   lhs [N, C, ...] (or unbatched): per batch item; rhs (W [out, in/g, k...]): per output channel.
+//   conv_transpose*: lhs as conv; rhs (W [in, out/g, k...]): per axis 1 (the output channel; with groups
+//           > 1 one scale per index of that axis, shared by the groups).
 //   matmul / bmm / einsum: every non-contracting axis is channelwise.
 // tile_size tiles the (last) contracting axis; it is an error for conv.
 // einsum_equation is read for einsum only (two operands, explicit or implicit output).
@@ -251,7 +253,7 @@ namespace qwix::jit {
 
 // Quantizes a TorchScript module for QAT with the same rules, plans, ops and op
 // ids as the Python nn.Module path (same forward values for the same weights):
-// in each module's own forward, linear / conv1d-3d / matmul (mm, addmm's product) /
+// in each module's own forward, linear / conv1d-3d / conv_transpose1d-3d / matmul (mm, addmm's product) /
 // bmm (baddbmm's product) / two-operand einsum, and scaled_dot_product_attention's
 // two matmuls where it is decomposed, get qwix::fake_quant, or for SRQ a QuantStat submodule <op id>_lhs/_rhs
 // plus qwix::srq_scale + qwix::fake_quant_with_scale (statistics updated before

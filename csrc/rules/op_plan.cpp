@@ -157,6 +157,18 @@ Layout layout_of(const std::string& op, Operand operand, int64_t rank, const std
       TORCH_CHECK_VALUE(rank == n + 2, "qwix: ", op, " weight must have rank ", n + 2, ", got ", rank);
       l.channelwise = {0};  // per output channel
     }
+  } else if (op == "conv_transpose1d" || op == "conv_transpose2d" || op == "conv_transpose3d") {
+    const int64_t n = op[op.size() - 2] - '0';  // conv_transpose<n>d
+    l.is_conv = true;
+    if (lhs) {
+      TORCH_CHECK_VALUE(rank == n + 2 || rank == n + 1, "qwix: ", op, " input must have rank ", n + 2,
+                        " (batched) or ", n + 1, " (unbatched), got ", rank);
+      if (rank == n + 2) l.channelwise = {0};  // per batch item
+    } else {
+      TORCH_CHECK_VALUE(rank == n + 2, "qwix: ", op, " weight must have rank ", n + 2, ", got ", rank);
+      // W [in, out/groups, k...]: per output channel; with groups > 1 each scale serves that channel of every group
+      l.channelwise = {1};
+    }
   } else if (op == "matmul" || op == "bmm") {
     if (op == "bmm") TORCH_CHECK_VALUE(rank == 3, "qwix: bmm operands must have rank 3, got ", rank);
     TORCH_CHECK_VALUE(rank >= 1, "qwix: matmul operands must have rank >= 1, got ", rank);

@@ -15,7 +15,8 @@
 namespace qwix {
 
 const std::vector<std::string>& valid_op_names() {
-  static const std::vector<std::string> names = {"linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm", "einsum"};
+  static const std::vector<std::string> names = {"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+                                                  "conv_transpose2d", "conv_transpose3d", "matmul", "bmm", "einsum"};
   return names;
 }
 

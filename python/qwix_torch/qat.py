@@ -2,7 +2,7 @@
 
 ``quantize_model`` keeps the model as it is (same classes, same parameter
 names) and adds forward hooks: while the model runs, a
-``torch.overrides.TorchFunctionMode`` intercepts ``linear``, ``conv1d/2d/3d``,
+``torch.overrides.TorchFunctionMode`` intercepts ``linear``, ``conv1d/2d/3d``, ``conv_transpose1d/2d/3d``,
 ``matmul`` / ``@`` (and ``mm``, ``addmm``'s product), ``bmm`` (and ``baddbmm``'s product), two-operand
 ``einsum`` (also inside
 ``F.multi_head_attention_forward``, whose body it runs op by op, and inside
@@ -194,6 +194,12 @@ def _op_name(func) -> Optional[str]:
         return "conv1d"
     if func is torch.conv3d:
         return "conv3d"
+    if func is torch.conv_transpose1d:
+        return "conv_transpose1d"
+    if func is torch.conv_transpose2d:
+        return "conv_transpose2d"
+    if func is torch.conv_transpose3d:
+        return "conv_transpose3d"
     if func is torch.einsum:
         return "einsum"
     return None
@@ -271,6 +277,9 @@ _OPERAND_NAMES = {
     "conv1d": ("input", "weight"),
     "conv2d": ("input", "weight"),
     "conv3d": ("input", "weight"),
+    "conv_transpose1d": ("input", "weight"),
+    "conv_transpose2d": ("input", "weight"),
+    "conv_transpose3d": ("input", "weight"),
     "matmul": ("input", "other"),
     "bmm": ("input", "mat2"),
 }
@@ -348,7 +357,9 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
 # (backend="eager") would hand torch-level calls to the mode again and quantize twice; the mode lets
 # aten overloads through.
 _ATEN = {"linear": torch.ops.aten.linear, "conv1d": torch.ops.aten.conv1d, "conv2d": torch.ops.aten.conv2d,
-         "conv3d": torch.ops.aten.conv3d, "matmul": torch.ops.aten.matmul, "bmm": torch.ops.aten.bmm}
+         "conv3d": torch.ops.aten.conv3d, "conv_transpose1d": torch.ops.aten.conv_transpose1d,
+         "conv_transpose2d": torch.ops.aten.conv_transpose2d, "conv_transpose3d": torch.ops.aten.conv_transpose3d,
+         "matmul": torch.ops.aten.matmul, "bmm": torch.ops.aten.bmm}
 
 
 def _call(func, op, equation, lhs, rhs, rest, kwargs):

@@ -29,7 +29,8 @@ class QuantizationRule:
 
     ``module_path`` is a regex matched in full against the dotted module path
     from ``named_modules()`` (the root is ``''``); ``op_names`` (empty: all)
-    picks among ``linear, conv1d, conv2d, conv3d, matmul, bmm, einsum``. Weights
+    picks among ``linear, conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d,
+    matmul, bmm, einsum``. Weights
     (parameters and views of them) use ``weight_qtype`` and
     ``weight_calibration_method``; every other floating operand uses
     ``act_qtype`` and ``act_calibration_method``, with a static (SRQ) scale when

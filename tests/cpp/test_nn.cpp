@@ -147,6 +147,37 @@ TEST(NnPass, Conv2dWrapperKeepsPaddingModes) {
   EXPECT_TRUE(torch::equal(seq->forward(x), ref(qwix::fake_quant(x, "int8", {.channelwise_axes = {0}}))));
 }
 
+// ConvTranspose1d/2d/3d in a Sequential (through AnyModule, output_size defaulted) and a ModuleList:
+// LibTorch's forward on fake-quantized operands, the weight [in, out/groups, k...] per axis 1.
+TEST(NnPass, ConvTransposeWrappers) {
+  torch::manual_seed(9);
+  auto o2 = torch::nn::ConvTranspose2dOptions(4, 6, 3).stride(2).padding(1).output_padding(1).groups(2);
+  auto o1 = torch::nn::ConvTranspose1dOptions(2, 3, 3).stride(2);
+  auto o3 = torch::nn::ConvTranspose3dOptions(2, 2, 2).stride(2).bias(false);
+  auto seq = torch::nn::Sequential(torch::nn::ConvTranspose2d(o2));
+  torch::nn::ModuleList list{torch::nn::ConvTranspose1d{o1}, torch::nn::ConvTranspose3d{o3}};
+  const auto plain_w2 = seq->ptr<torch::nn::ConvTranspose2dImpl>(0)->weight;
+  qwix::nn::quantize_model(*seq, qwix::QatProvider({w4a8()}));
+  qwix::nn::quantize_model(list, qwix::QatProvider({w4a8()}));
+  auto t2 = std::dynamic_pointer_cast<qwix::nn::ConvTranspose2dImpl>(seq->ptr(0));
+  auto t1 = list->ptr<qwix::nn::ConvTranspose1dImpl>(0);
+  auto t3 = list->ptr<qwix::nn::ConvTranspose3dImpl>(1);
+  ASSERT_TRUE(t2 && t1 && t3);
+  EXPECT_TRUE(t2->weight.is_same(plain_w2));  // the same parameter tensor (optimizers stay valid)
+  auto fq_x = [](const at::Tensor& x) { return qwix::fake_quant(x, "int8", {.channelwise_axes = {0}}); };
+  auto fq_w = [](const at::Tensor& w) { return qwix::fake_quant(w, "int4", {.channelwise_axes = {1}}); };
+  const auto x2 = torch::randn({2, 4, 5, 5});
+  EXPECT_TRUE(torch::equal(seq->forward(x2), at::conv_transpose2d(fq_x(x2), fq_w(t2->weight), t2->bias, 2, 1, 1, 2)));
+  const auto x1 = torch::randn({2, 2, 7});
+  EXPECT_TRUE(torch::equal(t1->forward(x1), at::conv_transpose1d(fq_x(x1), fq_w(t1->weight), t1->bias, 2)));
+  const auto x3 = torch::randn({2, 2, 3, 3, 3});
+  EXPECT_TRUE(torch::equal(t3->forward(x3), at::conv_transpose3d(fq_x(x3), fq_w(t3->weight), {}, 2)));
+  // output_size reaches LibTorch's forward (it picks the output padding).
+  EXPECT_EQ(t1->forward(x1, std::vector<int64_t>{16}).size(2), 16);
+  // Quantized, not the float op.
+  EXPECT_FALSE(torch::equal(t2->forward(x2), at::conv_transpose2d(x2, t2->weight, t2->bias, 2, 1, 1, 2)));
+}
+
 // Conv1d (circular padding) and Conv3d (LibTorch's forward on swapped-in fake-quantized weights),
 // in a ModuleList, against torch's own conv of the fake-quantized operands.
 TEST(NnPass, Conv1dAndConv3dWrappers) {

@@ -183,6 +183,23 @@ TEST(Plan, Conv) {
   expect_value_error([&] { qwix::plan_op(r, "conv3d", {3, false}, {5, true}); }, {"conv3d", "rank"});
 }
 
+TEST(Plan, ConvTranspose) {
+  auto r = rule();
+  auto p = qwix::plan_op(r, "conv_transpose2d", {4, false}, {4, true});
+  EXPECT_EQ(p.lhs.channelwise_axes, Axes{0});  // per batch item
+  EXPECT_EQ(p.rhs.channelwise_axes, Axes{1});  // W [in, out/groups, k...]: per output channel
+  auto u = qwix::plan_op(r, "conv_transpose1d", {2, false}, {3, true});  // unbatched input
+  EXPECT_TRUE(u.lhs.channelwise_axes.empty());
+  EXPECT_EQ(qwix::plan_op(r, "conv_transpose3d", {5, false}, {5, true}).rhs.channelwise_axes, Axes{1});
+  expect_value_error([&] { qwix::plan_op(r, "conv_transpose3d", {3, false}, {5, true}); },
+                     {"conv_transpose3d", "rank 5", "got 3"});
+  expect_value_error([&] { qwix::plan_op(r, "conv_transpose2d", {4, false}, {3, true}); },
+                     {"conv_transpose2d weight", "rank 4"});
+  r.tile_size = 2;
+  expect_value_error([&] { qwix::plan_op(r, "conv_transpose2d", {4, false}, {4, true}); },
+                     {"tile_size", "conv_transpose2d"});
+}
+
 TEST(Plan, Einsum) {
   auto r = rule();
   r.tile_size = 16;

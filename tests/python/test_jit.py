@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from _helpers import assert_same
 from test_qat_attention import SdpaAttention, _masks
-from test_qat_models import CNN, MLP, MmBlock, TorchAttention, TransformerBlock
+from test_qat_models import CNN, MLP, Decoder, MmBlock, TorchAttention, TransformerBlock
 
 import qwix_torch as qwix
 from qwix_torch import QatProvider, QuantizationRule
@@ -227,6 +227,20 @@ def test_mm_and_addmm_match_python_path():
     assert_same_state(eager, ts)
     assert pe.get_unused_rules() == [] == pj.get_unused_rules()
     assert {n for n, _ in ts.c_fc.named_children()} == {"matmul0_lhs"}
+
+
+def test_transposed_convolutions_match_python_path():
+    rules = [QuantizationRule(weight_qtype="int4", act_qtype="int8", act_static_scale=True,
+                              act_calibration_method="minmax")]
+    torch.manual_seed(0)
+    xs = (torch.randn(2, 2, 5), torch.randn(2, 4, 5, 5), torch.randn(2, 1, 3, 3, 3))
+    eager, ts, pe, pj = both(Decoder(), rules, *xs)
+    for _ in range(2):
+        xs = (torch.randn(2, 2, 5), torch.randn(2, 4, 5, 5), torch.randn(2, 1, 3, 3, 3))
+        for got, want in zip(ts(*xs), eager(*xs)):
+            assert_same(got, want, "decoder")
+    assert_same_state(eager, ts)
+    assert pe.get_unused_rules() == [] == pj.get_unused_rules()
 
 
 def test_fractional_tile_is_resolved_at_run_time():

@@ -67,6 +67,29 @@ def ref_cnn(m, x, wq="int8", aq="int8"):
     return F.linear(fq(h, aq, (0,)), fq(m.head.weight, wq, (0,)), m.head.bias)
 
 
+class Decoder(nn.Module):
+    """Transposed convolutions (a decoder / U-Net upsampling path): 1-D, grouped 2-D with output_padding, 3-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.up1 = nn.ConvTranspose1d(2, 4, 3, stride=2)
+        self.up2 = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.up3 = nn.ConvTranspose3d(1, 2, 2, stride=2, bias=False)
+
+    def forward(self, x1, x2, x3):
+        return self.up1(x1), self.up2(x2, output_size=[10, 10]), self.up3(x3)
+
+
+def ref_decoder(m, x1, x2, x3, wq="int8", aq="int8"):
+    """The weight [in, out/groups, k...] per axis 1; the input per batch item."""
+    def up(c, h, f, output_padding):
+        return f(fq(h, aq, (0,)), fq(c.weight, wq, (1,)), c.bias, c.stride, c.padding, output_padding, c.groups,
+                 c.dilation)
+
+    return (up(m.up1, x1, F.conv_transpose1d, 0), up(m.up2, x2, F.conv_transpose2d, 1),
+            up(m.up3, x3, F.conv_transpose3d, 0))
+
+
 class Attention(nn.Module):
     def __init__(self, d=16, heads=2):
         super().__init__()
@@ -278,6 +301,30 @@ def test_mm_and_addmm_are_quantized_as_matmuls():
     eager = copy.deepcopy(srq)
     for _ in range(2):
         assert_same(compiled(x), eager(x), "compiled")
+
+
+def test_transposed_convolutions_are_quantized():
+    torch.manual_seed(0)
+    m = Decoder()
+    xs = (torch.randn(2, 2, 5), torch.randn(2, 4, 5, 5), torch.randn(2, 1, 3, 3, 3))
+    p = _w8a8()
+    q = qwix.quantize_model(m, p)
+    for got, want, name in zip(q(*xs), ref_decoder(m, *xs), ("1d", "2d", "3d")):
+        assert_same(got, want, name)
+        assert got.requires_grad
+    assert p.get_unused_rules() == []
+    sum(y.sum() for y in q(*xs)).backward()
+    assert all(c.weight.grad.abs().sum() > 0 for c in (q.up1, q.up2, q.up3))
+    # The op names a rule can select, SRQ statistics named after them.
+    srq = qwix.quantize_model(m, QatProvider([QuantizationRule(op_names=("conv_transpose2d",), weight_qtype="int8",
+                                                               act_qtype="int8", act_static_scale=True)]), *xs)
+    assert [n for n, _ in srq.named_modules() if n.endswith("_lhs")] == ["up2.conv_transpose2d0_lhs"]
+    assert_same(srq(*xs)[0], m(*xs)[0], "1d not selected")
+    compiled = torch.compile(copy.deepcopy(q), fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*xs), q(*xs)):
+        assert_same(got, want, "compiled")
+    with pytest.raises(ValueError, match="tile_size .* is not supported for conv_transpose1d"):
+        qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int8", tile_size=2)]), *xs)
 
 
 def test_torch_transformer_encoder_eval_is_quantized_too():
