@@ -39,6 +39,7 @@
 #include <torch/csrc/jit/frontend/resolver.h>
 #include <torch/csrc/jit/frontend/sugared_value.h>
 
+#include <algorithm>
 #include <map>
 #include <set>
 #include <sstream>
@@ -147,8 +148,9 @@ torch::jit::GraphFunction& decomposed_attention_function() {
 
 bool is_attention(const Node* n) { return n->kind() == c10::aten::scaled_dot_product_attention; }
 
-// Replaces every sdpa node of the block (and its sub-blocks) by the decomposed function's body.
-void decompose_attention(Block* b) {
+// Replaces every sdpa node of the block (and its sub-blocks) by the decomposed function's body. `where`
+// gets, for each node it inlines, the sdpa call's location (theirs is the function's source text).
+void decompose_attention(Block* b, std::unordered_map<const Node*, std::string>& where) {
   static const char* const kSchema =
       "aten::scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
       "float dropout_p=0., bool is_causal=False, *, float? scale=None, bool enable_gqa=False) -> Tensor";
@@ -158,10 +160,14 @@ void decompose_attention(Block* b) {
     if (is_attention(n)) {
       TORCH_CHECK_VALUE(n->matches(kSchema), "qwix: cannot decompose a scaled_dot_product_attention call whose "
                         "schema is not ", kSchema, " (this torch's differs from the one qwix knows)");
+      Node* before = n->prev();
+      const std::string call = location(n);
+      const std::string here = (call.empty() ? "" : call + ", ") + "in scaled_dot_product_attention";
       torch::jit::inlineCallTo(n, &decomposed_attention_function());
+      for (Node* m = before->next(); m != *it; m = m->next()) where[m] = here;
       continue;
     }
-    for (Block* sb : n->blocks()) decompose_attention(sb);
+    for (Block* sb : n->blocks()) decompose_attention(sb, where);
   }
 }
 
@@ -400,7 +406,7 @@ class Pass {
     if (!g) return;
     const bool attention = provider_.decomposes_attention(inst.path);
     Inliner(attention).run(*g);
-    if (attention) decompose_attention(g->block());
+    if (attention) decompose_attention(g->block(), where_);
     const size_t ii = &inst - instances_.data();
     std::function<void(Block*)> walk = [&](Block* b) {
       for (Node* n : b->nodes()) {
@@ -436,7 +442,8 @@ class Pass {
     Site s;
     s.node = n;
     s.op = op;
-    s.where = location(n);
+    const auto it = where_.find(n);
+    s.where = it != where_.end() ? it->second : location(n);
     if (op == "einsum") {
       auto eq = torch::jit::toIValue(n->input(0));
       Node* list = n->input(1)->node();
@@ -712,7 +719,19 @@ class Pass {
         list += "its forward did not run (" + std::to_string(entry.second.size()) + " op(s))";
         continue;
       }
-      for (size_t i = 0; i < entry.second.size(); ++i) list += (i ? ", " : "") + entry.second[i];
+      // In graph order; repeats (an inlined function's branches) counted: "linear x3 (file:12)".
+      std::vector<std::pair<std::string, int>> ops;
+      for (const auto& op : entry.second) {
+        auto found = std::find_if(ops.begin(), ops.end(), [&](const auto& o) { return o.first == op; });
+        if (found == ops.end()) ops.emplace_back(op, 1);
+        else ++found->second;
+      }
+      for (size_t i = 0; i < ops.size(); ++i) {
+        const auto& [op, n] = ops[i];
+        const auto paren = op.find(" (");
+        list += (i ? ", " : "") + (n == 1 ? op : op.substr(0, paren) + " x" + std::to_string(n) +
+                                                     (paren == std::string::npos ? "" : op.substr(paren)));
+      }
     }
     TORCH_WARN("qwix: ", unexecuted_count_, " op(s) match a quantization rule but did not run during "
                "quantize_model's example forward, so they are not quantized and raise an error if they run later:",
@@ -777,6 +796,7 @@ class Pass {
   std::vector<Node*> probes_;
   std::map<std::string, std::pair<bool, std::vector<std::string>>> unexecuted_;  // path -> (ran, ops)
   size_t unexecuted_count_ = 0;
+  std::unordered_map<const Node*, std::string> where_;  // locations of ops from a decomposed attention
 };
 
 }  // namespace

@@ -475,6 +475,27 @@ def test_unexecuted_op_warns_and_raises_when_it_runs():
     assert_same(ts(x, True), eager(x, True), "aux path")
 
 
+class TwoWays(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x, attend: bool = False):
+        if attend:
+            return F.scaled_dot_product_attention(x, x, x)
+        return F.linear(x, self.w) + F.linear(x, self.w)
+
+
+def test_unexecuted_ops_are_counted_and_attention_named_in_the_warning():
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8")]
+    x = torch.randn(2, 3, 8)
+    with pytest.warns(UserWarning, match=r"2 op\(s\).*\n  module '': matmul x2 \(.*test_jit.py:\d+, in "
+                                         r"scaled_dot_product_attention\)"):
+        qwix.jit_quantize_model(torch.jit.script(TwoWays()), QatProvider(rules), x)
+    with pytest.warns(UserWarning, match=r"module '': linear x2 \(.*test_jit.py:\d+\)"):
+        qwix.jit_quantize_model(torch.jit.script(TwoWays()), QatProvider(rules), x, True)
+
+
 def test_submodule_that_never_runs_warns_and_raises_when_called():
     m = Spare()
     with pytest.warns(UserWarning, match=r"module 'spare': its forward did not run \(1 op\(s\)\)"):
