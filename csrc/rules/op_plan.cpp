@@ -146,8 +146,9 @@ Layout layout_of(const std::string& op, Operand operand, int64_t rank, const std
       l.channelwise = rank == 2 ? std::vector<int64_t>{0} : std::vector<int64_t>{};
       l.tile_axis = rank - 1;
     }
-  } else if (op == "conv1d" || op == "conv2d" || op == "conv3d") {
-    const int64_t n = op[4] - '0';
+  } else if (op == "conv1d" || op == "conv2d" || op == "conv3d" || op == "conv_transpose1d" ||
+             op == "conv_transpose2d" || op == "conv_transpose3d") {
+    const int64_t n = op[op.size() - 2] - '0';  // conv<n>d, conv_transpose<n>d
     l.is_conv = true;
     if (lhs) {
       TORCH_CHECK_VALUE(rank == n + 2 || rank == n + 1, "qwix: ", op, " input must have rank ", n + 2,
@@ -155,19 +156,9 @@ Layout layout_of(const std::string& op, Operand operand, int64_t rank, const std
       if (rank == n + 2) l.channelwise = {0};  // per batch item
     } else {
       TORCH_CHECK_VALUE(rank == n + 2, "qwix: ", op, " weight must have rank ", n + 2, ", got ", rank);
-      l.channelwise = {0};  // per output channel
-    }
-  } else if (op == "conv_transpose1d" || op == "conv_transpose2d" || op == "conv_transpose3d") {
-    const int64_t n = op[op.size() - 2] - '0';  // conv_transpose<n>d
-    l.is_conv = true;
-    if (lhs) {
-      TORCH_CHECK_VALUE(rank == n + 2 || rank == n + 1, "qwix: ", op, " input must have rank ", n + 2,
-                        " (batched) or ", n + 1, " (unbatched), got ", rank);
-      if (rank == n + 2) l.channelwise = {0};  // per batch item
-    } else {
-      TORCH_CHECK_VALUE(rank == n + 2, "qwix: ", op, " weight must have rank ", n + 2, ", got ", rank);
-      // W [in, out/groups, k...]: per output channel; with groups > 1 each scale serves that channel of every group
-      l.channelwise = {1};
+      // Per output channel: W [out, in/groups, k...], or transposed W [in, out/groups, k...] (with groups > 1
+      // each scale of axis 1 serves that channel of every group, as torch.ao's ch_axis=1).
+      l.channelwise = {op[4] == '_' ? int64_t{1} : int64_t{0}};
     }
   } else if (op == "matmul" || op == "bmm") {
     if (op == "bmm") TORCH_CHECK_VALUE(rank == 3, "qwix: bmm operands must have rank 3, got ", rank);

@@ -173,36 +173,20 @@ def _is_weight(t: torch.Tensor) -> bool:
     return base is not None and isinstance(base, nn.Parameter)
 
 
-def _op_name(func) -> Optional[str]:
-    if func is F.linear:
-        return "linear"
-    if func is torch.matmul or func is torch.Tensor.matmul or func is torch.Tensor.__matmul__:
-        return "matmul"
-    if func is torch.Tensor.__rmatmul__:
-        return "rmatmul"
-    if func is torch.bmm or func is torch.Tensor.bmm:
-        return "bmm"
-    if func is torch.baddbmm or func is torch.Tensor.baddbmm:
-        return "baddbmm"  # input + batch1 @ batch2: the product is quantized as a bmm
-    if func is torch.mm or func is torch.Tensor.mm:
-        return "mm"  # a 2-D matmul
-    if func is torch.addmm or func is torch.Tensor.addmm:
-        return "addmm"  # input + mat1 @ mat2 (HF GPT-2's Conv1D): the product is quantized as a matmul
-    if func is torch.conv2d:
-        return "conv2d"
-    if func is torch.conv1d:
-        return "conv1d"
-    if func is torch.conv3d:
-        return "conv3d"
-    if func is torch.conv_transpose1d:
-        return "conv_transpose1d"
-    if func is torch.conv_transpose2d:
-        return "conv_transpose2d"
-    if func is torch.conv_transpose3d:
-        return "conv_transpose3d"
-    if func is torch.einsum:
-        return "einsum"
-    return None
+# The intercepted torch functions and their op names (some are renamed in _intercept).
+_OP_NAMES = {
+    F.linear: "linear",
+    torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul",
+    torch.Tensor.__rmatmul__: "rmatmul",  # a.__rmatmul__(b) is b @ a
+    torch.mm: "mm", torch.Tensor.mm: "mm",  # a 2-D matmul
+    torch.addmm: "addmm", torch.Tensor.addmm: "addmm",  # input + mat1 @ mat2 (GPT-2's Conv1D): a matmul
+    torch.bmm: "bmm", torch.Tensor.bmm: "bmm",
+    torch.baddbmm: "baddbmm", torch.Tensor.baddbmm: "baddbmm",  # input + batch1 @ batch2: a bmm
+    torch.conv1d: "conv1d", torch.conv2d: "conv2d", torch.conv3d: "conv3d",
+    torch.conv_transpose1d: "conv_transpose1d", torch.conv_transpose2d: "conv_transpose2d",
+    torch.conv_transpose3d: "conv_transpose3d",
+    torch.einsum: "einsum",
+}
 
 
 def _body_without_dispatch(func):
@@ -244,7 +228,7 @@ class _QatMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         if self.state.stack:
-            op = _op_name(func)
+            op = _OP_NAMES.get(func)
             # out= calls are not intercepted: they have no autograd, and inductor's compiled code makes them
             # (extern_kernels.mm/bmm/addmm are torch.mm(..., out=buf)) while this mode is on the stack.
             if op is not None and "out" not in kwargs:
