@@ -1,4 +1,4 @@
-// The torch::nn::Module rewriting pass: swaps plain Linear / Conv2d children of
+// The torch::nn::Module rewriting pass: swaps plain Linear / Conv / ConvTranspose children of
 // containers for wrappers, then configures every wrapper with its path.
 #include <ATen/Context.h>
 #include <ATen/core/Generator.h>
@@ -28,7 +28,7 @@ void replace_child(torch::nn::Module& parent, const std::shared_ptr<torch::nn::M
   }
 }
 
-// A wrapper sharing the parameters of a plain Linear / Conv2d (not already a wrapper), else nullptr.
+// A wrapper sharing the parameters of a plain Linear / Conv / ConvTranspose (not already a wrapper), else nullptr.
 template <typename Wrapper, typename Plain>
 std::shared_ptr<Wrapper> wrap(const std::shared_ptr<torch::nn::Module>& m) {
   if (dynamic_cast<Quantizable*>(m.get())) return nullptr;
@@ -49,48 +49,51 @@ std::string plain_op(const torch::nn::Module& m) {
   return "";
 }
 
+template <typename Wrapper, typename Plain>
+struct WrapperOf {};
+
+// Calls fn(typed wrapper) for the first pair whose Plain `m` is (and is not already wrapped); false if none.
+template <typename Fn, typename Wrapper, typename Plain, typename... Rest>
+bool with_wrapper(const std::shared_ptr<torch::nn::Module>& m, const Fn& fn, WrapperOf<Wrapper, Plain>, Rest... rest) {
+  if (auto w = wrap<Wrapper, Plain>(m)) {
+    fn(w);
+    return true;
+  }
+  if constexpr (sizeof...(Rest) > 0) {
+    return with_wrapper(m, fn, rest...);
+  } else {
+    return false;
+  }
+}
+
+template <typename Fn>
+bool with_any_wrapper(const std::shared_ptr<torch::nn::Module>& m, const Fn& fn) {
+  return with_wrapper(m, fn, WrapperOf<LinearImpl, torch::nn::LinearImpl>{},
+                      WrapperOf<Conv1dImpl, torch::nn::Conv1dImpl>{}, WrapperOf<Conv2dImpl, torch::nn::Conv2dImpl>{},
+                      WrapperOf<Conv3dImpl, torch::nn::Conv3dImpl>{},
+                      WrapperOf<ConvTranspose1dImpl, torch::nn::ConvTranspose1dImpl>{},
+                      WrapperOf<ConvTranspose2dImpl, torch::nn::ConvTranspose2dImpl>{},
+                      WrapperOf<ConvTranspose3dImpl, torch::nn::ConvTranspose3dImpl>{});
+}
+
 // Replaces wrappable children of Sequential / ModuleList containers, recursively.
 void swap_in_containers(torch::nn::Module& m) {
   for (const auto& child : m.named_children()) swap_in_containers(*child.value());
   if (auto* seq = dynamic_cast<torch::nn::SequentialImpl*>(&m)) {
     for (auto& any : *seq) {
       const auto plain = any.ptr();
-      if (auto w = wrap<LinearImpl, torch::nn::LinearImpl>(plain)) {
+      with_any_wrapper(plain, [&](const auto& w) {
         replace_child(m, plain, w);
-        any = torch::nn::AnyModule(w);
-      } else if (auto c1 = wrap<Conv1dImpl, torch::nn::Conv1dImpl>(plain)) {
-        replace_child(m, plain, c1);
-        any = torch::nn::AnyModule(c1);
-      } else if (auto c2 = wrap<Conv2dImpl, torch::nn::Conv2dImpl>(plain)) {
-        replace_child(m, plain, c2);
-        any = torch::nn::AnyModule(c2);
-      } else if (auto c3 = wrap<Conv3dImpl, torch::nn::Conv3dImpl>(plain)) {
-        replace_child(m, plain, c3);
-        any = torch::nn::AnyModule(c3);
-      } else if (auto t1 = wrap<ConvTranspose1dImpl, torch::nn::ConvTranspose1dImpl>(plain)) {
-        replace_child(m, plain, t1);
-        any = torch::nn::AnyModule(t1);
-      } else if (auto t2 = wrap<ConvTranspose2dImpl, torch::nn::ConvTranspose2dImpl>(plain)) {
-        replace_child(m, plain, t2);
-        any = torch::nn::AnyModule(t2);
-      } else if (auto t3 = wrap<ConvTranspose3dImpl, torch::nn::ConvTranspose3dImpl>(plain)) {
-        replace_child(m, plain, t3);
-        any = torch::nn::AnyModule(t3);
-      }
+        any = torch::nn::AnyModule(w);  // typed: AnyModule keeps the wrapper's forward signature
+      });
     }
   } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&m)) {
     for (auto& entry : *list) {
-      std::shared_ptr<torch::nn::Module> w = wrap<LinearImpl, torch::nn::LinearImpl>(entry);
-      if (!w) w = wrap<Conv1dImpl, torch::nn::Conv1dImpl>(entry);
-      if (!w) w = wrap<Conv2dImpl, torch::nn::Conv2dImpl>(entry);
-      if (!w) w = wrap<Conv3dImpl, torch::nn::Conv3dImpl>(entry);
-      if (!w) w = wrap<ConvTranspose1dImpl, torch::nn::ConvTranspose1dImpl>(entry);
-      if (!w) w = wrap<ConvTranspose2dImpl, torch::nn::ConvTranspose2dImpl>(entry);
-      if (!w) w = wrap<ConvTranspose3dImpl, torch::nn::ConvTranspose3dImpl>(entry);
-      if (w) {
-        replace_child(m, entry, w);
+      const auto plain = entry;
+      with_any_wrapper(plain, [&](const auto& w) {
+        replace_child(m, plain, w);
         entry = w;
-      }
+      });
     }
   }
 }
