@@ -74,6 +74,8 @@ std::optional<std::string> intercepted_op(const Node* n) {
       {c10::aten::mm, "matmul"},    {c10::aten::addmm, "matmul"},  // a 2-D matmul; input + mat1 @ mat2
       {c10::aten::einsum, "einsum"},
   };
+  // out= overloads (mutable schemas) are not intercepted, as in Python: they have no autograd.
+  if (const auto* schema = n->maybeSchema(); schema && schema->is_mutable()) return std::nullopt;
   for (const auto& [k, name] : kinds)
     if (n->kind() == k) return name;
   return std::nullopt;

@@ -209,7 +209,8 @@ at::Tensor quantize_operand(const at::Tensor& x, const OperandPlan& plan, const 
 // Where QatProvider::decomposes_attention says so, the three paths run it as below instead, and its
 // two products are the module's next two `matmul` ops (matmul<n>: q·kᵀ, matmul<n+1>: weights·v):
 //   attn = matmul(q, kᵀ) * scale               (scale: 1/sqrt(q.size(-1)) unless given)
-//   causal: -inf above the diagonal; attn_mask: bool -> -inf where false, float -> added
+//   causal: -inf above the diagonal; attn_mask: bool -> -inf where false, float -> added (in place: in the
+//   scores' dtype, broadcast to their shape)
 //   attn = _safe_softmax(attn, -1)             (a fully masked row gives 0, as sdpa)
 //   attn = dropout(attn, dropout_p, train=True) (dropout_p > 0; sdpa applies it in eval too)
 //   out  = matmul(attn, v)                      (enable_gqa: k and v heads repeated first)

@@ -39,12 +39,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     attn = torch.matmul(query, key.transpose(-2, -1)) * factor
     if is_causal:
         above = attn.new_ones([attn.size(-2), attn.size(-1)]).tril() == 0
-        attn = attn.masked_fill(above, float("-inf"))
-    if attn_mask is not None:
+        attn.masked_fill_(above, float("-inf"))
+    if attn_mask is not None:  # in place: the mask broadcasts to the scores' shape, never beyond it
         if attn_mask.dtype == bool_dtype:
-            attn = attn.masked_fill(attn_mask.logical_not(), float("-inf"))
+            attn.masked_fill_(attn_mask.logical_not(), float("-inf"))
         elif attn_mask.is_floating_point():
-            attn = attn + attn_mask
+            attn.add_(attn_mask)  # in the scores' dtype, as sdpa's math backend
         else:
             raise ValueError("qwix: scaled_dot_product_attention: attn_mask must be bool or floating point")
     attn = safe_softmax(attn, -1)
@@ -80,15 +80,15 @@ at::Tensor decomposed_attention(const MatmulFn& matmul, const at::Tensor& query,
   const double neg_inf = -std::numeric_limits<double>::infinity();
   if (is_causal) {
     at::Tensor above = attn.new_ones({attn.size(-2), attn.size(-1)}).tril() == 0;
-    attn = attn.masked_fill(above, neg_inf);
+    attn.masked_fill_(above, neg_inf);
   }
   if (attn_mask) {
     if (attn_mask->scalar_type() == at::kBool) {
-      attn = attn.masked_fill(attn_mask->logical_not(), neg_inf);
+      attn.masked_fill_(attn_mask->logical_not(), neg_inf);
     } else {
       TORCH_CHECK_VALUE(attn_mask->is_floating_point(),
                         "qwix: scaled_dot_product_attention: attn_mask must be bool or floating point");
-      attn = attn + *attn_mask;
+      attn.add_(*attn_mask);
     }
   }
   attn = at::_safe_softmax(attn, -1);

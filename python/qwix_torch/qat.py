@@ -314,6 +314,8 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
             return func(*args, **kwargs)
     if not isinstance(lhs, torch.Tensor) or not isinstance(rhs, torch.Tensor):
         return func(*args, **kwargs)
+    if lhs.layout != torch.strided or rhs.layout != torch.strided:
+        return func(*args, **kwargs)  # sparse operands (a GNN's adjacency in torch.mm) cannot be fake-quantized
 
     module, path, counts, _ = state.stack[-1]
     n = counts.get(op, 0)
@@ -451,8 +453,9 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
     """Returns a QAT version of ``model`` (a deep copy unless ``inplace``).
 
     The returned model has the same classes, submodules and parameter names;
-    inside each module's own forward the ops ``linear``, ``conv1d/2d/3d``,
-    ``matmul`` / ``@``, ``bmm`` and two-operand ``einsum`` are fake-quantized as
+    inside each module's own forward the ops ``linear``, ``conv1d/2d/3d``, ``conv_transpose1d/2d/3d``,
+    ``matmul`` / ``@`` (and ``mm``, ``addmm``'s product), ``bmm`` (and ``baddbmm``'s product) and
+    two-operand ``einsum`` are fake-quantized as
     the provider's first matching rule says (``F.scaled_dot_product_attention`` runs as two
     ``matmul`` ops where that rule for ``matmul`` has an ``act_qtype``). With ``example_inputs`` the model
     runs once in its current mode (no gradients, no statistics updates; buffers such as

@@ -105,6 +105,17 @@ def test_decomposition_matches_fused_sdpa_and_both_forms_agree(case):
         assert torch.equal(python_form[:, :, 2], torch.zeros_like(python_form[:, :, 2]))
 
 
+def test_decomposition_mask_dtype_and_shape_as_sdpa():
+    q, k, v = (torch.randn(2, 4, 5, 8, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.randn(5, 5)  # fp32 mask on bf16 scores: added in the scores' dtype, as sdpa does
+    for form in (_DECOMPOSED_ATTENTION, _C.decomposed_attention):
+        out = form(q, k, v, attn_mask=mask)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0.05, atol=0.05)
+        with pytest.raises(RuntimeError):  # a mask that broadcasts beyond the scores is an error, as in sdpa
+            form(q, k, v, attn_mask=torch.ones(3, 2, 4, 5, 5, dtype=torch.bool))
+
+
 def test_decomposition_dropout_is_the_same_in_both_forms_and_applies_in_eval_too():
     q, k, v = torch.randn(3, 2, 5, 4, requires_grad=True), torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
     torch.manual_seed(7)

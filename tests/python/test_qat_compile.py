@@ -175,3 +175,5 @@ def test_inductor_extern_kernels_are_not_quantized_again():
     q = qwix.quantize_model(OutMm(), QatProvider(rules))
     with torch.no_grad():
         assert_same(q(x[0]), x[0] @ q.w, "out= passes through")
+        ts = qwix.jit_quantize_model(torch.jit.script(OutMm()), QatProvider(rules), x[0])
+        assert_same(ts(x[0]), x[0] @ ts.w, "TorchScript: aten::mm.out passes through too")

@@ -302,6 +302,13 @@ def test_mm_and_addmm_are_quantized_as_matmuls():
     for _ in range(2):
         assert_same(compiled(x), eager(x), "compiled")
 
+    class SparseMm(nn.Module):  # a GNN's sparse adjacency times the features: not quantizable, passed through
+        def forward(self, adj, h):
+            return torch.mm(adj, h)
+
+    adj, h = torch.eye(4).to_sparse(), torch.randn(4, 3)
+    assert_same(qwix.quantize_model(SparseMm(), _w8a8())(adj, h), h, "sparse")
+
 
 def test_transposed_convolutions_are_quantized():
     torch.manual_seed(0)
