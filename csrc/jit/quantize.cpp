@@ -231,6 +231,7 @@ struct Site {
   Value* rhs = nullptr;
   size_t lhs_pos = 0, rhs_pos = 1;  // their input positions (baddbmm, addmm: 1, 2)
   std::string equation;
+  int64_t groups = 1;  // conv_transpose: its groups (a constant of the graph)
   std::string where;
   // what the example forward showed
   int64_t executions = 0;
@@ -465,6 +466,16 @@ class Pass {
         s.lhs_pos = 1;
         s.rhs_pos = 2;
       }
+      if (op.rfind("conv_transpose", 0) == 0) {  // (input, weight, bias, stride, padding, output_padding, groups, ...)
+        const auto groups = n->inputs().size() > 6 ? torch::jit::toIValue(n->input(6)) : std::nullopt;
+        if (!groups || !groups->isInt()) {
+          TORCH_CHECK_VALUE(!provider_.match_rule(inst.path, op), "qwix: ", site_name(inst, s),
+                            ": cannot quantize a transposed convolution whose groups are not a constant (its weight's "
+                            "per-output-channel scales depend on them)");
+          return;
+        }
+        s.groups = groups->toInt();
+      }
       s.lhs = n->input(s.lhs_pos);
       s.rhs = n->input(s.rhs_pos);
     }
@@ -550,8 +561,8 @@ class Pass {
       TORCH_CHECK_VALUE(s.inconsistency.empty(), "qwix: ", site_name(inst, s), ": ", s.inconsistency,
                         " during the example forward; a TorchScript op gets one quantization plan, so its operands "
                         "need the same rank and kind in every call");
-      const OperandInfo li{static_cast<int64_t>(s.lhs_rec.sizes.size()), s.lhs_rec.is_weight};
-      const OperandInfo ri{static_cast<int64_t>(s.rhs_rec.sizes.size()), s.rhs_rec.is_weight};
+      const OperandInfo li{static_cast<int64_t>(s.lhs_rec.sizes.size()), s.lhs_rec.is_weight, s.groups};
+      const OperandInfo ri{static_cast<int64_t>(s.rhs_rec.sizes.size()), s.rhs_rec.is_weight, s.groups};
       const auto plan = provider_.plan(inst.path, s.op, li, ri, s.equation);
       TORCH_INTERNAL_ASSERT(plan.has_value());
       sig += "r" + std::to_string(li.rank) + "," + std::to_string(ri.rank) + "#" +

@@ -50,32 +50,32 @@ LinearImpl::LinearImpl(const torch::nn::LinearImpl& plain)
     : QatModule<torch::nn::LinearImpl, LinearImpl>(plain.options) {
   share_parameters(plain);
 }
-at::Tensor LinearImpl::forward(const at::Tensor& input) { return forward_quantized("linear", input); }
+at::Tensor LinearImpl::forward(const at::Tensor& input) { return forward_quantized("linear", 1, input); }
 
 Conv1dImpl::Conv1dImpl(const torch::nn::Conv1dImpl& plain)
     : QatModule<torch::nn::Conv1dImpl, Conv1dImpl>(conv_options<1>(plain.options)) {
   share_parameters(plain);
 }
-at::Tensor Conv1dImpl::forward(const at::Tensor& input) { return forward_quantized("conv1d", input); }
+at::Tensor Conv1dImpl::forward(const at::Tensor& input) { return forward_quantized("conv1d", options.groups(), input); }
 
 Conv2dImpl::Conv2dImpl(const torch::nn::Conv2dImpl& plain)
     : QatModule<torch::nn::Conv2dImpl, Conv2dImpl>(conv_options<2>(plain.options)) {
   share_parameters(plain);
 }
-at::Tensor Conv2dImpl::forward(const at::Tensor& input) { return forward_quantized("conv2d", input); }
+at::Tensor Conv2dImpl::forward(const at::Tensor& input) { return forward_quantized("conv2d", options.groups(), input); }
 
 Conv3dImpl::Conv3dImpl(const torch::nn::Conv3dImpl& plain)
     : QatModule<torch::nn::Conv3dImpl, Conv3dImpl>(conv_options<3>(plain.options)) {
   share_parameters(plain);
 }
-at::Tensor Conv3dImpl::forward(const at::Tensor& input) { return forward_quantized("conv3d", input); }
+at::Tensor Conv3dImpl::forward(const at::Tensor& input) { return forward_quantized("conv3d", options.groups(), input); }
 
 ConvTranspose1dImpl::ConvTranspose1dImpl(const torch::nn::ConvTranspose1dImpl& plain)
     : QatModule<torch::nn::ConvTranspose1dImpl, ConvTranspose1dImpl>(conv_transpose_options<1>(plain.options)) {
   share_parameters(plain);
 }
 at::Tensor ConvTranspose1dImpl::forward(const at::Tensor& input, const std::optional<at::IntArrayRef>& output_size) {
-  return forward_quantized("conv_transpose1d", input, output_size);
+  return forward_quantized("conv_transpose1d", options.groups(), input, output_size);
 }
 
 ConvTranspose2dImpl::ConvTranspose2dImpl(const torch::nn::ConvTranspose2dImpl& plain)
@@ -83,7 +83,7 @@ ConvTranspose2dImpl::ConvTranspose2dImpl(const torch::nn::ConvTranspose2dImpl& p
   share_parameters(plain);
 }
 at::Tensor ConvTranspose2dImpl::forward(const at::Tensor& input, const std::optional<at::IntArrayRef>& output_size) {
-  return forward_quantized("conv_transpose2d", input, output_size);
+  return forward_quantized("conv_transpose2d", options.groups(), input, output_size);
 }
 
 ConvTranspose3dImpl::ConvTranspose3dImpl(const torch::nn::ConvTranspose3dImpl& plain)
@@ -91,7 +91,7 @@ ConvTranspose3dImpl::ConvTranspose3dImpl(const torch::nn::ConvTranspose3dImpl& p
   share_parameters(plain);
 }
 at::Tensor ConvTranspose3dImpl::forward(const at::Tensor& input, const std::optional<at::IntArrayRef>& output_size) {
-  return forward_quantized("conv_transpose3d", input, output_size);
+  return forward_quantized("conv_transpose3d", options.groups(), input, output_size);
 }
 
 }  // namespace nn

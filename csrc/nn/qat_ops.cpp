@@ -54,7 +54,7 @@ at::Tensor QatOps::operand(const std::string& name, const at::Tensor& x, const O
 }
 
 std::pair<at::Tensor, at::Tensor> QatOps::operands(const std::string& op, const at::Tensor& lhs, const at::Tensor& rhs,
-                                                   const std::string& einsum_equation) {
+                                                   const std::string& einsum_equation, int64_t groups) {
   const auto& valid = valid_op_names();
   if (std::find(valid.begin(), valid.end(), op) == valid.end()) {
     std::string names;
@@ -64,8 +64,8 @@ std::pair<at::Tensor, at::Tensor> QatOps::operands(const std::string& op, const 
   const int64_t n = counts_[op]++;
   if (!config_.provider_) return {lhs, rhs};
   // The provider is shared by every module of the model; planning records rule usage.
-  auto plan = config_.provider_->plan(config_.path_, op, {lhs.dim(), is_weight(lhs)}, {rhs.dim(), is_weight(rhs)},
-                                      einsum_equation);
+  auto plan = config_.provider_->plan(config_.path_, op, {lhs.dim(), is_weight(lhs), groups},
+                                      {rhs.dim(), is_weight(rhs), groups}, einsum_equation);
   if (!plan) return {lhs, rhs};
   const std::string id = op + std::to_string(n);
   at::Tensor a = operand(id + "_lhs", lhs, plan->lhs);
@@ -98,21 +98,21 @@ at::Tensor QatOps::conv3d(const at::Tensor& input, const at::Tensor& weight, con
 at::Tensor QatOps::conv_transpose1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
                                     int64_t groups, at::IntArrayRef dilation) {
-  auto [x, w] = operands("conv_transpose1d", input, weight);
+  auto [x, w] = operands("conv_transpose1d", input, weight, "", groups);
   return at::conv_transpose1d(x, w, bias, stride, padding, output_padding, groups, dilation);
 }
 
 at::Tensor QatOps::conv_transpose2d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
                                     int64_t groups, at::IntArrayRef dilation) {
-  auto [x, w] = operands("conv_transpose2d", input, weight);
+  auto [x, w] = operands("conv_transpose2d", input, weight, "", groups);
   return at::conv_transpose2d(x, w, bias, stride, padding, output_padding, groups, dilation);
 }
 
 at::Tensor QatOps::conv_transpose3d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
                                     int64_t groups, at::IntArrayRef dilation) {
-  auto [x, w] = operands("conv_transpose3d", input, weight);
+  auto [x, w] = operands("conv_transpose3d", input, weight, "", groups);
   return at::conv_transpose3d(x, w, bias, stride, padding, output_padding, groups, dilation);
 }
 

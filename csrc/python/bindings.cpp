@@ -75,11 +75,11 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "plan_operand",
       [](const qwix::QuantizationRule& rule, const std::string& op, const std::string& operand, bool is_weight,
-         int64_t rank, const std::string& equation) {
-        return qwix::plan_operand(rule, op, parse_operand(operand), is_weight, rank, equation);
+         int64_t rank, const std::string& equation, int64_t groups) {
+        return qwix::plan_operand(rule, op, parse_operand(operand), is_weight, rank, equation, groups);
       },
       py::arg("rule"), py::arg("op_name"), py::arg("operand"), py::arg("is_weight"), py::arg("rank"),
-      py::arg("einsum_equation") = "");
+      py::arg("einsum_equation") = "", py::arg("groups") = 1);
 
   py::class_<qwix::QatProvider>(m, "QatProvider", "The C++ QatProvider (use qwix_torch.QatProvider in Python).")
       .def(py::init<std::vector<qwix::QuantizationRule>>(), py::arg("rules"))
@@ -89,11 +89,11 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "plan",
           [](qwix::QatProvider& p, const std::string& path, const std::string& op, int64_t lhs_rank, bool lhs_is_weight,
-             int64_t rhs_rank, bool rhs_is_weight, const std::string& equation) {
-            return p.plan(path, op, {lhs_rank, lhs_is_weight}, {rhs_rank, rhs_is_weight}, equation);
+             int64_t rhs_rank, bool rhs_is_weight, const std::string& equation, int64_t groups) {
+            return p.plan(path, op, {lhs_rank, lhs_is_weight, groups}, {rhs_rank, rhs_is_weight, groups}, equation);
           },
           py::arg("module_path"), py::arg("op_name"), py::arg("lhs_rank"), py::arg("lhs_is_weight"),
-          py::arg("rhs_rank"), py::arg("rhs_is_weight"), py::arg("einsum_equation") = "")
+          py::arg("rhs_rank"), py::arg("rhs_is_weight"), py::arg("einsum_equation") = "", py::arg("groups") = 1)
       .def("decomposes_attention", &qwix::QatProvider::decomposes_attention, py::arg("module_path"))
       .def("unused_rule_indices", &qwix::QatProvider::unused_rule_indices)
       .def("is_used", &qwix::QatProvider::is_used)

@@ -165,9 +165,10 @@ class QatOps {
                                           double dropout_p = 0.0, bool is_causal = false,
                                           std::optional<double> scale = std::nullopt, bool enable_gqa = false);
 
-  // The two operands of op `op` (one of valid_op_names()) as planned, taking the next op id.
+  // The two operands of op `op` (one of valid_op_names()) as planned, taking the next op id. groups: the
+  // op's feature groups (a conv_transpose weight's per-output-channel scales depend on them).
   std::pair<at::Tensor, at::Tensor> operands(const std::string& op, const at::Tensor& lhs, const at::Tensor& rhs,
-                                             const std::string& einsum_equation = "");
+                                             const std::string& einsum_equation = "", int64_t groups = 1);
 
  private:
   friend class Quantizable;
@@ -232,8 +233,8 @@ class QatModule : public Base, public Quantizable {
   // never replaced and gradients reach it through the fake quant; not for concurrent forwards
   // of one module object.
   template <typename... Rest>
-  at::Tensor forward_quantized(const std::string& op, const at::Tensor& input, const Rest&... rest) {
-    auto [x, w] = qat_ops().operands(op, input, this->weight);
+  at::Tensor forward_quantized(const std::string& op, int64_t groups, const at::Tensor& input, const Rest&... rest) {
+    auto [x, w] = qat_ops().operands(op, input, this->weight, "", groups);
     const detail::Swap swap(this->weight, w);
     return Base::forward(x, rest...);
   }

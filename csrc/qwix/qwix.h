@@ -123,17 +123,18 @@ struct OperandPlan {
 // The decision for one operand of `op_name` (one of valid_op_names()).
 //   linear  lhs [..., in]: per token (all axes but the last); rhs (W [out, in]): per output channel.
 //   conv*   lhs [N, C, ...] (or unbatched): per batch item; rhs (W [out, in/g, k...]): per output channel.
-//   conv_transpose*: lhs as conv; rhs (W [in, out/g, k...]): per axis 1 (the output channel; with groups
-//           > 1 one scale per index of that axis, shared by the groups).
+//   conv_transpose*: lhs as conv; rhs (W [in, out/g, k...]): per output channel, i.e. per axis 1 and, with
+//           groups > 1, also per block of in/groups along axis 0 (a tile of 1/groups of the axis).
 //   matmul / bmm / einsum: every non-contracting axis is channelwise.
 // tile_size tiles the (last) contracting axis; it is an error for conv.
 // einsum_equation is read for einsum only (two operands, explicit or implicit output).
 OperandPlan plan_operand(const QuantizationRule& rule, const std::string& op_name, Operand operand, bool is_weight,
-                         int64_t rank, const std::string& einsum_equation = "");
+                         int64_t rank, const std::string& einsum_equation = "", int64_t groups = 1);
 
 struct OperandInfo {
   int64_t rank = 0;
   bool is_weight = false;
+  int64_t groups = 1;  // the op's feature groups (read for a conv_transpose weight: see plan_operand)
 };
 
 struct OpPlan {

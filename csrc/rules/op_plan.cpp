@@ -121,6 +121,7 @@ struct Layout {
   std::vector<int64_t> channelwise;
   std::optional<int64_t> tile_axis;  // the (last) contracting axis
   bool is_conv = false;
+  bool group_tiled = false;  // a transposed conv weight: its groups split axis 0
 };
 
 std::vector<int64_t> iota_except(int64_t rank, int64_t skip) {
@@ -156,9 +157,11 @@ Layout layout_of(const std::string& op, Operand operand, int64_t rank, const std
       if (rank == n + 2) l.channelwise = {0};  // per batch item
     } else {
       TORCH_CHECK_VALUE(rank == n + 2, "qwix: ", op, " weight must have rank ", n + 2, ", got ", rank);
-      // Per output channel: W [out, in/groups, k...], or transposed W [in, out/groups, k...] (with groups > 1
-      // each scale of axis 1 serves that channel of every group, as torch.ao's ch_axis=1).
-      l.channelwise = {op[4] == '_' ? int64_t{1} : int64_t{0}};
+      // Per output channel: W [out, in/groups, k...], or transposed W [in, out/groups, k...] (axis 1; with
+      // groups > 1 plan_operand also tiles axis 0 by group).
+      const bool transposed = op[4] == '_';
+      l.channelwise = {transposed ? int64_t{1} : int64_t{0}};
+      l.group_tiled = transposed;
     }
   } else if (op == "matmul" || op == "bmm") {
     if (op == "bmm") TORCH_CHECK_VALUE(rank == 3, "qwix: bmm operands must have rank 3, got ", rank);
@@ -180,7 +183,8 @@ Layout layout_of(const std::string& op, Operand operand, int64_t rank, const std
 }  // namespace
 
 OperandPlan plan_operand(const QuantizationRule& rule, const std::string& op, Operand operand, bool is_weight,
-                         int64_t rank, const std::string& equation) {
+                         int64_t rank, const std::string& equation, int64_t groups) {
+  TORCH_CHECK_VALUE(groups >= 1, "qwix: ", op, " groups must be >= 1, got ", groups);
   OperandPlan p;
   p.is_weight = is_weight;
   const auto& qtype = is_weight ? rule.weight_qtype : rule.act_qtype;
@@ -203,6 +207,8 @@ OperandPlan plan_operand(const QuantizationRule& rule, const std::string& op, Op
     TORCH_CHECK_VALUE(!l.is_conv, "qwix: tile_size (", rules_internal::format_number(*rule.tile_size),
                       ") is not supported for ", op, " (conv scales are per output channel / per batch item)");
     if (l.tile_axis) p.tiled_axes.emplace_back(*l.tile_axis, *rule.tile_size);
+  } else if (l.group_tiled && groups > 1) {  // output channel g * out/groups + j: axis 1 and a block of axis 0
+    p.tiled_axes.emplace_back(0, 1.0 / static_cast<double>(groups));
   }
   p.static_scale = !is_weight && rule.act_static_scale;
   TORCH_CHECK_VALUE(!p.static_scale || !qt.two_level, "qwix: act_static_scale=True is not supported with act_qtype "
@@ -227,8 +233,8 @@ OperandPlan plan_operand(const QuantizationRule& rule, const std::string& op, Op
 OpPlan plan_op(const QuantizationRule& rule, const std::string& op, const OperandInfo& lhs, const OperandInfo& rhs,
                const std::string& equation) {
   OpPlan p;
-  p.lhs = plan_operand(rule, op, Operand::Lhs, lhs.is_weight, lhs.rank, equation);
-  p.rhs = plan_operand(rule, op, Operand::Rhs, rhs.is_weight, rhs.rank, equation);
+  p.lhs = plan_operand(rule, op, Operand::Lhs, lhs.is_weight, lhs.rank, equation, lhs.groups);
+  p.rhs = plan_operand(rule, op, Operand::Rhs, rhs.is_weight, rhs.rank, equation, rhs.groups);
   return p;
 }
 

@@ -126,7 +126,7 @@ class _QatState:
 
     def __init__(self, provider: QatProvider):
         self.provider = provider
-        self.plans: dict = {}  # (path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation) -> OpPlan | None
+        self.plans: dict = {}  # (path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation, groups) -> OpPlan | None
         self.attention: dict = {}  # path -> whether its scaled_dot_product_attention runs decomposed
         self.stack: list = []  # (module, path, op counts, mode or None) of the running forwards
         self.update_enabled = True  # set_quant_stats_update
@@ -141,9 +141,9 @@ class _QatState:
 
 @torch.compiler.assume_constant_result
 def _make_plan(provider: QatProvider, path: str, op: str, lhs_rank: int, lhs_w: bool, rhs_rank: int, rhs_w: bool,
-               equation: str) -> Optional[OpPlan]:
+               equation: str, groups: int) -> Optional[OpPlan]:
     # Under torch.compile this runs at trace time and its result is a constant of the graph.
-    return provider.plan(path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation)
+    return provider.plan(path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation, groups)
 
 
 @torch.compiler.assume_constant_result
@@ -322,11 +322,14 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
     counts[op] = n + 1
 
     lhs_w, rhs_w = _is_weight(lhs), _is_weight(rhs)
-    key = (path, op, lhs.dim(), lhs_w, rhs.dim(), rhs_w, equation)
+    groups = 1
+    if op.startswith("conv_transpose"):  # (input, weight, bias, stride, padding, output_padding, groups, dilation)
+        groups = rest[4] if len(rest) > 4 else kwargs.get("groups", 1)
+    key = (path, op, lhs.dim(), lhs_w, rhs.dim(), rhs_w, equation, groups)
     if key in state.plans:
         plan = state.plans[key]
     else:
-        plan = _make_plan(state.provider, path, op, lhs.dim(), lhs_w, rhs.dim(), rhs_w, equation)
+        plan = _make_plan(state.provider, path, op, lhs.dim(), lhs_w, rhs.dim(), rhs_w, equation, groups)
         if not torch.compiler.is_compiling():
             state.plans[key] = plan
     if plan is None:

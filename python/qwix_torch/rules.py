@@ -171,9 +171,11 @@ class QatProvider:
         return None if i is None else self._rules[i]
 
     def plan(self, module_path: str, op_name: str, lhs_rank: int, lhs_is_weight: bool, rhs_rank: int,
-             rhs_is_weight: bool, einsum_equation: str = "") -> Optional[OpPlan]:
-        """The C++ engine's plan for one op (None: no rule matches). Marks the rule used."""
-        p = self._cpp.plan(module_path, op_name, lhs_rank, lhs_is_weight, rhs_rank, rhs_is_weight, einsum_equation)
+             rhs_is_weight: bool, einsum_equation: str = "", groups: int = 1) -> Optional[OpPlan]:
+        """The C++ engine's plan for one op (None: no rule matches). Marks the rule used. ``groups``: the
+        op's feature groups (a conv_transpose weight's per-output-channel scales depend on it)."""
+        p = self._cpp.plan(module_path, op_name, lhs_rank, lhs_is_weight, rhs_rank, rhs_is_weight, einsum_equation,
+                           groups)
         if p is None:
             return None
         return OpPlan(p.rule_index, OperandPlan.from_cpp(p.lhs), OperandPlan.from_cpp(p.rhs))

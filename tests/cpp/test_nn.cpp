@@ -166,8 +166,10 @@ TEST(NnPass, ConvTransposeWrappers) {
   EXPECT_TRUE(t2->weight.is_same(plain_w2));  // the same parameter tensor (optimizers stay valid)
   auto fq_x = [](const at::Tensor& x) { return qwix::fake_quant(x, "int8", {.channelwise_axes = {0}}); };
   auto fq_w = [](const at::Tensor& w) { return qwix::fake_quant(w, "int4", {.channelwise_axes = {1}}); };
+  // groups 2: output channel g * 3 + j is axis 1's j in the block of axis 0 that holds group g's inputs
+  auto fq_w2 = qwix::fake_quant(t2->weight, "int4", {.channelwise_axes = {1}, .tiled_axes = {{0, 2}}});
   const auto x2 = torch::randn({2, 4, 5, 5});
-  EXPECT_TRUE(torch::equal(seq->forward(x2), at::conv_transpose2d(fq_x(x2), fq_w(t2->weight), t2->bias, 2, 1, 1, 2)));
+  EXPECT_TRUE(torch::equal(seq->forward(x2), at::conv_transpose2d(fq_x(x2), fq_w2, t2->bias, 2, 1, 1, 2)));
   const auto x1 = torch::randn({2, 2, 7});
   EXPECT_TRUE(torch::equal(t1->forward(x1), at::conv_transpose1d(fq_x(x1), fq_w(t1->weight), t1->bias, 2)));
   const auto x3 = torch::randn({2, 2, 3, 3, 3});

@@ -191,6 +191,15 @@ TEST(Plan, ConvTranspose) {
   auto u = qwix::plan_op(r, "conv_transpose1d", {2, false}, {3, true});  // unbatched input
   EXPECT_TRUE(u.lhs.channelwise_axes.empty());
   EXPECT_EQ(qwix::plan_op(r, "conv_transpose3d", {5, false}, {5, true}).rhs.channelwise_axes, Axes{1});
+  EXPECT_TRUE(p.rhs.tiled_axes.empty());  // groups 1: axis 1 is the output channel
+  auto g = qwix::plan_op(r, "conv_transpose2d", {4, false, 4}, {4, true, 4});  // groups 4: blocks of axis 0 too
+  EXPECT_EQ(g.rhs.channelwise_axes, Axes{1});
+  ASSERT_EQ(g.rhs.tiled_axes.size(), 1u);
+  EXPECT_EQ(g.rhs.tiled_axes[0].first, 0);
+  EXPECT_DOUBLE_EQ(g.rhs.tiled_axes[0].second, 0.25);
+  EXPECT_TRUE(g.lhs.tiled_axes.empty());
+  EXPECT_TRUE(qwix::plan_op(r, "conv2d", {4, false, 4}, {4, true, 4}).rhs.tiled_axes.empty());  // conv: axis 0
+  expect_value_error([&] { qwix::plan_op(r, "conv_transpose2d", {4, false, 0}, {4, true, 0}); }, {"groups", "0"});
   expect_value_error([&] { qwix::plan_op(r, "conv_transpose3d", {3, false}, {5, true}); },
                      {"conv_transpose3d", "rank 5", "got 3"});
   expect_value_error([&] { qwix::plan_op(r, "conv_transpose2d", {4, false}, {3, true}); },

@@ -81,10 +81,12 @@ class Decoder(nn.Module):
 
 
 def ref_decoder(m, x1, x2, x3, wq="int8", aq="int8"):
-    """The weight [in, out/groups, k...] per axis 1; the input per batch item."""
+    """The weight [in, out/groups, k...] per output channel: per axis 1 and per group's block of axis 0; the
+    input per batch item."""
     def up(c, h, f, output_padding):
-        return f(fq(h, aq, (0,)), fq(c.weight, wq, (1,)), c.bias, c.stride, c.padding, output_padding, c.groups,
-                 c.dilation)
+        groups = {0: c.in_channels // c.groups} if c.groups > 1 else None
+        return f(fq(h, aq, (0,)), fq(c.weight, wq, (1,), groups), c.bias, c.stride, c.padding, output_padding,
+                 c.groups, c.dilation)
 
     return (up(m.up1, x1, F.conv_transpose1d, 0), up(m.up2, x2, F.conv_transpose2d, 1),
             up(m.up3, x3, F.conv_transpose3d, 0))
@@ -332,6 +334,13 @@ def test_transposed_convolutions_are_quantized():
         assert_same(got, want, "compiled")
     with pytest.raises(ValueError, match="tile_size .* is not supported for conv_transpose1d"):
         qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int8", tile_size=2)]), *xs)
+    # Depthwise (groups = channels, W [C, 1, k, k]): one scale per output channel, as a depthwise conv's.
+    dw = nn.ConvTranspose2d(8, 8, 3, groups=8)
+    with torch.no_grad():
+        dw.weight.mul_(torch.logspace(-3, 0, 8).view(8, 1, 1, 1))  # channels of very different magnitudes
+    x = torch.randn(2, 8, 4, 4)
+    qdw = qwix.quantize_model(dw, QatProvider([QuantizationRule(weight_qtype="int4")]))
+    assert_same(qdw(x), F.conv_transpose2d(x, fq(dw.weight, "int4", (0,)), dw.bias, groups=8), "depthwise")
 
 
 def test_torch_transformer_encoder_eval_is_quantized_too():
