@@ -188,6 +188,22 @@ def test_sdpa_srq_statistics_take_the_next_matmul_ids():
     assert all(int(s.count) == 1 for s in stats.values())
 
 
+def test_srq_attention_with_variable_sequence_lengths():
+    # Per-(head, query) statistics tie the sequence length; averaging the sequence axes too does not (docs/qat.md).
+    torch.manual_seed(0)
+    rules = [QuantizationRule(op_names=("matmul",), act_qtype="int8", act_static_scale=True, act_batch_axes=(0, 2, 3)),
+             QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True, act_batch_axes=(0, 1))]
+    q = qwix.quantize_model(SdpaAttention(), QatProvider(rules), torch.randn(2, 5, 16))
+    for t in (5, 7, 3):
+        q(torch.randn(2, t, 16), None, True)
+    stats = {n: s for n, s in q.named_children() if n.startswith("matmul")}
+    assert {n: list(s.sum_of_absmax.shape) for n, s in stats.items()} == {
+        n: [1, 2, 1, 1] for n in ("matmul0_lhs", "matmul0_rhs", "matmul1_lhs", "matmul1_rhs")}
+    assert all(int(s.count) == 3 for s in stats.values())
+    with pytest.raises(ValueError, match="statistic"):  # the default batch axes keep the query axis: T is fixed
+        qwix.quantize_model(SdpaAttention(), QatProvider(rules[1:]), torch.randn(2, 5, 16))(torch.randn(2, 7, 16))
+
+
 @pytest.mark.parametrize("rules", [
     [QuantizationRule(weight_qtype="int8")],  # weights only
     [QuantizationRule(weight_qtype="int8", act_qtype="int8", op_names=("linear",))],  # matmul not listed
