@@ -27,6 +27,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if not (dropout_p >= 0.0 and dropout_p <= 1.0):
         raise ValueError("qwix: scaled_dot_product_attention: dropout_p must be in [0, 1], got {}".format(dropout_p))
     if enable_gqa:
+        if query.dim() < 3 or key.dim() < 3 or value.dim() < 3:
+            raise ValueError("qwix: scaled_dot_product_attention: enable_gqa needs a heads axis (rank >= 3), got "
+                             "ranks {}, {}, {}".format(query.dim(), key.dim(), value.dim()))
         heads = query.size(-3)
         kv_heads = key.size(-3)
         if kv_heads == 0 or heads % kv_heads != 0 or value.size(-3) != kv_heads:
@@ -67,6 +70,9 @@ at::Tensor decomposed_attention(const MatmulFn& matmul, const at::Tensor& query,
                     "qwix: scaled_dot_product_attention: dropout_p must be in [0, 1], got ", dropout_p);
   at::Tensor key = key_in, value = value_in;
   if (enable_gqa) {
+    TORCH_CHECK_VALUE(query.dim() >= 3 && key.dim() >= 3 && value.dim() >= 3,
+                      "qwix: scaled_dot_product_attention: enable_gqa needs a heads axis (rank >= 3), got ranks ",
+                      query.dim(), ", ", key.dim(), ", ", value.dim());
     const int64_t heads = query.size(-3), kv_heads = key.size(-3);
     TORCH_CHECK_VALUE(kv_heads != 0 && heads % kv_heads == 0 && value.size(-3) == kv_heads,
                       "qwix: scaled_dot_product_attention: enable_gqa needs key and value heads that divide the "

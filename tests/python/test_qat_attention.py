@@ -144,11 +144,13 @@ def test_decomposition_rejects_bad_arguments_by_name(kw, message):
             form(q, k, v, **kw)
 
 
-def test_decomposition_rejects_rank_one_inputs():
-    x = torch.randn(8)
+def test_decomposition_rejects_low_ranks():
+    x, y = torch.randn(8), torch.randn(4, 8)
     for form in (_DECOMPOSED_ATTENTION, _C.decomposed_attention):
         with pytest.raises(ValueError, match="need rank >= 2 .* got ranks 1, 1, 1"):
             form(x, x, x)
+        with pytest.raises(ValueError, match="enable_gqa needs a heads axis .* got ranks 2, 2, 2"):
+            form(y, y, y, enable_gqa=True)
 
 
 # ---- QAT models -------------------------------------------------------------------------------------------
@@ -274,3 +276,29 @@ def test_bench_attention_quick_runs(tmp_path):
     import json
     res = json.loads(out.read_text())["results"][0]
     assert set(res["median_s"]) == {"fp32", "qwix linear", "qwix all", "fp32 math"}
+
+
+def test_multihead_attention_srq_with_other_batch_sizes_and_lengths():
+    # MHA projects sequence-first ([L, B, E], also with batch_first=True): the default act_batch_axes (0,)
+    # would average the sequence and tie the batch size; (0, 1) for its linears ties neither (docs/qat.md).
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    def rules(linear_axes):
+        return [QuantizationRule(module_path="attn", op_names=("matmul",), act_qtype="int8", act_static_scale=True,
+                                 act_batch_axes=(0, 2, 3)),
+                QuantizationRule(module_path="attn", weight_qtype="int8", act_qtype="int8", act_static_scale=True,
+                                 act_batch_axes=linear_axes)]
+
+    torch.manual_seed(0)
+    q = qwix.quantize_model(Wrapped(), QatProvider(rules((0, 1))), torch.randn(2, 5, 16))
+    q(torch.randn(3, 7, 16))
+    assert int(q.attn.linear0_lhs.count) == 1 and int(q.attn.matmul1_rhs.count) == 1
+    tied = qwix.quantize_model(Wrapped(), QatProvider(rules((0,))), torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match=r"statistic 0 has shape \[1, 2, 1\]"):
+        tied(torch.randn(3, 7, 16))
