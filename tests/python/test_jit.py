@@ -179,6 +179,12 @@ def test_scaled_dot_product_attention_matches_python_path():
         assert {n for n, _ in ts.named_children()} == {"q", "kv", "o", "matmul0_lhs", "matmul0_rhs", "matmul1_lhs",
                                                        "matmul1_rhs"}
         assert "aten::scaled_dot_product_attention" not in str(ts.graph)
+    buf = io.BytesIO()  # the inlined decomposition saves and loads like any TorchScript code
+    torch.jit.save(ts, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x = torch.randn(2, 5, 16)
+    assert_same(loaded(x, mask, causal), ts(x, mask, causal), "saved and loaded")
 
 
 def _attend(q, k, v):
