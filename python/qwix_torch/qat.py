@@ -256,6 +256,7 @@ class _QatMode(TorchFunctionMode):
         return decomposed
 
 
+# Each op's operand parameters (positional, or by these names); addmm / baddbmm add `input` first.
 _OPERAND_NAMES = {
     "linear": ("input", "weight"),
     "conv1d": ("input", "weight"),
@@ -265,12 +266,29 @@ _OPERAND_NAMES = {
     "conv_transpose2d": ("input", "weight"),
     "conv_transpose3d": ("input", "weight"),
     "matmul": ("input", "other"),
+    "mm": ("input", "mat2"),
+    "addmm": ("input", "mat1", "mat2"),
     "bmm": ("input", "mat2"),
+    "baddbmm": ("input", "batch1", "batch2"),
 }
+_RENAMED = {"mm": "matmul", "addmm": "matmul", "baddbmm": "bmm"}  # quantized as these ops
+
+
+def _bind(names, args, kwargs):
+    """(values of `names`, the remaining positional args, the remaining kwargs), taking the names first from
+    args then from kwargs; None if one is missing."""
+    values = list(args[:len(names)])
+    kwargs = dict(kwargs)
+    for name in names[len(values):]:
+        if name not in kwargs:
+            return None
+        values.append(kwargs.pop(name))
+    return values, tuple(args[len(names):]), kwargs
 
 
 def _intercept(state: _QatState, op: str, func, args, kwargs):
     equation = ""
+    kw = kwargs  # what the call gets besides its operands (the original args/kwargs serve the pass-throughs)
     if op == "einsum":
         # torch.einsum(eq, a, b) or torch.einsum(eq, [a, b]); other forms pass through.
         operands = args[1:]
@@ -281,18 +299,6 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
         equation = args[0]
         lhs, rhs = operands
         rest: tuple = ()
-    elif op in ("baddbmm", "addmm"):  # (input, b1, b2, *, beta, alpha): a bmm / matmul of b1, b2
-        if len(args) != 3:
-            return func(*args, **kwargs)
-        op = "bmm" if op == "baddbmm" else "matmul"
-        lhs, rhs = args[1], args[2]
-        rest = (args[0],)
-    elif op == "mm":
-        if len(args) != 2 or kwargs:
-            return func(*args, **kwargs)
-        op = "matmul"
-        lhs, rhs = args
-        rest = ()
     elif op == "rmatmul":  # a.__rmatmul__(b) is b @ a
         if len(args) != 2:
             return func(*args, **kwargs)
@@ -301,17 +307,14 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
         func = torch.matmul
         rest = ()
     else:
-        names = _OPERAND_NAMES[op]
-        if len(args) >= 2:
-            lhs, rhs, rest = args[0], args[1], tuple(args[2:])
-        elif len(args) == 1 and names[1] in kwargs:
-            kwargs = dict(kwargs)
-            lhs, rhs, rest = args[0], kwargs.pop(names[1]), ()
-        elif len(args) == 0 and names[0] in kwargs and names[1] in kwargs:
-            kwargs = dict(kwargs)
-            lhs, rhs, rest = kwargs.pop(names[0]), kwargs.pop(names[1]), ()
-        else:
+        bound = _bind(_OPERAND_NAMES[op], args, kwargs)
+        if bound is None:
             return func(*args, **kwargs)
+        values, rest, kw = bound
+        lhs, rhs = values[-2:]
+        if len(values) == 3:  # addmm / baddbmm: input + m1 @ m2, the product a matmul / bmm of m1, m2
+            rest = (values[0],) + rest
+        op = _RENAMED.get(op, op)
     if not isinstance(lhs, torch.Tensor) or not isinstance(rhs, torch.Tensor):
         return func(*args, **kwargs)
     if lhs.layout != torch.strided or rhs.layout != torch.strided:
@@ -324,7 +327,7 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
     lhs_w, rhs_w = _is_weight(lhs), _is_weight(rhs)
     groups = 1
     if op.startswith("conv_transpose"):  # (input, weight, bias, stride, padding, output_padding, groups, dilation)
-        groups = rest[4] if len(rest) > 4 else kwargs.get("groups", 1)
+        groups = rest[4] if len(rest) > 4 else kw.get("groups", 1)
     key = (path, op, lhs.dim(), lhs_w, rhs.dim(), rhs_w, equation, groups)
     if key in state.plans:
         plan = state.plans[key]
@@ -333,12 +336,12 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
         if not torch.compiler.is_compiling():
             state.plans[key] = plan
     if plan is None:
-        return _call(func, op, equation, lhs, rhs, rest, kwargs)
+        return _call(func, op, equation, lhs, rhs, rest, kw)
 
     op_id = f"{op}{n}"
     lhs = _quantize(state, module, path, op_id + "_lhs", lhs, plan.lhs)
     rhs = _quantize(state, module, path, op_id + "_rhs", rhs, plan.rhs)
-    return _call(func, op, equation, lhs, rhs, rest, kwargs)
+    return _call(func, op, equation, lhs, rhs, rest, kw)
 
 
 # Under torch.compile the ops go into the graph as aten overloads: Dynamo runs the graph with this mode

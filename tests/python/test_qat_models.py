@@ -311,6 +311,17 @@ def test_mm_and_addmm_are_quantized_as_matmuls():
     adj, h = torch.eye(4).to_sparse(), torch.randn(4, 3)
     assert_same(qwix.quantize_model(SparseMm(), _w8a8())(adj, h), h, "sparse")
 
+    class Keywords(MmBlock):  # operands by keyword are the same ops
+        def forward(self, x):
+            h = torch.relu(self.c_fc(x)).reshape(-1, 32)
+            h = torch.mm(h, mat2=self.w)
+            y = torch.addmm(input=self.b, mat1=h, mat2=self.w2.t(), beta=0.5, alpha=2.0)
+            return torch.matmul(input=y, other=y.t())
+
+    kw = Keywords()
+    kw.load_state_dict(m.state_dict())
+    assert_same(qwix.quantize_model(kw, _w8a8())(x), ref_mm_block(m, x), "keyword operands")
+
 
 def test_transposed_convolutions_are_quantized():
     torch.manual_seed(0)
