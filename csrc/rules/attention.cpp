@@ -39,7 +39,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         key = key.repeat_interleave(heads // kv_heads, -3)
         value = value.repeat_interleave(heads // kv_heads, -3)
     factor = 1.0 / float(query.size(-1)) ** 0.5 if scale is None else scale
-    attn = torch.matmul(query, key.transpose(-2, -1)) * factor
+    attn = torch.matmul(query, key.transpose(-2, -1))
+    attn.mul_(factor)  # in place: no second [L, S] buffer (the product's backward does not need it)
     if is_causal:
         above = attn.new_ones([attn.size(-2), attn.size(-1)]).tril() == 0
         attn.masked_fill_(above, float("-inf"))
@@ -82,7 +83,8 @@ at::Tensor decomposed_attention(const MatmulFn& matmul, const at::Tensor& query,
   }
   // As the source's `1.0 / float(E) ** 0.5` (TorchScript and CPython both call pow).
   const double factor = scale ? *scale : 1.0 / std::pow(static_cast<double>(query.size(-1)), 0.5);
-  at::Tensor attn = matmul(query, key.transpose(-2, -1)) * factor;
+  at::Tensor attn = matmul(query, key.transpose(-2, -1));
+  attn.mul_(factor);
   const double neg_inf = -std::numeric_limits<double>::infinity();
   if (is_causal) {
     at::Tensor above = attn.new_ones({attn.size(-2), attn.size(-1)}).tril() == 0;
