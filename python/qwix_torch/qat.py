@@ -304,13 +304,14 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
             return func(*args, **kwargs)
         op = "matmul"
         lhs, rhs = args[1], args[0]
-        func = torch.matmul
         rest = ()
     else:
         bound = _bind(_OPERAND_NAMES[op], args, kwargs)
         if bound is None:
             return func(*args, **kwargs)
         values, rest, kw = bound
+        if not all(isinstance(v, torch.Tensor) for v in values):  # e.g. the deprecated addmm(beta, input, m1, m2)
+            return func(*args, **kwargs)
         lhs, rhs = values[-2:]
         if len(values) == 3:  # addmm / baddbmm: input + m1 @ m2, the product a matmul / bmm of m1, m2
             rest = (values[0],) + rest
@@ -358,12 +359,14 @@ def _call(func, op, equation, lhs, rhs, rest, kwargs):
     compiling = torch.compiler.is_compiling()
     if op == "einsum":
         return torch.ops.aten.einsum(equation, [lhs, rhs]) if compiling else func(equation, lhs, rhs)
+    if func is torch.Tensor.__rmatmul__:  # b @ a: lhs is b
+        return (torch.ops.aten.matmul if compiling else torch.matmul)(lhs, rhs)
     if func is torch.baddbmm or func is torch.Tensor.baddbmm:
-        return (torch.ops.aten.baddbmm if compiling else func)(rest[0], lhs, rhs, **kwargs)
+        return (torch.ops.aten.baddbmm if compiling else func)(rest[0], lhs, rhs, *rest[1:], **kwargs)
     if func is torch.addmm or func is torch.Tensor.addmm:
-        return (torch.ops.aten.addmm if compiling else func)(rest[0], lhs, rhs, **kwargs)
+        return (torch.ops.aten.addmm if compiling else func)(rest[0], lhs, rhs, *rest[1:], **kwargs)
     if func is torch.mm or func is torch.Tensor.mm:
-        return (torch.ops.aten.mm if compiling else func)(lhs, rhs)
+        return (torch.ops.aten.mm if compiling else func)(lhs, rhs, *rest, **kwargs)  # (out_dtype)
     return (_ATEN[op] if compiling else func)(lhs, rhs, *rest, **kwargs)
 
 

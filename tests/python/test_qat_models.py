@@ -5,6 +5,7 @@ bf16 casts and autocast."""
 import copy
 import io
 import math
+import warnings
 from typing import Optional
 
 import pytest
@@ -321,6 +322,40 @@ def test_mm_and_addmm_are_quantized_as_matmuls():
     kw = Keywords()
     kw.load_state_dict(m.state_dict())
     assert_same(qwix.quantize_model(kw, _w8a8())(x), ref_mm_block(m, x), "keyword operands")
+
+    class OtherForms(nn.Module):  # forms that are not quantized pass through unchanged
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3))
+            self.b = nn.Parameter(torch.randn(3))
+
+        def forward(self, x, adj):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the deprecated scalar-first overload
+                y = torch.addmm(0.5, self.b.expand(2, 3), x, self.w)
+            return y, self.w.__rmatmul__(adj)  # adj @ w with a sparse adj
+
+    other, adj = OtherForms(), torch.eye(4).to_sparse()
+    x2 = torch.randn(2, 4)
+    got = qwix.quantize_model(other, _w8a8())(x2, adj)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_same(got[0], torch.addmm(0.5, other.b.expand(2, 3), x2, other.w), "deprecated addmm")
+    assert_same(got[1], adj @ other.w, "sparse rmatmul")
+
+    class OutDtype(nn.Module):  # extra arguments reach the op (aten::mm.dtype has no CPU kernel: the same error)
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x, add: bool):
+            if add:
+                return torch.addmm(self.w[0], x, self.w, torch.float32)
+            return torch.mm(x, self.w, out_dtype=torch.float32)
+
+    for add, name in ((False, "mm"), (True, "addmm")):
+        with pytest.raises(NotImplementedError, match=rf"aten::{name}\.dtype"):
+            qwix.quantize_model(OutDtype(), _w8a8())(x2, add)
 
 
 def test_transposed_convolutions_are_quantized():
