@@ -1,8 +1,8 @@
 // The TorchScript pass (DESIGN sections 1 and 3): qwix::jit::quantize_model.
 //
-// Per module of the tree, the ops linear / conv1d-3d / conv_transpose1d-3d / matmul / bmm (and
-// baddbmm's product; mm and addmm's product as matmul) / einsum (two operands) of its own `forward` are quantized as the provider's plan
-// says, the same decisions and ops as the Python nn.Module path:
+// Per module of the tree, the ops linear / conv1d-3d / conv_transpose1d-3d / matmul (and mm, addmm's
+// product) / bmm (and baddbmm's product) / einsum (two operands) of its own `forward` are quantized as
+// the provider's plan says, the same decisions and ops as the Python nn.Module path:
 //
 //  1. Each module's forward is its own graph (submodule calls stay
 //     prim::CallMethod "forward", the boundary of a module as a forward hook is
@@ -122,9 +122,8 @@ torch::jit::Function* inlinable_callee(const Node* n) {
   return nullptr;
 }
 
-// F.scaled_dot_product_attention decomposed into its two matmuls (qwix::decomposed_attention), as a
-// TorchScript function compiled once.
-// The names its source uses (see decomposed_attention_source); TorchScript's own builtins do the rest.
+// The names the decomposed attention's source uses (see decomposed_attention_source); TorchScript's own
+// builtins do the rest.
 struct AttentionSourceResolver : torch::jit::Resolver {
   std::shared_ptr<torch::jit::SugaredValue> resolveValue(const std::string& name, torch::jit::GraphFunction& m,
                                                          const torch::jit::SourceRange& loc) override {
@@ -139,6 +138,8 @@ struct AttentionSourceResolver : torch::jit::Resolver {
   c10::TypePtr resolveType(const std::string&, const torch::jit::SourceRange&) override { return nullptr; }
 };
 
+// F.scaled_dot_product_attention decomposed into its two matmuls (qwix::decomposed_attention), as a
+// TorchScript function compiled once.
 torch::jit::GraphFunction& decomposed_attention_function() {
   static const std::shared_ptr<torch::jit::CompilationUnit> cu = [] {
     auto unit = std::make_shared<torch::jit::CompilationUnit>();

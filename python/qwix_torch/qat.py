@@ -2,13 +2,11 @@
 
 ``quantize_model`` keeps the model as it is (same classes, same parameter
 names) and adds forward hooks: while the model runs, a
-``torch.overrides.TorchFunctionMode`` intercepts ``linear``, ``conv1d/2d/3d``, ``conv_transpose1d/2d/3d``,
-``matmul`` / ``@`` (and ``mm``, ``addmm``'s product), ``bmm`` (and ``baddbmm``'s product), two-operand
-``einsum`` (also inside
-``F.multi_head_attention_forward``, whose body it runs op by op, and inside
-``F.scaled_dot_product_attention``, run decomposed where a rule quantizes matmul activations) and
-attributes each call
-to the innermost module whose forward is running (a module stack kept by
+``torch.overrides.TorchFunctionMode`` intercepts ``linear``, ``conv1d/2d/3d``,
+``conv_transpose1d/2d/3d``, ``matmul`` / ``@`` (and ``mm``, ``addmm``'s product), ``bmm`` (and
+``baddbmm``'s product), two-operand ``einsum`` (also inside ``F.multi_head_attention_forward``,
+whose body it runs op by op, and inside ``F.scaled_dot_product_attention``, run decomposed where a
+rule quantizes matmul activations) and attributes each call to the innermost module whose forward is running (a module stack kept by
 forward pre/post hooks on every submodule), so an op belongs to its module's
 own forward, never to a parent's. The per-op decision (rule, qtypes,
 calibration, channelwise and tiled axes, static or dynamic, SRQ batch axes,
@@ -245,7 +243,6 @@ class _QatMode(TorchFunctionMode):
             func = torch.unflatten
         return func(*args, **kwargs)
 
-
     def _decomposes_attention(self) -> bool:
         path = self.state.stack[-1][1]
         decomposed = self.state.attention.get(path)
@@ -352,7 +349,8 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
 _ATEN = {"linear": torch.ops.aten.linear, "conv1d": torch.ops.aten.conv1d, "conv2d": torch.ops.aten.conv2d,
          "conv3d": torch.ops.aten.conv3d, "conv_transpose1d": torch.ops.aten.conv_transpose1d,
          "conv_transpose2d": torch.ops.aten.conv_transpose2d, "conv_transpose3d": torch.ops.aten.conv_transpose3d,
-         "matmul": torch.ops.aten.matmul, "bmm": torch.ops.aten.bmm}
+         "matmul": torch.ops.aten.matmul, "mm": torch.ops.aten.mm, "addmm": torch.ops.aten.addmm,
+         "bmm": torch.ops.aten.bmm, "baddbmm": torch.ops.aten.baddbmm}
 
 
 def _call(func, op, equation, lhs, rhs, rest, kwargs):
@@ -361,13 +359,11 @@ def _call(func, op, equation, lhs, rhs, rest, kwargs):
         return torch.ops.aten.einsum(equation, [lhs, rhs]) if compiling else func(equation, lhs, rhs)
     if func is torch.Tensor.__rmatmul__:  # b @ a: lhs is b
         return (torch.ops.aten.matmul if compiling else torch.matmul)(lhs, rhs)
-    if func is torch.baddbmm or func is torch.Tensor.baddbmm:
-        return (torch.ops.aten.baddbmm if compiling else func)(rest[0], lhs, rhs, *rest[1:], **kwargs)
-    if func is torch.addmm or func is torch.Tensor.addmm:
-        return (torch.ops.aten.addmm if compiling else func)(rest[0], lhs, rhs, *rest[1:], **kwargs)
-    if func is torch.mm or func is torch.Tensor.mm:
-        return (torch.ops.aten.mm if compiling else func)(lhs, rhs, *rest, **kwargs)  # (out_dtype)
-    return (_ATEN[op] if compiling else func)(lhs, rhs, *rest, **kwargs)
+    name = _OP_NAMES[func]  # the function's own op (op may be the one it is quantized as)
+    call = _ATEN[name] if compiling else func
+    if name in ("addmm", "baddbmm"):  # input + m1 @ m2: `input` is rest[0]
+        return call(rest[0], lhs, rhs, *rest[1:], **kwargs)
+    return call(lhs, rhs, *rest, **kwargs)
 
 
 def _quantize(state: _QatState, module: nn.Module, path: str, name: str, x: torch.Tensor, p: OperandPlan):
