@@ -177,3 +177,30 @@ def test_inductor_extern_kernels_are_not_quantized_again():
         assert_same(q(x[0]), x[0] @ q.w, "out= passes through")
         ts = qwix.jit_quantize_model(torch.jit.script(OutMm()), QatProvider(rules), x[0])
         assert_same(ts(x[0]), x[0] @ ts.w, "TorchScript: aten::mm.out passes through too")
+
+
+def test_torch_export_eval_and_srq_training():
+    # torch.export: the QAT ops appear in the graph as torch.ops.qwix.*; the SRQ update is an in-place op on
+    # the statistics buffers, which run_decompositions functionalizes into buffer mutations.
+    torch.manual_seed(0)
+    m, x = TransformerBlock(), torch.randn(2, 6, 16)
+    q = qwix.quantize_model(m, QatProvider(_srq_rules()), x)
+    q.eval()
+    ep = torch.export.export(q, (x,))
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"qwix.fake_quant.default", "qwix.fake_quant_with_scale.default"} <= ops, ops
+    assert_same(ep.module()(x), q(x), "exported eval")
+
+    q.train()
+    ref = copy.deepcopy(q)
+    ep = torch.export.export(q, (x,)).run_decompositions()
+    assert int(q.attn.qkv.linear0_lhs.count) == 0  # exporting ran no real update
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
+    assert {"attn.qkv.linear0_lhs.count", "attn.qkv.linear0_lhs.sum_of_min", "attn.matmul0_rhs.count"} <= mutated
+    exported = ep.module()  # shares q's parameters and buffers, as torch.export does
+    for step in range(2):
+        xb = torch.randn(2, 6, 16) * (step + 2)
+        assert_same(exported(xb), ref(xb), f"exported training step {step}")
+    for (n, a), (_, b) in zip(ref.named_buffers(), exported.named_buffers()):
+        assert_same(b, a, n)
+    assert int(exported.attn.qkv.linear0_lhs.count) == 2
