@@ -64,6 +64,21 @@ constexpr const char* kQuantizedAttr = "_qwix_quantized";
 constexpr const char* kUpdateAttr = "_qwix_update_stats";
 constexpr const char* kForceAttr = "_qwix_force_update";
 
+// torch.jit.trace records every convolution as aten::_convolution(input, weight, bias, stride, padding,
+// dilation, transposed, output_padding, groups, ...): its op name follows from `transposed` and the
+// number of spatial dims (stride's length), both constants in a trace. nullopt: not a constant.
+std::optional<std::string> convolution_op_name(const Node* n) {
+  const auto transposed = torch::jit::toIValue(n->input(6));
+  const Node* stride = n->input(3)->node();
+  std::optional<size_t> dims;
+  if (auto s = torch::jit::toIValue(n->input(3)); s && s->isIntList()) dims = s->toIntList().size();
+  else if (stride->kind() == c10::prim::ListConstruct) dims = stride->inputs().size();
+  if (!transposed || !transposed->isBool() || !dims || *dims < 1 || *dims > 3) return std::nullopt;
+  return std::string(transposed->toBool() ? "conv_transpose" : "conv") + std::to_string(*dims) + "d";
+}
+
+bool is_convolution(const Node* n) { return n->kind() == c10::aten::_convolution; }
+
 std::optional<std::string> intercepted_op(const Node* n) {
   static const std::vector<std::pair<c10::Symbol, std::string>> kinds = {
       {c10::aten::linear, "linear"}, {c10::aten::conv1d, "conv1d"}, {c10::aten::conv2d, "conv2d"},
@@ -76,6 +91,7 @@ std::optional<std::string> intercepted_op(const Node* n) {
   };
   // out= overloads (mutable schemas) are not intercepted, as in Python: they have no autograd.
   if (const auto* schema = n->maybeSchema(); schema && schema->is_mutable()) return std::nullopt;
+  if (is_convolution(n)) return convolution_op_name(n).value_or("convolution");
   for (const auto& [k, name] : kinds)
     if (n->kind() == k) return name;
   return std::nullopt;
@@ -223,6 +239,36 @@ class Inliner {
   std::unordered_map<torch::jit::Function*, bool> memo_;
 };
 
+// ---- PyTorch's fused inference fast paths ----
+
+// nn.MultiheadAttention, nn.TransformerEncoderLayer and nn.TransformerEncoder take a fused kernel in eval
+// mode without gradients, reading their children's weights directly, so no op of theirs would be
+// quantized. In Python the QAT mode keeps them on the regular path (a mode is a "torch function"
+// argument, which their fast path refuses); TorchScript compiles that check away, so the pass takes the
+// branch that leads to the fused op out of the code instead. Returns whether the graph changed.
+bool disable_fused_fast_paths(Graph& g, const std::string& path) {
+  static const std::vector<c10::Symbol> kFused = {
+      c10::Symbol::aten("_native_multi_head_attention"), c10::Symbol::aten("_transformer_encoder_layer_fwd"),
+      c10::Symbol::aten("_nested_tensor_from_mask")};
+  bool changed = false;
+  std::function<void(Block*)> walk = [&](Block* b) {
+    for (Node* n : b->nodes()) {
+      for (Block* sb : n->blocks()) walk(sb);
+      if (std::find(kFused.begin(), kFused.end(), n->kind()) == kFused.end()) continue;
+      Node* branch = n->owningBlock()->owningNode();
+      TORCH_CHECK_VALUE(branch && branch->kind() == c10::prim::If, "qwix: module '", path, "' calls ",
+                        n->kind().toQualString(), " outside a branch (", location(n), "); this fused op reads "
+                        "the weights of modules that rules quantize, and there is no regular path to take instead");
+      const bool then_branch = branch->blocks()[0] == n->owningBlock();
+      WithInsertPoint ip(branch);
+      branch->replaceInput(0, g.insertConstant(!then_branch));
+      changed = true;
+    }
+  };
+  walk(g.block());
+  return changed;
+}
+
 // ---- per module bookkeeping ----
 
 struct Site {
@@ -251,6 +297,7 @@ struct Instance {
   std::vector<Site> sites;
   std::map<std::string, int64_t> counts;  // op counts of the running forward (probing)
   bool ran = false;                       // its forward ran in the example forward
+  bool above_candidate = false;           // it or a descendant is a candidate
 };
 
 std::string site_name(const Instance& inst, const Site& s) {
@@ -342,8 +389,10 @@ class Pass {
                       "qwix: quantize_model needs a TorchScript module with a forward method");
     collect(m);
     make_working_tree(m);
-    for (Instance& inst : instances_)
+    for (Instance& inst : instances_) {
+      if (inst.above_candidate) keep_off_fast_paths(inst);
       if (inst.candidate) prepare(inst);
+    }
     probe(std::move(inputs));
     for (Instance& inst : instances_)
       if (inst.candidate) transform(inst);
@@ -356,6 +405,9 @@ class Pass {
   void collect(const Module& root) {
     std::function<void(const Module&, const std::string&)> walk = [&](const Module& mod, const std::string& path) {
       if (!seen_.emplace(mod._ivalue().get(), orig_.size()).second) return;
+      TORCH_CHECK_VALUE(!mod.type()->hasAttribute(kQuantizedAttr), "qwix: submodule ", quote(path),
+                        " of this TorchScript module is already quantized (it came from quantize_model); quantizing "
+                        "it again would fake-quantize its ops twice: quantize the floating-point model instead");
       orig_.push_back({mod, path});
       for (const auto& c : mod.named_children()) walk(c.value, path.empty() ? c.name : path + "." + c.name);
     };
@@ -393,6 +445,7 @@ class Pass {
       inst.path = path;
       inst.orig_type = mod.type();
       inst.candidate = is_candidate(path);
+      inst.above_candidate = subtree_.at(mod._ivalue().get());
       index_[inst.module._ivalue().get()] = instances_.size();
       instances_.push_back(std::move(inst));
     }
@@ -402,6 +455,13 @@ class Pass {
     torch::jit::Function* fn = inst.module.type()->findMethod("forward");
     if (fn == nullptr || !fn->isGraphFunction()) return nullptr;
     return torch::jit::toGraphFunction(*fn).graph();
+  }
+
+  void keep_off_fast_paths(Instance& inst) {
+    if (auto g = forward_graph(inst); g && disable_fused_fast_paths(*g, inst.path)) {
+      inst.signature += "|no fast path";
+      inst.modified = true;
+    }
   }
 
   // Inline, find the intercepted ops, insert the probes.
@@ -451,7 +511,9 @@ class Pass {
     if (op == "einsum") {
       auto eq = torch::jit::toIValue(n->input(0));
       Node* list = n->input(1)->node();
-      const bool literal = list->kind() == c10::prim::ListConstruct;
+      // The list must be built for this call alone: one changed after it was built (ops[1] = w,
+      // ops.append(v)) holds other operands than the ListConstruct's inputs.
+      const bool literal = list->kind() == c10::prim::ListConstruct && list->output()->uses().size() == 1;
       if (literal && list->inputs().size() != 2) return;  // not a two-operand einsum: not intercepted
       if (!eq || !eq->isString() || !literal) {
         TORCH_CHECK_VALUE(!provider_.match_rule(inst.path, op), "qwix: ", site_name(inst, s),
@@ -467,8 +529,18 @@ class Pass {
         s.lhs_pos = 1;
         s.rhs_pos = 2;
       }
-      if (op.rfind("conv_transpose", 0) == 0) {  // (input, weight, bias, stride, padding, output_padding, groups, ...)
-        const auto groups = n->inputs().size() > 6 ? torch::jit::toIValue(n->input(6)) : std::nullopt;
+      if (op == "convolution") {  // aten::_convolution whose kind is not constant
+        for (const auto& name : valid_op_names())
+          TORCH_CHECK_VALUE(name.rfind("conv", 0) != 0 || !provider_.match_rule(inst.path, name), "qwix: ",
+                            site_name(inst, s), ": cannot quantize an aten::_convolution whose `transposed` flag or "
+                            "stride is not a constant (its op name, conv or conv_transpose 1d-3d, depends on them)");
+        return;
+      }
+      if (op.rfind("conv_transpose", 0) == 0) {
+        // conv_transposeNd(input, weight, bias, stride, padding, output_padding, groups, ...);
+        // _convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, ...)
+        const size_t at = is_convolution(n) ? 8 : 6;
+        const auto groups = n->inputs().size() > at ? torch::jit::toIValue(n->input(at)) : std::nullopt;
         if (!groups || !groups->isInt()) {
           TORCH_CHECK_VALUE(!provider_.match_rule(inst.path, op), "qwix: ", site_name(inst, s),
                             ": cannot quantize a transposed convolution whose groups are not a constant (its weight's "
@@ -480,6 +552,12 @@ class Pass {
       s.lhs = n->input(s.lhs_pos);
       s.rhs = n->input(s.rhs_pos);
     }
+    for (const Value* v : {s.lhs, s.rhs})
+      TORCH_CHECK_VALUE(v->node()->kind() != c10::prim::Constant || !v->type()->cast<c10::TensorType>() ||
+                            !provider_.match_rule(inst.path, op),
+                        "qwix: ", site_name(inst, s), ": an operand is a constant tensor, as in a frozen module "
+                        "(torch.jit.freeze folds parameters into constants, which are no longer weights); quantize "
+                        "the module before freezing it");
     inst.sites.push_back(std::move(s));
   }
 
@@ -488,6 +566,15 @@ class Pass {
   // RNG states are restored afterwards).
   void probe(std::vector<c10::IValue> inputs) {
     if (probes_.empty() && inputs.empty()) return;
+    if (inputs.empty()) {
+      const auto& args = work_.get_method("forward").function().getSchema().arguments();
+      const bool needs = std::any_of(args.begin() + 1, args.end(), [](const c10::Argument& a) {
+        return !a.default_value().has_value();
+      });
+      TORCH_CHECK_VALUE(!needs, "qwix: quantize_model of a TorchScript module needs example inputs for its forward ",
+                        "(it runs them once to learn each op's operands and order), e.g. quantize_model(ts, provider, "
+                        "x); none were given");
+    }
     std::unordered_set<const c10::TensorImpl*> params;
     for (const auto& p : work_.parameters()) params.insert(p.unsafeGetTensorImpl());
     jit_internal::ProbeRecorder recorder(std::move(params));
@@ -793,8 +880,12 @@ class Pass {
       if (key[0] == '=') return {instances_[idx->second].orig_type, ""};
       return {nullptr, key};
     };
-    Module out = jit_internal::clone_module_tree(work_, choose, /*copy_tensors=*/false).module;
+    auto result = jit_internal::clone_module_tree(work_, choose, /*copy_tensors=*/false);
+    Module out = result.module;
     out.register_attribute(kQuantizedAttr, c10::BoolType::get(), true);
+    for (const Instance& inst : instances_)  // so that a model built around one is not quantized twice
+      if (inst.modified) Module(result.objects.at(inst.module._ivalue().get())).register_attribute(
+                             kQuantizedAttr, c10::BoolType::get(), true);
     return out;
   }
 

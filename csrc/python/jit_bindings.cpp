@@ -21,8 +21,16 @@ torch::jit::Module as_script_module(const py::handle& obj) {
 std::vector<c10::IValue> forward_inputs(const torch::jit::Module& m, const py::tuple& args) {
   auto forward = m.find_method("forward");
   TORCH_CHECK_VALUE(forward.has_value(), "qwix: quantize_model needs a TorchScript module with a forward method");
-  torch::jit::Stack stack =
-      torch::jit::createStackForSchema(forward->function().getSchema(), args, py::kwargs(), m._ivalue());
+  torch::jit::Stack stack;
+  try {
+    stack = torch::jit::createStackForSchema(forward->function().getSchema(), args, py::kwargs(), m._ivalue());
+  } catch (const std::exception& e) {
+    const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+    TORCH_CHECK_VALUE(false, "qwix: quantize_model runs the example inputs through the TorchScript module's forward ",
+                      "once (to learn each op's operands and order), so it needs example inputs that forward "
+                      "accepts: ", c10_error ? c10_error->what_without_backtrace() : e.what(),
+                      args.empty() ? " (none were given: quantize_model(ts, provider, x))" : "");
+  }
   stack.erase(stack.begin());  // self
   return stack;
 }

@@ -287,6 +287,60 @@ def test_traced_module():
     assert_same(ts(x), eager(x), "traced")
 
 
+def test_traced_convolutions_match_python_path():
+    # torch.jit.trace records every convolution as aten::_convolution: conv or conv_transpose 1d-3d by its
+    # `transposed` flag and stride length, groups included (they were silently left in floating point).
+    torch.manual_seed(0)
+    srq = [QuantizationRule(weight_qtype="int8", act_qtype="int4", act_static_scale=True,
+                            act_calibration_method="minmax")]
+    for model, args in [(CNN(), (torch.randn(2, 1, 8, 8),)),
+                        (Decoder(), (torch.randn(2, 2, 5), torch.randn(2, 4, 5, 5), torch.randn(2, 1, 2, 3, 3)))]:
+        for rules in (W8A8, srq):
+            pe, pj = QatProvider(rules), QatProvider(rules)
+            eager = qwix.quantize_model(model, pe, *args)
+            ts = qwix.jit_quantize_model(torch.jit.trace(model, args), pj, *args)
+            for step in range(2):
+                got, want = ts(*args), eager(*args)
+                for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                    assert_same(a, b, f"traced {type(model).__name__} step {step}")
+            assert_same_state(eager, ts)
+            assert pj.get_unused_rules() == []
+    with torch.no_grad():
+        ts.eval()
+        fp = model(*args)
+        assert all(not torch.equal(a, b) for a, b in zip(ts(*args), fp))
+    assert [n for n, _ in ts.up2.named_children()] == ["conv_transpose2d0_lhs"]
+
+
+@pytest.mark.parametrize("quantize_in", ["train", "eval"])
+def test_fused_transformer_fast_paths_are_not_taken(quantize_in):
+    # In eval mode without gradients nn.MultiheadAttention / TransformerEncoderLayer / TransformerEncoder take
+    # fused kernels that read the weights directly. The Python path never does under its mode; the pass removes
+    # the branch, so TorchScript inference is quantized (it was bit-identical to the float model).
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).train(quantize_in == "train")
+    x, pad = torch.randn(2, 5, 16), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8")]
+    script = torch.jit.script(model)
+    pe, pj = QatProvider(rules), QatProvider(rules)
+    eager = qwix.quantize_model(model, pe, x)
+    ts = qwix.jit_quantize_model(script, pj, x)
+    assert "_transformer_encoder_layer_fwd" in str(dict(script.named_modules())["layers.0"].graph)
+    eager.eval(), ts.eval(), script.eval()
+    with torch.no_grad():
+        for mask in (None, pad):
+            y = ts(x, src_key_padding_mask=mask)
+            assert_same(y, eager(x, src_key_padding_mask=mask), f"mask {mask is not None}")
+            assert not torch.equal(y, script(x, src_key_padding_mask=mask))
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    eager_mha, ts_mha, _, _ = both(mha, rules, x, x, x)
+    eager_mha.eval(), ts_mha.eval()
+    with torch.no_grad():
+        for a, b in zip(ts_mha(x, x, x), eager_mha(x, x, x)):
+            assert_same(a, b, "nn.MultiheadAttention")
+
+
 # ---- types shared by instances -----------------------------------------------------------------------
 
 
@@ -564,6 +618,49 @@ def test_errors():
         qwix.jit_quantize_model(torch.jit.script(MLP()), QatProvider(W8A8), torch.randn(2, 5))
     with pytest.raises(ValueError, match="set_quant_stats_update"):
         jit_set_quant_stats_update(torch.jit.script(MLP()), False)
+    with pytest.raises(ValueError, match=r"needs example inputs.*missing value for argument 'x'.*none were given"):
+        qwix.jit_quantize_model(torch.jit.script(MLP()), QatProvider(W8A8))
+
+
+class Wrapper(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def test_a_model_holding_a_quantized_module_is_not_quantized_twice():
+    x = torch.randn(2, 16)
+    inner = qwix.jit_quantize_model(torch.jit.script(MLP()), QatProvider(W8A8), x)
+    assert jit_is_quantized(inner.fc1)  # every module whose code was quantized is marked
+    with pytest.raises(ValueError, match="submodule 'inner' of this TorchScript module is already quantized"):
+        qwix.jit_quantize_model(torch.jit.script(Wrapper(inner)), QatProvider(W8A8), x)
+
+
+class MutatedOperands(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8))
+        self.v = nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x):
+        ops = [x, self.w]
+        ops[1] = self.v
+        return torch.einsum("bi,io->bo", ops)
+
+
+def test_frozen_modules_and_changed_einsum_lists_are_errors():
+    x = torch.randn(2, 16)
+    # The list's ListConstruct still names self.w: quantizing its inputs would compute with the wrong weight.
+    with pytest.raises(ValueError, match="not a literal list of two tensors"):
+        qwix.jit_quantize_model(torch.jit.script(MutatedOperands()), QatProvider(W8A8), x)
+    # Freezing folds the parameters into constants: a weights-only rule would silently quantize nothing.
+    frozen = torch.jit.freeze(torch.jit.script(MLP()).eval())
+    with pytest.raises(ValueError, match=r"constant tensor, as in a frozen module.*before freezing"):
+        qwix.jit_quantize_model(frozen, QatProvider([QuantizationRule(weight_qtype="int8")]), x)
 
 
 def test_quantize_model_dispatches_script_modules_to_the_jit_pass():
