@@ -774,9 +774,12 @@ class Pass {
       return g.insertNode(g.createList(c10::TensorType::get(), sums))->output();
     };
     // Update before read, in training mode (unless disabled) or when forced (calibration).
-    Value* cond = op("aten::__or__", {op("aten::__and__", {g.insertGetAttr(self, "training"),
-                                                            g.insertGetAttr(self, kUpdateAttr)}),
-                                      g.insertGetAttr(self, kForceAttr)});
+    // An empty batch (no tokens for this op) adds nothing.
+    Value* cond = op("aten::__and__",
+                     {op("aten::__or__", {op("aten::__and__", {g.insertGetAttr(self, "training"),
+                                                               g.insertGetAttr(self, kUpdateAttr)}),
+                                          g.insertGetAttr(self, kForceAttr)}),
+                      op("aten::gt", {op("aten::numel", {x}), c10::IValue(int64_t{0})})});
     Node* if_node = g.insertNode(g.create(c10::prim::If, {cond}, 0));
     Block* then_block = if_node->addBlock();
     if_node->addBlock();

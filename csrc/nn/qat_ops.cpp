@@ -29,23 +29,41 @@ at::Tensor QatOps::operand(const std::string& name, const at::Tensor& x, const O
     stat = owner_.register_module(name, std::make_shared<QuantStatImpl>(make_quant_stat(x.detach(), plan)));
   }
   QuantStatTensors t = stat->tensors();
-  if (config_.update_ && owner_.is_training() && !config_.creating_) {  // update, then read
-    std::vector<at::Tensor> cal = calibrate_operand(x.detach(), plan);
+  const bool empty = x.numel() == 0;  // an empty batch (no tokens for this op) adds nothing
+  if (config_.update_ && owner_.is_training() && !config_.creating_ && (!empty || config_.all_reduce_)) {
+    // update, then read
+    std::vector<at::Tensor> cal;
+    if (empty) {
+      for (const auto& s : t.sums) cal.push_back(at::zeros_like(s));
+    } else {
+      cal = calibrate_operand(x.detach(), plan);
+    }
     int64_t replicas = 1;
-    if (config_.all_reduce_) {  // one collective: every sum's batch average, flattened together
+    if (config_.all_reduce_) {
+      // One collective: every sum's batch average, flattened together, and in the last slot the number of
+      // replicas that had data. A replica with an empty batch joins with zeros; the others' average stands
+      // in for it (as the Python path does).
       std::vector<at::Tensor> flat;
       for (auto& c : cal) {
-        if (!plan.batch_axes.empty()) c = c.mean(plan.batch_axes, /*keepdim=*/true);
+        if (!empty && !plan.batch_axes.empty()) c = c.mean(plan.batch_axes, /*keepdim=*/true);
         flat.push_back(c.reshape(-1));
       }
+      flat.push_back(at::full({1}, empty ? 0.0 : 1.0, flat[0].options()));
       at::Tensor all = at::cat(flat);
       replicas = (*config_.all_reduce_)(all);
       TORCH_CHECK(replicas >= 1, "qwix: the statistics all-reduce of '", config_.path_, "' returned ", replicas,
                   " replicas; it must return the number of replicas (>= 1)");
+      const at::Tensor with_data = all.narrow(0, all.numel() - 1, 1).reshape({});
+      const at::Tensor count = t.count.to(at::kFloat);
+      // True division: exactly 1 when every replica had data, so the sums are what they were without this.
+      const at::Tensor spread = at::full({}, static_cast<double>(replicas), with_data.options()) /
+                                with_data.clamp_min(1.0);
       int64_t offset = 0;
-      for (auto& c : cal) {
-        c = all.narrow(0, offset, c.numel()).view(c.sizes());
-        offset += c.numel();
+      for (size_t i = 0; i < cal.size(); ++i) {
+        const at::Tensor total = all.narrow(0, offset, cal[i].numel()).view(cal[i].sizes());
+        offset += cal[i].numel();
+        const at::Tensor average = at::where(count > 0, t.sums[i] / count.clamp_min(1.0), at::zeros_like(t.sums[i]));
+        cal[i] = at::where(with_data > 0, total * spread, average * static_cast<double>(replicas));
       }
     }
     update_operand_stat(t, cal, plan, replicas);

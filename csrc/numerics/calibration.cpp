@@ -12,13 +12,18 @@ namespace {
 
 constexpr const char* kForms = "expected one of 'absmax[,s]', 'minmax[,s]', 'rms[,s]', 'fixed,a[,b]'";
 
+// A decimal number that float32 holds: finite after narrowing, and not a nonzero that narrows to 0
+// (std::stod alone would also take hex, "inf" and "nan").
 bool parse_number(const std::string& s, float* out) {
   if (s.empty()) return false;
+  for (char c : s)
+    if (!std::isdigit(static_cast<unsigned char>(c)) && c != '.' && c != 'e' && c != '+' && c != '-') return false;
   try {
     size_t used = 0;
     const double v = std::stod(s, &used);
-    if (used != s.size() || !std::isfinite(v)) return false;
-    *out = static_cast<float>(v);
+    const float f = static_cast<float>(v);
+    if (used != s.size() || !std::isfinite(f) || (f == 0.0f && v != 0.0)) return false;
+    *out = f;
     return true;
   } catch (const std::exception&) {
     return false;
@@ -45,7 +50,7 @@ Calibration parse_calibration(const std::string& text) {
   for (size_t i = 1; i < parts.size(); ++i) {
     float v;
     TORCH_CHECK_VALUE(parse_number(parts[i], &v), "qwix: malformed calibration method '", text, "': '", parts[i],
-                      "' is not a finite number; ", kForms);
+                      "' is not a decimal number that float32 can hold (finite, and not a nonzero that rounds to 0); ", kForms);
     args.push_back(v);
   }
   if (name == "absmax" || name == "minmax" || name == "rms") {

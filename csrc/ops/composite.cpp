@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <numeric>
 
 #include "ops/common.h"
@@ -45,8 +46,8 @@ std::vector<at::Tensor> srq_scale_composite(const at::Tensor& x, const at::Tenso
   const size_t want = spec.calibration.symmetric() ? 1 : 2;
   TORCH_CHECK_VALUE(sums.size() == want, "qwix: calibration method '", method, "' keeps ", want,
                     " statistic(s), got ", sums.size());
-  TORCH_CHECK_VALUE(count.numel() == 1 && !at::isFloatingType(count.scalar_type()),
-                    "qwix: count must be an integer scalar tensor, got ", count.scalar_type(), " of shape ",
+  TORCH_CHECK_VALUE(count.numel() == 1 && (count.scalar_type() == at::kInt || count.scalar_type() == at::kLong),
+                    "qwix: count must be an int32 or int64 scalar tensor, got ", count.scalar_type(), " of shape ",
                     count.sizes());
   auto dynamic = [&] {
     if (!spec.qtype.is_block_format()) return call_calibrate(x, method, channelwise_axes, tiled_axes, tile_sizes);
@@ -75,20 +76,28 @@ void update_quant_stat_composite(const at::Tensor& count, at::TensorList sums, a
                                  at::IntArrayRef batch_axes, int64_t count_increment) {
   TORCH_CHECK_VALUE(sums.size() == calibration.size(), "qwix: update_quant_stat got ", sums.size(), " sums but ",
                     calibration.size(), " calibration tensors");
-  TORCH_CHECK_VALUE(count.numel() == 1 && !at::isFloatingType(count.scalar_type()) && count.scalar_type() != at::kBool,
-                    "qwix: count must be an integer scalar tensor, got ", count.scalar_type(), " of shape ",
+  TORCH_CHECK_VALUE(count.numel() == 1 && (count.scalar_type() == at::kInt || count.scalar_type() == at::kLong),
+                    "qwix: count must be an int32 or int64 scalar tensor, got ", count.scalar_type(), " of shape ",
                     count.sizes());
+  TORCH_CHECK_VALUE(count_increment >= 1 && count_increment <= std::numeric_limits<int32_t>::max(),
+                    "qwix: count_increment must be in [1, 2^31 - 1], got ", count_increment);
+  // An empty batch (no tokens for this op) has no statistics: averaging it would add NaN for good.
+  for (const auto& c : calibration)
+    if (TORCH_GUARD_SIZE_OBLIVIOUS(c.sym_numel().sym_eq(0))) return;
+  // Everything is checked before anything is written: a bad entry leaves every statistic as it was.
+  std::vector<at::Tensor> averages;
   for (size_t i = 0; i < sums.size(); ++i) {
     const at::Tensor& c = calibration[i];
     at::Tensor avg = c.to(at::kFloat);
     if (!batch_axes.empty()) avg = avg.mean(batch_axes, /*keepdim=*/true);
-    TORCH_CHECK_VALUE(sums[i].sizes() == avg.sizes(), "qwix: statistic ", i, " has shape ", sums[i].sizes(),
-                      " but the calibration of shape ", c.sizes(), " averaged over batch axes ", batch_axes,
-                      " has shape ", avg.sizes());
+    TORCH_CHECK_VALUE(sums[i].sym_sizes() == avg.sym_sizes(), "qwix: statistic ", i, " has shape ",
+                      sums[i].sym_sizes(), " but the calibration of shape ", c.sym_sizes(),
+                      " averaged over batch axes ", batch_axes, " has shape ", avg.sym_sizes());
     TORCH_CHECK_TYPE(sums[i].scalar_type() == at::kFloat, "qwix: statistics are float32, got ",
                      sums[i].scalar_type());
-    const_cast<at::Tensor&>(sums[i]).add_(avg);
+    averages.push_back(std::move(avg));
   }
+  for (size_t i = 0; i < sums.size(); ++i) const_cast<at::Tensor&>(sums[i]).add_(averages[i]);
   const_cast<at::Tensor&>(count).add_(count_increment);
 }
 

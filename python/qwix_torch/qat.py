@@ -408,27 +408,44 @@ def _create_stat(module, path, name, x, p, cw, axes, tiles) -> QuantStat:
     shape = list(cal[0].shape)
     for a in p.batch_axes:
         shape[a] = 1
-    stat = QuantStat(shape, symmetric=len(cal) == 1, device=x.device)
+    with torch.inference_mode(False):  # made under inference_mode, the buffers could never be updated later
+        stat = QuantStat(shape, symmetric=len(cal) == 1, device=x.device)
     module.add_module(name, stat)
     return stat
 
 
 def _update_stat(stat: QuantStat, x: torch.Tensor, p: OperandPlan, cw, axes, tiles) -> None:
-    """Update-before-read: count += 1 (world size), sums += the batch's calibration averaged over the batch axes."""
-    cal = torch.ops.qwix.calibrate(x, p.calibration_method, cw, axes, tiles)
-    increment = 1
+    """Update-before-read: count += 1 (world size), sums += the batch's calibration averaged over the batch axes.
+    An empty batch (an op that got no tokens) adds nothing."""
+    world = 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
-        if world > 1:
-            # Every rank adds the sum over ranks of their batch averages: the same statistics on every rank,
-            # equal to one process gathering all the batches.
-            batch_axes = list(p.batch_axes)
-            cal = [c.mean(dim=batch_axes, keepdim=True) if batch_axes else c for c in cal]
-            flat = torch.cat([c.reshape(-1) for c in cal])
-            torch.distributed.all_reduce(flat)
-            cal = [t.reshape(c.shape) for t, c in zip(flat.split([c.numel() for c in cal]), cal)]
-            increment = world
-    torch.ops.qwix.update_quant_stat(stat.count, stat.sums, cal, list(p.batch_axes), increment)
+    empty = x.numel() == 0
+    if world == 1:
+        if not empty:
+            cal = torch.ops.qwix.calibrate(x, p.calibration_method, cw, axes, tiles)
+            torch.ops.qwix.update_quant_stat(stat.count, stat.sums, cal, list(p.batch_axes), 1)
+        return
+    # Every rank adds the sum over ranks of their batch averages: the same statistics on every rank, equal to one
+    # process gathering all the batches. A rank with an empty batch still joins the collective (with zeros and a
+    # 0 in the last slot, which counts the ranks that had data); the others' average then stands in for it.
+    batch_axes = list(p.batch_axes)
+    if empty:
+        cal = [torch.zeros_like(s) for s in stat.sums]
+    else:
+        cal = torch.ops.qwix.calibrate(x, p.calibration_method, cw, axes, tiles)
+        cal = [c.mean(dim=batch_axes, keepdim=True) if batch_axes else c for c in cal]
+    has_data = torch.full((1,), 0.0 if empty else 1.0, device=cal[0].device)
+    flat = torch.cat([c.reshape(-1) for c in cal] + [has_data])
+    torch.distributed.all_reduce(flat)
+    ranks_with_data = flat[-1]
+    totals = [t.reshape(c.shape) for t, c in zip(flat[:-1].split([c.numel() for c in cal]), cal)]
+    have = ranks_with_data > 0
+    count = stat.count.to(torch.float32)
+    cal = [torch.where(have, t * (world / ranks_with_data.clamp(min=1.0)),  # exact (x 1.0) when every rank had data
+                       torch.where(count > 0, s / count.clamp(min=1.0), 0.0) * world)  # none had: keep the average
+           for t, s in zip(totals, stat.sums)]
+    torch.ops.qwix.update_quant_stat(stat.count, stat.sums, cal, batch_axes, world)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <sstream>
 #include <mutex>
+#include <map>
 #include <thread>
 
 namespace {
@@ -718,6 +719,44 @@ struct BnNet : torch::nn::Module {
   }
   at::Tensor forward(const at::Tensor& x) { return drop(bn(fc(x))); }
 };
+
+TEST(NnPass, AnEmptyBatchAddsNothingAndJoinsTheAllReduce) {
+  torch::manual_seed(7);
+  qwix::QuantizationRule r = w4a8();
+  r.act_static_scale = true;
+  auto single = std::make_shared<Net>();
+  qwix::quantize_model(single, qwix::QatProvider({r}));
+  single->forward(torch::randn({4, 16}));
+  auto before = single->named_buffers();
+  std::map<std::string, at::Tensor> saved;
+  for (const auto& b : before) saved[b.key()] = b.value().clone();
+  EXPECT_EQ(single->forward(torch::randn({0, 16})).size(0), 0);  // averaging it gave NaN sums for good
+  for (const auto& b : single->named_buffers()) EXPECT_TRUE(torch::equal(b.value(), saved[b.key()])) << b.key();
+
+  // Two replicas, one with an empty batch: it still joins the collective (no hang), and the other's average
+  // stands in for it; when both are empty, the averages stay as they were.
+  auto replica0 = std::make_shared<Net>(), replica1 = std::make_shared<Net>();
+  for (auto* net : {&replica0, &replica1}) qwix::quantize_model(*net, qwix::QatProvider({r}));
+  ThreadWorld world(2);
+  for (auto* net : {&replica0, &replica1})
+    qwix::nn::set_stat_all_reduce(**net, [&world](at::Tensor& t) { return world.all_reduce(t); });
+  const auto x = torch::randn({4, 16});
+  std::thread t1([&] { replica1->forward(torch::randn({0, 16})); });
+  replica0->forward(x);
+  t1.join();
+  const auto count = [](Net& n) { return n.named_buffers()["fc1.linear0_lhs.count"].item<int>(); };
+  const auto sum = [](Net& n) { return n.named_buffers()["fc1.linear0_lhs.sum_of_absmax"].clone(); };
+  EXPECT_EQ(count(*replica0), 2);
+  EXPECT_TRUE(torch::equal(sum(*replica0), sum(*replica1)));
+  const auto own = qwix::calibrate(x, "absmax", {0})[0].mean({0}, /*keepdim=*/true);
+  EXPECT_TRUE(torch::allclose(sum(*replica0), own * 2, 1e-6, 0)) << sum(*replica0) << " vs " << own * 2;
+  const auto average = sum(*replica0) / 2;
+  std::thread t2([&] { replica1->forward(torch::randn({0, 16})); });
+  replica0->forward(torch::randn({0, 16}));
+  t2.join();
+  EXPECT_EQ(count(*replica0), 4);
+  EXPECT_TRUE(torch::allclose(sum(*replica0) / 4, average, 1e-6, 0));
+}
 
 TEST(NnPass, CreateQuantStatsThenLoadACheckpoint) {
   torch::manual_seed(8);

@@ -199,3 +199,32 @@ def test_calibration_lists():
         ops.compute_scale([torch.ones(2), torch.ones(3)], "int8")
     with pytest.raises(ValueError, match=r"(?i)keys"):
         qwix.compute_scale({"absmax": torch.ones(1), "min": torch.ones(1)}, "int8")
+
+
+def test_update_quant_stat_checks_everything_before_writing():
+    count, s0, s1 = torch.tensor(0, dtype=torch.int32), torch.zeros(1, 1), torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"statistic 1 has shape \[2, 2\]"):
+        torch.ops.qwix.update_quant_stat(count, [s0, s1], [torch.ones(4, 1)] * 2, [0], 1)
+    assert int(count) == 0 and float(s0) == 0.0  # statistic 0 was not updated either
+    with pytest.raises(TypeError, match="statistics are float32, got Double"):
+        torch.ops.qwix.update_quant_stat(count, [s0, torch.zeros(1, 1, dtype=torch.float64)],
+                                         [torch.ones(4, 1)] * 2, [0], 1)
+    assert int(count) == 0 and float(s0) == 0.0
+    for bad in (torch.tensor(0, dtype=torch.uint8), torch.tensor(False), torch.tensor(0.0)):
+        with pytest.raises(ValueError, match=f"count must be an int32 or int64 scalar tensor, got {bad.dtype}"[:40]):
+            torch.ops.qwix.update_quant_stat(bad, [s0], [torch.ones(4, 1)], [0], 1)
+        with pytest.raises(ValueError, match="count must be an int32 or int64 scalar tensor"):
+            torch.ops.qwix.srq_scale(torch.ones(4, 1), bad, [s0], "int8", "absmax", [0], [], [])
+    for inc in (0, -1, 2**31):
+        with pytest.raises(ValueError, match=rf"count_increment must be in \[1, 2\^31 - 1\], got {inc}"):
+            torch.ops.qwix.update_quant_stat(count, [s0], [torch.ones(4, 1)], [0], inc)
+    torch.ops.qwix.update_quant_stat(count, [s0], [torch.ones(0, 1)], [0], 1)  # empty: nothing to add
+    assert int(count) == 0 and float(s0) == 0.0
+
+
+@pytest.mark.parametrize("method", ["absmax,1e39", "fixed,1e39", "fixed,-1e39,1", "absmax,0x10", "fixed,1e-50",
+                                    "minmax,nan", "rms,inf"])
+def test_calibration_numbers_must_be_decimal_float32(method):
+    number = method.split(",")[1]
+    with pytest.raises(ValueError, match=f"'{number}' is not a decimal number that float32 can hold"):
+        torch.ops.qwix.fake_quant(torch.randn(4), "int8", method, [], [], [], None)

@@ -204,3 +204,16 @@ def test_torch_export_eval_and_srq_training():
     for (n, a), (_, b) in zip(ref.named_buffers(), exported.named_buffers()):
         assert_same(b, a, n)
     assert int(exported.attn.qkv.linear0_lhs.count) == 2
+
+
+def test_update_quant_stat_with_dynamic_shapes():
+    # Its shape check compared concrete sizes, which a symbolic (dynamic=True) statistic does not have.
+    def update(count, sums, cal):
+        torch.ops.qwix.update_quant_stat(count, [sums], [cal], [0], 1)
+        return sums + 0
+
+    compiled = torch.compile(update, fullgraph=True, dynamic=True)
+    for width in (8, 12):
+        count, cal = torch.tensor(0, dtype=torch.int32), torch.rand(4, width)
+        assert_same(compiled(count, torch.zeros(1, width), cal), cal.mean(0, keepdim=True), f"width {width}")
+        assert int(count) == 1

@@ -51,8 +51,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             if isinstance(s, QuantStat):
                 s.reset()
         qwix.calibrate(ddp, [_batch(i, rank, calibration=True) for i in range(2)], progress=False)
+        # An empty batch on one rank (an expert that got no tokens): it still joins the collective, and the other
+        # rank's average stands in for it; when every rank is empty the averages stay as they were.
+        torch.manual_seed(0)
+        fresh = qwix.quantize_model(MLP(), QatProvider(_rules()), torch.randn(4, 16)).train()
+        fresh(_batch(0, 0) if rank == 0 else torch.randn(0, 16))
+        one_empty = _stats(fresh)
+        fresh(torch.randn(0, 16))
         torch.save({"per_step": per_step, "trained": trained, "calibrated": _stats(q),
-                    "weights": {k: v for k, v in q.state_dict().items() if "linear0_lhs" not in k}},
+                    "weights": {k: v for k, v in q.state_dict().items() if "linear0_lhs" not in k},
+                    "one_empty": one_empty, "all_empty": _stats(fresh)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         # DDP's reducer must go before its process group: destroyed after it (at return), the
         # gloo teardown hung about one run in eight.
@@ -93,3 +101,12 @@ def test_ddp_two_processes_gloo(tmp_path):
         for a, b, c in zip(tensors[1:], r0["calibrated"][name][1:], r1["calibrated"][name][1:]):
             assert torch.equal(b, c), name
             torch.testing.assert_close(b, a * WORLD, rtol=1e-5, atol=0)
+    # The empty-batch steps: no NaN, the same on both ranks, rank 0's batch counted for both.
+    fc1 = "fc1.linear0_lhs"
+    count, absmax = r0["one_empty"][fc1]
+    assert int(count) == WORLD and torch.equal(absmax, r1["one_empty"][fc1][1])
+    own = torch.ops.qwix.calibrate(_batch(0, 0), "absmax", [0], [], [])[0].mean(0, keepdim=True)
+    torch.testing.assert_close(absmax, own * WORLD, rtol=1e-6, atol=0)
+    count, absmax_after = r0["all_empty"][fc1]
+    assert int(count) == 2 * WORLD
+    torch.testing.assert_close(absmax_after / (2 * WORLD), absmax / WORLD, rtol=1e-6, atol=0)

@@ -214,6 +214,35 @@ def test_lazy_creation_and_shape_mismatch():
         q(torch.randn(2, 6, 16))  # per-token statistics are tied to the sequence length
 
 
+@pytest.mark.parametrize("path", ["python", "torchscript"])
+@pytest.mark.parametrize("rule", [dict(), dict(act_calibration_method="minmax", act_qtype="uint8")])
+def test_an_empty_batch_adds_nothing(path, rule):
+    # An op that gets no tokens (an MoE expert, a detection head without proposals): averaging its empty
+    # calibration gave NaN sums for good (and per-tensor ones a 0 with count + 1).
+    torch.manual_seed(0)
+    q = qwix.quantize_model(MLP() if path == "python" else torch.jit.script(MLP()), srq(**rule), torch.randn(4, 16))
+    q.train()
+    x = torch.randn(4, 16)
+    q(x)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    assert q(torch.randn(0, 16)).shape == (0, 4)
+    qwix.calibrate(q, [torch.randn(0, 16)], progress=False)
+    for k, v in q.state_dict().items():
+        assert_same(v, before[k], k)
+    q.eval()
+    assert torch.isfinite(q(x)).all()
+
+
+def test_statistics_created_under_inference_mode_update_later():
+    q = qwix.quantize_model(MLP(), srq())  # created at the first forward, here under inference_mode
+    q.eval()
+    with torch.inference_mode():
+        q(torch.randn(2, 16))
+    q.train()
+    q(torch.randn(2, 16))
+    assert int(q.fc1.linear0_lhs.count) == 1 and not q.fc1.linear0_lhs.count.is_inference()
+
+
 def test_static_gradient_identity_unless_clip_gradient():
     torch.manual_seed(0)
     lin = nn.Linear(4, 3)
