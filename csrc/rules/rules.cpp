@@ -45,6 +45,20 @@ std::string message(const c10::Error& e) {
 }
 
 std::regex compile_module_path(const std::string& pattern) {
+  // Valid in both dialects but read differently: Python's anchors \A \Z are literal letters in ECMAScript,
+  // and POSIX classes [[:alpha:]] are a plain character set in Python. The Python path validates with `re`
+  // and matches with this regex, so either would silently match other paths there.
+  for (size_t i = 0; i + 1 < pattern.size(); ++i) {
+    if (pattern[i] != '\\') continue;
+    TORCH_CHECK_VALUE(pattern[i + 1] != 'A' && pattern[i + 1] != 'Z' && pattern[i + 1] != 'z',
+                      "qwix: QuantizationRule.module_path '", pattern, "' uses \\", pattern[i + 1],
+                      ", which std::regex (ECMAScript) reads as a plain letter; module_path is a full match "
+                      "already, so drop the anchor (or use ^ and $)");
+    ++i;  // the escaped character
+  }
+  TORCH_CHECK_VALUE(pattern.find("[:") == std::string::npos || pattern.find(":]") == std::string::npos,
+                    "qwix: QuantizationRule.module_path '", pattern, "' looks like a POSIX class ([[:alpha:]]), "
+                    "which Python's re does not have; write the characters out ([A-Za-z])");
   try {
     return std::regex(pattern, std::regex::ECMAScript);
   } catch (const std::regex_error& e) {

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import types
 from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from qwix_torch import _C
@@ -130,10 +132,12 @@ class _QatState:
         self.update_enabled = True  # set_quant_stats_update
         self.force_update = False  # calibrate(): update in eval mode too
         self.creating = False  # quantize_model's example forward: create QuantStats, update nothing
+        self.entry_frame = None  # the Python frame that called the outermost running forward
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["stack"] = []
+        d["entry_frame"] = None
         return d
 
 
@@ -149,17 +153,48 @@ def _decomposes_attention(provider: QatProvider, path: str) -> bool:
     return provider.decomposes_attention(path)
 
 
-def _pre_hook(state: _QatState, path: str, module: nn.Module, args) -> None:
+def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) -> None:
+    if path == "" and state.stack:
+        _drop_stale_frames(state)
     mode = None
     if not state.stack:
         mode = _QatMode(state)
         mode.__enter__()
+        state.entry_frame = None if torch.compiler.is_compiling() else sys._getframe(1)
     state.stack.append((module, path, {}, mode))
 
 
-def _post_hook(state: _QatState, path: str, module: nn.Module, args, output) -> None:
+def _drop_stale_frames(state: _QatState) -> None:
+    """The root's forward starts while frames remain: an earlier forward was left by a BaseException
+    (KeyboardInterrupt), which skips always_call forward hooks (torch runs them for Exception only).
+    Its frames and its mode go now."""
+    mode = state.stack[0][3]
+    state.stack.clear()
+    state.entry_frame = None
+    stack = torch.overrides._get_current_function_mode_stack()
+    if mode is not None and stack and stack[-1] is mode:
+        mode.__exit__(None, None, None)
+
+
+def _forward_running(state: _QatState) -> bool:
+    """Whether the outermost forward is still running: its caller's frame is on the Python stack. After a
+    KeyboardInterrupt left the forward (and its mode stayed on), ops outside any forward pass through
+    untouched until the next forward drops the stale frames."""
+    entry = state.entry_frame
+    if entry is None or torch.compiler.is_compiling():
+        return True
+    f = sys._getframe(1)
+    while f is not None:
+        if f is entry:
+            return True
+        f = f.f_back
+    return False
+
+
+def _post_hook(state: _QatState, path: Optional[str], module: nn.Module, args, output) -> None:
     frame = state.stack.pop()
     if frame[3] is not None:
+        state.entry_frame = None
         frame[3].__exit__(None, None, None)
 
 
@@ -225,7 +260,8 @@ class _QatMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if self.state.stack:
+        if self.state.stack and self.state.stack[-1][1] is not None and _forward_running(self.state):
+            # (a frame path None: inside a parametrization)
             op = _OP_NAMES.get(func)
             # out= calls are not intercepted: they have no autograd, and inductor's compiled code makes them
             # (extern_kernels.mm/bmm/addmm are torch.mm(..., out=buf)) while this mode is on the stack.
@@ -337,8 +373,13 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
         return _call(func, op, equation, lhs, rhs, rest, kw)
 
     op_id = f"{op}{n}"
-    lhs = _quantize(state, module, path, op_id + "_lhs", lhs, plan.lhs)
-    rhs = _quantize(state, module, path, op_id + "_rhs", rhs, plan.rhs)
+    try:
+        lhs = _quantize(state, module, path, op_id + "_lhs", lhs, plan.lhs)
+        rhs = _quantize(state, module, path, op_id + "_rhs", rhs, plan.rhs)
+    except ValueError as e:  # the op's own message (a tile that does not divide, a statistic's shape) + where
+        rule = state.provider.rules[plan.rule_index]
+        message = str(e).removeprefix("qwix: ")
+        raise ValueError(f"qwix: module {path!r}, op {op_id} (rule {rule}): {message}") from None
     return _call(func, op, equation, lhs, rhs, rest, kw)
 
 
@@ -493,15 +534,29 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
         return jit_quantize_model(model, provider, *example_inputs, inplace=inplace)
     if not isinstance(provider, QatProvider):
         raise TypeError(f"qwix: quantize_model needs a QatProvider, got {type(provider).__name__}")
-    if is_quantized(model):
-        raise ValueError("qwix: this model is already quantized (quantize_model was applied to it)")
+    for path, module in model.named_modules():
+        if "_qwix_state" in module.__dict__:
+            what = f"its submodule {path!r} is" if path else "this model is"
+            raise ValueError(f"qwix: {what} already quantized (quantize_model was applied to it); quantizing again "
+                             "would fake-quantize its ops twice: quantize the floating-point model instead")
     if not inplace:
+        lazy = [path for path, m in model.named_modules()
+                if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+        if lazy:
+            raise ValueError(f"qwix: quantize_model copies the model (inplace=False), and lazy modules cannot be "
+                             f"copied before their first forward ({', '.join(repr(p) for p in lazy)}): run the model "
+                             "once first, or pass inplace=True")
         model = copy.deepcopy(model)
     state = _QatState(provider)
+    # A parametrization (torch.nn.utils.parametrize: orthogonal, weight_norm, ...) computes a weight whenever it
+    # is read, inside a forward or not: its ops are not the model's ops, so its frames quantize nothing.
+    inside_parametrization = {id(m) for p in model.modules() if isinstance(p, parametrize.ParametrizationList)
+                              for m in p.modules()}
     for path, module in model.named_modules():
-        module.register_forward_pre_hook(functools.partial(_pre_hook, state, path), prepend=True)
-        module.register_forward_hook(functools.partial(_post_hook, state, path), always_call=True)
-    model._qwix_state = state
+        frame_path = None if id(module) in inside_parametrization else path
+        module.register_forward_pre_hook(functools.partial(_pre_hook, state, frame_path), prepend=True)
+        module.register_forward_hook(functools.partial(_post_hook, state, frame_path), always_call=True)
+        module._qwix_state = state  # every module: a model built around one is refused, helpers accept it
     if example_inputs:
         _example_forward(model, state, example_inputs)
     return model
@@ -510,7 +565,11 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
 def _example_forward(model: nn.Module, state: _QatState, example_inputs) -> None:
     """Runs the model once in its current mode to match rules and create QuantStats, and leaves
     everything else as it was: no gradients, buffers restored (batch-norm statistics), RNG restored."""
-    saved = {name: b.clone() for name, b in model.named_buffers()}
+    # The buffer objects themselves and their values: a forward may replace a buffer (a rotary or causal-mask
+    # cache grown for a longer input); lazy modules' uninitialized buffers have no values yet and stay as the
+    # forward leaves them.
+    saved = [(m, name, b, b.clone()) for m in model.modules() for name, b in m._buffers.items()
+             if b is not None and not isinstance(b, nn.parameter.UninitializedBuffer)]
     cuda = sorted({t.device.index or 0 for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda})
     state.creating = True
     try:
@@ -519,9 +578,9 @@ def _example_forward(model: nn.Module, state: _QatState, example_inputs) -> None
     finally:
         state.creating = False
         with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in saved:
-                    b.copy_(saved[name])
+            for m, name, b, value in saved:
+                m._buffers[name] = b
+                b.copy_(value)
 
 
 def set_quant_stats_update(model: nn.Module, enabled: bool) -> None:

@@ -151,6 +151,8 @@ class QatProvider:
     wins. ``get_unused_rules()`` lists the rules that matched no op so far."""
 
     def __init__(self, rules):
+        if isinstance(rules, QuantizationRule):
+            raise TypeError("qwix: QatProvider takes a list of QuantizationRules, got one: write QatProvider([rule])")
         rules = list(rules)
         for i, r in enumerate(rules):
             if not isinstance(r, QuantizationRule):

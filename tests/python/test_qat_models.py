@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from _helpers import assert_same
 from reference import ref_fake_quant
 
@@ -640,6 +641,95 @@ def test_exceptions_leave_the_model_usable():
     assert q._qwix_state.stack == []
     assert_same(q(x), ref_mlp(m, x), "after an error")
     assert not torch.overrides._get_current_function_mode_stack()
+
+
+class _Interruptible(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.interrupt = False
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.interrupt:
+            raise KeyboardInterrupt  # a BaseException: torch skips always_call hooks for it
+        return h
+
+
+def test_keyboard_interrupt_does_not_leave_quantization_on():
+    torch.manual_seed(0)
+    m, x = _Interruptible(), torch.randn(2, 8)
+    rules = [QuantizationRule(weight_qtype="int4", act_qtype="int4", act_static_scale=True)]
+    q = qwix.quantize_model(m, QatProvider(rules), x)
+    q.train()
+    q.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        q(x)
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    assert_same(a @ b, torch.mm(a, b), "an op outside the model after the interrupt")
+    assert [n for n, _ in q.named_children()] == ["fc"]  # no QuantStat made for it at the root
+    q.interrupt = False
+    q.eval()
+    ref = qwix.quantize_model(m, QatProvider(rules), x).train()  # one training forward, not interrupted
+    ref(x)
+    assert_same(q(x), ref.eval()(x), "the next forward")
+    assert q._qwix_state.stack == [] and not torch.overrides._get_current_function_mode_stack()
+
+
+class _Symmetric(nn.Module):
+    def forward(self, w):
+        return w @ w.T
+
+
+def test_parametrizations_are_not_quantized():
+    # A parametrization runs whenever its weight is read, inside a forward or not: its own ops (this matmul,
+    # orthogonal's) are not the model's.
+    torch.manual_seed(0)
+    m, x = nn.Linear(8, 8), torch.randn(2, 8)
+    parametrize.register_parametrization(m, "weight", _Symmetric())
+    q = qwix.quantize_model(m, _w8a8(), x)
+    assert_same(q.weight, m.weight, "read outside a forward")
+    assert torch.equal(q.weight, q.weight.T)
+    # The linear's weight is a computed tensor, not a parameter: quantized by act_qtype (docs: Limitations).
+    assert_same(q(x), F.linear(fq(x, "int8", (0,)), fq(m.weight, "int8", (0,)), m.bias), "the linear")
+
+
+class _GrowingCache(nn.Module):
+    """A non-persistent cache grown for longer inputs (rotary tables, causal masks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.ones(4, 8), persistent=False)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[1] > self.cache.shape[0]:
+            self.register_buffer("cache", torch.ones(x.shape[1], 8) * 2, persistent=False)
+        return self.fc(x * self.cache[:x.shape[1]])
+
+
+def test_example_forward_restores_replaced_buffers_and_handles_lazy_modules():
+    m = _GrowingCache()
+    q = qwix.quantize_model(m, _w8a8(), torch.randn(2, 6, 8))
+    assert q.cache.shape == (4, 8)  # the buffer object it had (was: a copy_ into it, a shape error)
+    lazy = nn.Sequential(nn.LazyLinear(8), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"lazy modules cannot be copied before their first forward \('0'\)"):
+        qwix.quantize_model(lazy, _w8a8(), torch.randn(2, 16))
+    q = qwix.quantize_model(lazy, _w8a8(), torch.randn(2, 16), inplace=True)
+    assert q[0].weight.shape == (8, 16)
+    x = torch.randn(2, 16)
+    assert_same(q[0](x), F.linear(fq(x, "int8", (0,)), fq(q[0].weight, "int8", (0,)), q[0].bias), "materialized")
+
+
+def test_a_model_built_around_a_quantized_module_is_refused():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16)
+    qat = qwix.quantize_model(MLP(), QatProvider([QuantizationRule(act_qtype="int8", act_static_scale=True)]), x)
+    assert qwix.is_quantized(qat.fc1)
+    with pytest.raises(ValueError, match="its submodule '0' is already quantized"):
+        qwix.quantize_model(nn.Sequential(qat, nn.Linear(4, 2)), _w8a8(), x)
+    qwix.calibrate(qat.fc1, [x], progress=False)  # the helpers accept a submodule of a QAT model
+    assert int(qat.fc1.linear0_lhs.count) == 1
 
 
 def test_example_forward_changes_nothing():

@@ -55,6 +55,9 @@ def test_frozen_keyword_only_hashable():
         (dict(weight_qtype="int8", tile_size="32"), ["tile_size", "'32'"]),
         (dict(module_path="enc("), ["module_path", "enc("]),
         (dict(module_path=r"(?<=a)b"), ["module_path", "(?<=a)b"]),  # valid in Python, not in std::regex
+        (dict(module_path=r"\Aenc"), ["module_path", "\\A", "plain letter"]),  # an anchor in re, "A" in std::regex
+        (dict(module_path=r"enc\Z"), ["module_path", "\\Z"]),
+        (dict(module_path="[[:alpha:]]+"), ["module_path", "POSIX class"]),  # a class in std::regex, not in re
         (dict(module_path=3), ["module_path", "3"]),
         (dict(op_names=("dot_general",)), ["dot_general", "linear, conv1d"]),
         (dict(op_names=("linear", 3)), ["op_names", "3"]),
@@ -83,6 +86,22 @@ def test_valid_variants():
 def test_provider_rejects_non_rules():
     with pytest.raises(ValueError, match="rule 1 is a dict"):
         QatProvider([QuantizationRule(), {"weight_qtype": "int8"}])
+
+
+def test_provider_of_one_rule_says_to_pass_a_list():
+    with pytest.raises(TypeError, match=r"write QatProvider\(\[rule\]\)"):
+        QatProvider(QuantizationRule(weight_qtype="int8"))
+
+
+def test_op_errors_in_a_model_name_the_module_op_and_rule():
+    rule = QuantizationRule(weight_qtype="int8", tile_size=4)
+    with pytest.raises(ValueError, match=r"^qwix: module '0', op linear0 \(rule QuantizationRule\(.*tile_size=4.*\)\): "
+                                         r"tile size 4 does not divide axis 1 of size 10$"):
+        qwix.quantize_model(nn.Sequential(nn.Linear(10, 4)), QatProvider([rule]), torch.randn(2, 10))
+    q = qwix.quantize_model(nn.Sequential(nn.Linear(8, 4)), QatProvider([QuantizationRule(
+        act_qtype="int8", act_static_scale=True)]), torch.randn(2, 3, 8)).train()
+    with pytest.raises(ValueError, match=r"module '0', op linear0 .*statistic 0 has shape \[1, 3, 1\]"):
+        q(torch.randn(2, 5, 8))
 
 
 def test_precedence_fullmatch_and_unused():
