@@ -217,3 +217,26 @@ def test_update_quant_stat_with_dynamic_shapes():
         count, cal = torch.tensor(0, dtype=torch.int32), torch.rand(4, width)
         assert_same(compiled(count, torch.zeros(1, width), cal), cal.mean(0, keepdim=True), f"width {width}")
         assert int(count) == 1
+
+
+def test_srq_with_dynamic_shapes_compiles_once_and_exports_with_dims():
+    # srq_scale's kernel read concrete sizes: every new batch size (or sequence length, with act_batch_axes
+    # covering it) recompiled, and fullgraph failed at the recompile limit; torch.export with a Dim failed.
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True, act_batch_axes=(0, 1))]
+    eager = qwix.quantize_model(MLP(), QatProvider(rules), torch.randn(2, 3, 16)).train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True, backend="aot_eager")
+    counters.clear()
+    for b, t in [(2, 3), (3, 5), (4, 7), (5, 9)]:
+        x = torch.randn(b, t, 16)
+        assert_same(compiled(x), eager(x), f"[{b}, {t}]")
+    assert counters["stats"]["unique_graphs"] == 1
+    assert int(compiled_model.fc1.linear0_lhs.count) == 4
+    eager.eval()
+    batch = torch.export.Dim("batch", min=2)
+    ep = torch.export.export(eager, (torch.randn(2, 3, 16),), dynamic_shapes=({0: batch},))
+    x = torch.randn(6, 3, 16)
+    assert_same(ep.module()(x), eager(x), "exported with a dynamic batch")

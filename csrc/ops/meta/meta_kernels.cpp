@@ -85,9 +85,49 @@ std::vector<at::Tensor> compute_scale_meta(at::TensorList calibration, c10::stri
   return out;
 }
 
+// The CompositeExplicitAutograd kernel reads concrete sizes (the groups that the statistics broadcast to),
+// so under symbolic shapes (torch.compile dynamic=True, torch.export with dims) it would specialize every
+// size; this one keeps them symbolic and checks what does not depend on them.
+std::vector<at::Tensor> srq_scale_meta(const at::Tensor& x, const at::Tensor& count, at::TensorList sums,
+                                       c10::string_view qtype, c10::string_view method, at::IntArrayRef ch,
+                                       at::IntArrayRef tiled, at::IntArrayRef tiles) {
+  const std::string q(qtype);
+  const DynamicSpec spec = meta_spec(x, &q, method, ch, tiled, tiles);
+  const size_t want = spec.calibration.symmetric() ? 1 : 2;
+  TORCH_CHECK_VALUE(sums.size() == want, "qwix: calibration method '", method, "' keeps ", want,
+                    " statistic(s), got ", sums.size());
+  TORCH_CHECK_VALUE(count.numel() == 1 && (count.scalar_type() == at::kInt || count.scalar_type() == at::kLong),
+                    "qwix: count must be an int32 or int64 scalar tensor, got ", count.scalar_type(), " of shape ",
+                    count.sizes());
+  std::vector<c10::SymInt> shape;
+  if (spec.qtype.is_block_format()) {  // MX: the qtype's own blocks, as srq_scale's dynamic branch
+    std::vector<int64_t> all_but_last(x.dim() - 1);
+    for (int64_t i = 0; i + 1 < x.dim(); ++i) all_but_last[i] = i;
+    const int64_t last = x.dim() - 1, block = spec.qtype.p.block;
+    shape = sym_groups(x, spec.calibration, all_but_last, at::IntArrayRef(&last, 1), at::IntArrayRef(&block, 1));
+  } else {
+    shape = sym_groups(x, spec.calibration, ch, tiled, tiles);
+  }
+  for (const auto& sum : sums) {
+    TORCH_CHECK_VALUE(sum.dim() <= static_cast<int64_t>(shape.size()), "qwix: statistic of shape ", sum.sym_sizes(),
+                      " does not fit the calibration shape ", c10::SymIntArrayRef(shape));
+    for (int64_t i = 0; i < sum.dim(); ++i) {
+      const c10::SymInt& g = shape[shape.size() - sum.dim() + i];
+      const c10::SymInt& n = sum.sym_size(i);
+      if (!g.is_symbolic() && !n.is_symbolic())
+        TORCH_CHECK_VALUE(n == 1 || n == g, "qwix: statistic of shape ", sum.sym_sizes(),
+                          " does not broadcast to the calibration shape ", c10::SymIntArrayRef(shape));
+    }
+  }
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < want; ++i) out.push_back(at::empty_symint(shape, x.options().dtype(at::kFloat)));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qwix, Meta, m) {
+  m.impl("srq_scale", &srq_scale_meta);
   m.impl("fake_quant_forward", &fake_quant_forward_meta);
   m.impl("fake_quant_with_scale_forward", &fake_quant_with_scale_forward_meta);
   m.impl("fake_quant_backward", &fake_quant_backward_meta);
