@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 namespace qwix {
 
 void check_float_input(const at::Tensor& x, const char* what) {
@@ -66,6 +68,16 @@ Groups check_scale_args(const at::Tensor& x, const at::Tensor& scale, const c10:
                      "qwix: zero_point must be a real tensor, got ", zero_point->scalar_type());
     TORCH_CHECK_VALUE(zero_point->sizes() == scale.sizes(), "qwix: zero_point of shape ", zero_point->sizes(),
                       " must have the scale's shape ", scale.sizes());
+    // A zero point is a grid value (compute_scale makes it one; NaN for a group holding NaN/Inf, which then
+    // comes out NaN). Checked where reading it is no device sync: on the CPU (on CUDA the values are not).
+    if (zero_point->device().is_cpu() && zero_point->numel() > 0) {
+      const at::Tensor zp = zero_point->to(at::kDouble).nan_to_num(qtype.p.qmin, INFINITY, -INFINITY);
+      const double lo = zp.min().item<double>(), hi = zp.max().item<double>();
+      TORCH_CHECK_VALUE(at::equal(zp, zp.round()) && lo >= qtype.p.qmin && hi <= qtype.p.qmax,
+                        "qwix: zero_point values must be integers in [", qtype.p.qmin, ", ", qtype.p.qmax,
+                        "] (the '", qtype.name, "' grid), got values in [", lo, ", ", hi, "]",
+                        at::equal(zp, zp.round()) ? "" : ", not all integers");
+    }
   }
   return g;
 }

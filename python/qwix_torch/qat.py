@@ -87,6 +87,11 @@ class QuantStat(nn.Module):
             for s in self.sums:
                 s.zero_()
 
+    def reset_parameters(self) -> None:
+        """:meth:`reset`, under the name meta-device initialization recipes call after ``to_empty``
+        (whose buffers hold uninitialized memory; loading an fp checkpoint keeps the statistics as they are)."""
+        self.reset()
+
     def extra_repr(self) -> str:
         names = ["sum_of_absmax"] if self.symmetric else ["sum_of_min", "sum_of_max"]
         shape = tuple(self.sums[0].shape)

@@ -182,6 +182,24 @@ def test_zero_point_with_float_qtype():
             qwix.fake_quant_with_scale(x24(), torch.ones(4, 1), qtype, zero_point=torch.zeros(4, 1))
 
 
+@pytest.mark.parametrize("qtype, zp, needle", [
+    ("int8", 2.5, r"integers in \[-128, 127\] \(the 'int8' grid\), got values in \[2.5, 2.5\], not all integers"),
+    ("int8", 300.0, r"integers in \[-128, 127\].*got values in \[300, 300\]$"),
+    ("uint8", -5.0, r"integers in \[0, 255\] \(the 'uint8' grid\), got values in \[-5, -5\]"),
+    ("int4", float("inf"), r"integers in \[-8, 7\]"),
+])
+def test_zero_point_must_be_on_the_grid(qtype, zp, needle):
+    # Any value used to be accepted: 300 sent every finite input to -173, 2.5 moved 0.0 to -0.5.
+    with pytest.raises(ValueError, match=needle):
+        qwix.fake_quant_with_scale(x24(), torch.ones(4, 1), qtype, zero_point=torch.full((4, 1), zp))
+
+
+def test_zero_point_nan_is_a_nan_group():
+    zp = torch.tensor([[0.0], [float("nan")], [3.0], [-2.0]])
+    y = qwix.fake_quant_with_scale(x24(), torch.full((4, 1), 0.1), "int8", zero_point=zp)
+    assert y[1].isnan().all() and not y[[0, 2, 3]].isnan().any()
+
+
 def test_zero_point_of_wrong_shape():
     with pytest.raises(ValueError, match=r"(?i)zero.?point"):
         qwix.fake_quant_with_scale(x24(), torch.ones(4, 1), "int8", zero_point=torch.zeros(6))

@@ -26,7 +26,7 @@ def _samples(grad: bool):
     xb = _x((3, 8), 2, grad=grad, dtype=torch.bfloat16)
     mask = ops.fake_quant_forward(x.detach(), "int8", "absmax,0.8", [0], [], [], True)[1]
     scale = torch.full((4, 1), 0.02).requires_grad_(grad)
-    zp = torch.tensor([[0.0], [3.0], [-5.0], [100.0]])
+    zp = torch.tensor([[0.0], [3.0], [7.0], [100.0]])  # grid values of both int8 and uint8
     count0, count3 = torch.zeros((), dtype=torch.int32), torch.tensor(3, dtype=torch.int32)
     cal_a = [x.detach().abs().amax(1, keepdim=True).requires_grad_(grad)]
     cal_mm = [x.detach().amin(1, keepdim=True).requires_grad_(grad), x.detach().amax(1, keepdim=True).requires_grad_(grad)]

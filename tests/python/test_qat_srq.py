@@ -301,3 +301,22 @@ def test_gradient_checkpointing_updates_statistics_once(reentrant):
     for n in stats_p:
         assert int(stats_c[n].count) == 3, n
         assert_same(stats_c[n].sums[0], stats_p[n].sums[0], n)
+
+
+def test_meta_device_init_then_reset_parameters():
+    # to_empty leaves the statistics uninitialized and an fp checkpoint does not cover them: the usual recipe's
+    # reset_parameters() zeroes them.
+    torch.manual_seed(0)
+    fp = MLP()
+    with torch.device("meta"):
+        big = MLP()
+    q = qwix.quantize_model(big, srq(), torch.randn(2, 16, device="meta"))
+    q.to_empty(device="cpu")
+    for m in q.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    q.load_state_dict(fp.state_dict())
+    assert int(q.fc1.linear0_lhs.count) == 0 and not q.fc1.linear0_lhs.sum_of_absmax.any()
+    ref = qwix.quantize_model(fp, srq(), torch.randn(2, 16))
+    x = torch.randn(3, 16)
+    assert_same(q.eval()(x), ref.eval()(x), "a fresh QAT model")
