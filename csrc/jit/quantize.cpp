@@ -63,6 +63,7 @@ using torch::jit::WithInsertPoint;
 constexpr const char* kQuantizedAttr = "_qwix_quantized";
 constexpr const char* kUpdateAttr = "_qwix_update_stats";
 constexpr const char* kForceAttr = "_qwix_force_update";
+constexpr const char* kPathAttr = "_qwix_path";
 
 // torch.jit.trace records every convolution as aten::_convolution(input, weight, bias, stride, padding,
 // dilation, transposed, output_padding, groups, ...): its op name follows from `transposed` and the
@@ -681,13 +682,25 @@ class Pass {
     }
   }
 
-  void insert_guard(Graph& g, const Instance& inst, const Site& s) {
-    const std::string msg = "qwix: " + site_name(inst, s) +
-                            " matches a quantization rule but did not run during quantize_model's example forward, "
-                            "so it was not quantized; quantize the model again with example inputs (and train/eval "
-                            "mode) that run it";
+  // Raises "qwix: module '<path>', op ...: <what>" at the insertion point. Instances whose quantized code
+  // came out the same share one type (finish), so the path is read from the module at run time.
+  void insert_raise(Graph& g, Instance& inst, const Site& s, const std::string& what) {
+    if (!inst.module.type()->hasAttribute(kPathAttr))
+      inst.module.register_attribute(kPathAttr, c10::StringType::get(), inst.path);
+    std::string rest = "', op " + s.op;
+    if (s.indices.size() == 1) rest += std::to_string(*s.indices.begin());
+    if (!s.where.empty()) rest += " (" + s.where + ")";
+    Value* msg = g.insert(c10::aten::add, {g.insertConstant(std::string("qwix: module '")),
+                                           g.insertGetAttr(g.inputs()[0], kPathAttr)});
+    msg = g.insert(c10::aten::add, {msg, g.insertConstant(rest + what)});
+    insert_void(g, c10::prim::RaiseException, {NamedValue(msg)});
+  }
+
+  void insert_guard(Graph& g, Instance& inst, const Site& s) {
     WithInsertPoint ip(s.node);
-    insert_void(g, c10::prim::RaiseException, {NamedValue(c10::IValue(msg))});
+    insert_raise(g, inst, s, " matches a quantization rule but did not run during quantize_model's example forward, "
+                 "so it was not quantized; quantize the model again with example inputs (and train/eval mode) that "
+                 "run it");
     std::string op = s.op;
     if (!s.where.empty()) op += " (" + s.where + ")";
     auto& entry = unexecuted_[inst.path];
@@ -699,16 +712,15 @@ class Pass {
   // The plan of an activation depends on its rank (per-token axes, SRQ statistics' shape): a
   // call with another rank than the example's raises instead of quantizing differently from
   // the Python path (which plans per call).
-  void insert_rank_check(Graph& g, const Instance& inst, const Site& s, Value* x, int64_t rank, const char* operand) {
-    const std::string msg = "qwix: " + site_name(inst, s) + ": its " + operand + " has a rank other than " +
-                            std::to_string(rank) + ", the rank it had in quantize_model's example forward, for which "
-                            "its quantization was planned; quantize the model with example inputs of the rank it runs";
+  void insert_rank_check(Graph& g, Instance& inst, const Site& s, Value* x, int64_t rank, const char* operand) {
     Value* bad = g.insert(c10::aten::ne, {g.insert(c10::aten::dim, {x}), c10::IValue(rank)});
     Node* if_node = g.insertNode(g.create(c10::prim::If, {bad}, 0));
     Block* raise = if_node->addBlock();
     if_node->addBlock();
     WithInsertPoint in_raise(raise);
-    insert_void(g, c10::prim::RaiseException, {NamedValue(c10::IValue(msg))});
+    insert_raise(g, inst, s, std::string(": its ") + operand + " has a rank other than " + std::to_string(rank) +
+                 ", the rank it had in quantize_model's example forward, for which its quantization was planned; "
+                 "quantize the model with example inputs of the rank it runs");
   }
 
   // Returns the quantized operand; inserts the nodes before the op.

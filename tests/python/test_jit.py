@@ -373,6 +373,10 @@ def test_instances_with_the_same_plan_share_one_type():
     assert len(types) == 1
     x = torch.randn(4, 16)
     assert_same(ts(x), eager(x), "sequential")
+    # Their shared code names each instance in its errors (the path is read from the module at run time).
+    for i in (0, 2):
+        with pytest.raises(torch.jit.Error, match=rf"qwix: module '{i}', op linear0 .*lhs has a rank other than 2"):
+            getattr(ts, str(i))(torch.randn(2, 4, 16))
 
 
 # ---- training, state_dict, save / load -------------------------------------------------------------
