@@ -23,7 +23,15 @@ std::tuple<at::Tensor, at::Tensor> nvfp4_fake_quant_forward(const at::Tensor& x,
   const at::Tensor tensor_scale = tensor_amax / (448.0 * 6.0);  // fp32 / fp32, as the reference's div32
   const at::Tensor block_scale = std::get<0>(
       call_fake_quant_with_scale_forward(block_amax / 6.0, tensor_scale, c10::nullopt, "float8_e4m3fn", false));
-  return call_fake_quant_with_scale_forward(x, block_scale, c10::nullopt, "float4_e2m1fn", with_mask);
+  auto out = call_fake_quant_with_scale_forward(x, block_scale, c10::nullopt, "float4_e2m1fn", with_mask);
+  // A block whose e4m3 scale rounds to 0 (its absmax under 2^-10 of the tensor scale's 6 * 448th) decodes
+  // to zeros in nvfp4; the given-scale kernel would guard the 0 to 1, a grid nvfp4 cannot represent. (In
+  // place: the output keeps the kernel's strides.)
+  std::vector<int64_t> blocks = block_scale.sizes().vec();
+  blocks.push_back(kNvfp4Block);
+  std::get<0>(out).masked_fill_(
+      (block_scale == 0).unsqueeze(-1).expand(blocks).reshape(x.sizes()), 0.0);
+  return out;
 }
 
 }  // namespace qwix

@@ -87,7 +87,8 @@ NVFP4_BLOCK = 16
 def ref_nvfp4(x: torch.Tensor) -> torch.Tensor:
     """nvfp4 fake quant: tensor_scale = absmax / (448 * 6); block_scale = e4m3(absmax(block of 16 along the
     last axis) / 6 / tensor_scale) * tensor_scale (saturating; scales < sqrt(FLT_MIN) -> 1 at each level);
-    y = e2m1(x / block_scale) * block_scale."""
+    y = e2m1(x / block_scale) * block_scale, and 0 in a block whose e4m3 scale rounded to 0 (as nvfp4 decodes
+    it)."""
     if x.dim() == 0 or x.shape[-1] % NVFP4_BLOCK:
         raise ValueError(f"nvfp4 needs a last axis that is a multiple of {NVFP4_BLOCK}, got {tuple(x.shape)}")
     xf = x.detach().to(torch.float32)
@@ -95,7 +96,9 @@ def ref_nvfp4(x: torch.Tensor) -> torch.Tensor:
     block_amax = ref_calibrate(xf, "absmax", tuple(range(x.dim() - 1)), {x.dim() - 1: NVFP4_BLOCK})["absmax"]
     tensor_scale = div32(tensor_amax, 448.0 * 6.0)
     block_scale = ref_fake_quant_with_scale(div32(block_amax, 6.0), tensor_scale, "float8_e4m3fn")
-    return ref_fake_quant_with_scale(x, block_scale, "float4_e2m1fn")
+    y = ref_fake_quant_with_scale(x, block_scale, "float4_e2m1fn")
+    zero_block = (block_scale == 0).repeat_interleave(NVFP4_BLOCK, dim=-1)
+    return torch.where(zero_block, torch.zeros((), dtype=y.dtype), y)
 
 
 def pow2_ceil(s: torch.Tensor) -> torch.Tensor:

@@ -178,6 +178,22 @@ def test_nvfp4_two_level_scales_by_hand():
     assert torch.isclose(y.abs().max(), x.abs().max(), rtol=1e-5)
 
 
+def test_nvfp4_block_whose_scale_rounds_to_zero_is_zero():
+    # Block 1's e4m3 scale, absmax / 6 / (1e6 / 2688) ~ 5e-7, is under half of e4m3's smallest step (2^-9):
+    # nvfp4 stores 0 and decodes zeros. The given-scale guard used to turn that 0 into 1 (steps of 0.5).
+    x = torch.zeros(2, 32)
+    x[0, 0] = 1e6
+    x[1] = torch.linspace(-2, 2, 32)
+    y = qwix.fake_quant(x, "nvfp4")
+    assert_same(y, ref_nvfp4(x))
+    assert not y[1].any() and torch.isclose(y[0, 0], x[0, 0])
+    # A larger block in the same tensor keeps a nonzero scale: finer steps, not coarser, as it grows.
+    x[1] *= 1e3
+    y = qwix.fake_quant(x, "nvfp4")
+    assert y[1].any() and (y[1] - x[1]).abs().max() <= x[1].abs().max() / 6
+    assert_same(y, ref_nvfp4(x))
+
+
 def test_nvfp4_errors_and_gradient():
     x = make_input((4, 32))
     for method in ["minmax", "absmax,0.9", "rms,2"]:
