@@ -394,10 +394,12 @@ class Pass {
       if (inst.above_candidate) keep_off_fast_paths(inst);
       if (inst.candidate) prepare(inst);
     }
+    const bool example_ran = !inputs.empty() || !probes_.empty();
     probe(std::move(inputs));
     for (Instance& inst : instances_)
       if (inst.candidate) transform(inst);
     warn_unexecuted();
+    warn_if_nothing_matched(example_ran);
     return finish();
   }
 
@@ -824,6 +826,16 @@ class Pass {
     for (const auto& n : stat_sum_names(symmetric))
       stat._ivalue()->setAttr(n, at::zeros(shape, at::TensorOptions().dtype(at::kFloat).device(device)));
     mod.register_module(name, stat);
+  }
+
+  // Every rule unused after the example forward: almost surely a module_path / op_names typo.
+  void warn_if_nothing_matched(bool ran) const {
+    if (!ran || provider_.rules().empty() || provider_.unused_rule_indices().size() != provider_.rules().size())
+      return;
+    std::string shown;
+    for (size_t i = 0; i < orig_.size() && i < 6; ++i) shown += (i ? ", " : "") + quote(orig_[i].second);
+    TORCH_WARN("qwix: no rule matched any op of the example forward, so nothing is quantized; module_path is a full "
+               "match on module paths such as ", shown, orig_.size() > 6 ? ", ..." : "");
   }
 
   void warn_unexecuted() const {

@@ -21,6 +21,7 @@ import copy
 import functools
 import sys
 import types
+import warnings
 from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
@@ -564,7 +565,16 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
         module._qwix_state = state  # every module: a model built around one is refused, helpers accept it
     if example_inputs:
         _example_forward(model, state, example_inputs)
+        _warn_if_nothing_matched(provider, [p for p, _ in model.named_modules()])
     return model
+
+
+def _warn_if_nothing_matched(provider: QatProvider, paths: List[str]) -> None:
+    """Every rule unused after the example forward: almost surely a module_path / op_names typo."""
+    if provider.rules and len(provider.get_unused_rules()) == len(provider.rules):
+        shown = ", ".join(repr(p) for p in paths[:6]) + (", ..." if len(paths) > 6 else "")
+        warnings.warn(f"qwix: no rule matched any op of the example forward, so nothing is quantized; module_path "
+                      f"is a full match on module paths such as {shown}", stacklevel=3)
 
 
 def _example_forward(model: nn.Module, state: _QatState, example_inputs) -> None:
@@ -612,7 +622,12 @@ def run_batches(model: Any, batches: Iterable[Any], progress: bool) -> None:
             if isinstance(batch, dict):
                 model(**batch)
             elif isinstance(batch, (tuple, list)):
-                model(*batch)
+                try:
+                    model(*batch)
+                except TypeError as e:
+                    raise TypeError(f"qwix: calibrate called model(*batch) for a {type(batch).__name__} batch of "
+                                    f"{len(batch)} items and it failed ({e}); for a loader of (inputs, labels) "
+                                    "pairs, pass (x for x, _ in loader)") from e
             else:
                 model(batch)
 

@@ -522,6 +522,18 @@ def test_get_unused_rules():
     assert p.get_unused_rules() == rules[1:]
 
 
+@pytest.mark.parametrize("script", [False, True])
+def test_a_rule_set_that_matches_nothing_warns(script):
+    rules = [QuantizationRule(module_path="encoder\\..*", weight_qtype="int8")]  # MLP has fc1, fc2
+    model = torch.jit.script(MLP()) if script else MLP()
+    with pytest.warns(UserWarning, match=r"no rule matched any op of the example forward.*'', 'fc1', 'fc2'"):
+        qwix.quantize_model(model, QatProvider(rules), torch.randn(2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qwix.quantize_model(MLP(), QatProvider(rules + [QuantizationRule(module_path="fc1", weight_qtype="int8")]),
+                            torch.randn(2, 16))
+
+
 def test_unexecuted_op_warns_and_raises_when_it_runs():
     m = Branchy()
     rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8")]

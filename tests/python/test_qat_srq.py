@@ -320,3 +320,12 @@ def test_meta_device_init_then_reset_parameters():
     ref = qwix.quantize_model(fp, srq(), torch.randn(2, 16))
     x = torch.randn(3, 16)
     assert_same(q.eval()(x), ref.eval()(x), "a fresh QAT model")
+
+
+def test_calibrate_with_a_loader_of_pairs_says_what_to_pass():
+    q = qwix.quantize_model(MLP(), srq(), torch.randn(2, 16))
+    pairs = [(torch.randn(2, 16), torch.tensor([0, 1]))]
+    with pytest.raises(TypeError, match=r"model\(\*batch\) for a tuple batch of 2 items.*\(x for x, _ in loader\)"):
+        qwix.calibrate(q, pairs, progress=False)
+    qwix.calibrate(q, (x for x, _ in pairs), progress=False)
+    assert int(q.fc1.linear0_lhs.count) == 1
