@@ -622,3 +622,14 @@ def test_thread_count_does_not_change_results(qtype, method, axes, tiles):
         assert_same(outs[0][2][k], outs[1][2][k], k)
     if qtype in ("int8", "int4", "uint8"):
         assert_same(outs[0][0], ref.ref_fake_quant(x, qtype, method, axes, tiles))
+
+
+@pytest.mark.parametrize("method, qtype", [("absmax", "int8"), ("minmax", "uint8"), ("rms,2", "int4")])
+def test_many_groups_along_a_kept_innermost_axis(method, qtype):
+    # 2^15 groups of 8 elements each, the kept axis innermost: the CPU statistics use chunks of at least one
+    # element per group (their scratch holds one state per group and chunk), several chunks over the rows.
+    x = make_input((8, 2**15), seed=3)
+    x[5, 7] = float("nan")
+    for axes in ((1,), (-1,)):
+        assert_same(qwix.fake_quant(x, qtype, calibration_method=method, channelwise_axes=axes),
+                    ref.ref_fake_quant(x, qtype, method, (1,)), f"{method} {axes}")

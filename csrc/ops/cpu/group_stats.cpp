@@ -17,13 +17,19 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 float absmax_from_bits(uint32_t bits) { return bits >= kNonFiniteAbsBits ? kNaN : bits_float(bits); }
 
+// Each chunk keeps a partial state per group, so chunks of at least G elements bound the scratch by
+// about numel states: with many groups and few elements each (a kept innermost axis, [8, 2^20] per
+// column) up to 64 chunks x G states took gigabytes and most of the time.
+int64_t scratch_bounded_chunk(int64_t groups) { return std::max<int64_t>(kMinChunk, groups); }
+
 // Per-chunk partial states, combined in chunk order (deterministic).
 template <typename T>
 void absmax_groups(const T* x, const Layout& l, float* a) {
   const int64_t G = l.num_groups;
-  const int64_t chunks = num_chunks(l.numel, 1, kMinChunk);
+  const int64_t min_chunk = scratch_bounded_chunk(G);
+  const int64_t chunks = num_chunks(l.numel, 1, min_chunk);
   std::vector<uint32_t> part(chunks * G, 0u);
-  parallel_chunks(l.numel, 1, kMinChunk, [&](int64_t c, int64_t b, int64_t e) {
+  parallel_chunks(l.numel, 1, min_chunk, [&](int64_t c, int64_t b, int64_t e) {
     uint32_t* p = part.data() + c * G;
     for_each_piece(l, b, e, [&](int64_t pos, int64_t len, int64_t g) {
       if (l.inner_kept()) {
@@ -44,11 +50,12 @@ void absmax_groups(const T* x, const Layout& l, float* a) {
 template <typename T>
 void minmax_groups(const T* x, const Layout& l, float* a, float* b) {
   const int64_t G = l.num_groups;
-  const int64_t chunks = num_chunks(l.numel, 1, kMinChunk);
+  const int64_t min_chunk = scratch_bounded_chunk(G);
+  const int64_t chunks = num_chunks(l.numel, 1, min_chunk);
   std::vector<int32_t> mn(chunks * G, std::numeric_limits<int32_t>::max());
   std::vector<int32_t> mx(chunks * G, std::numeric_limits<int32_t>::min());
   std::vector<uint32_t> ab(chunks * G, 0u);
-  parallel_chunks(l.numel, 1, kMinChunk, [&](int64_t c, int64_t b0, int64_t e) {
+  parallel_chunks(l.numel, 1, min_chunk, [&](int64_t c, int64_t b0, int64_t e) {
     const int64_t o = c * G;
     for_each_piece(l, b0, e, [&](int64_t pos, int64_t len, int64_t g) {
       if (l.inner_kept()) {
@@ -75,9 +82,10 @@ void minmax_groups(const T* x, const Layout& l, float* a, float* b) {
 template <typename T>
 void sumsq_groups(const T* x, const Layout& l, float* a) {
   const int64_t G = l.num_groups;
-  const int64_t chunks = num_chunks(l.numel, 1, kMinChunk);
+  const int64_t min_chunk = scratch_bounded_chunk(G);
+  const int64_t chunks = num_chunks(l.numel, 1, min_chunk);
   std::vector<double> part(chunks * G, 0.0);
-  parallel_chunks(l.numel, 1, kMinChunk, [&](int64_t c, int64_t b, int64_t e) {
+  parallel_chunks(l.numel, 1, min_chunk, [&](int64_t c, int64_t b, int64_t e) {
     double* p = part.data() + c * G;
     for_each_piece(l, b, e, [&](int64_t pos, int64_t len, int64_t g) {
       if (l.inner_kept()) {
