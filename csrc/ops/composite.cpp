@@ -97,8 +97,13 @@ void update_quant_stat_composite(const at::Tensor& count, at::TensorList sums, a
                      sums[i].scalar_type());
     averages.push_back(std::move(avg));
   }
-  for (size_t i = 0; i < sums.size(); ++i) const_cast<at::Tensor&>(sums[i]).add_(averages[i]);
-  const_cast<at::Tensor&>(count).add_(count_increment);
+  // A batch with NaN/Inf in its calibration (an fp16 overflow step that GradScaler will skip) is left out
+  // on the device, without a host sync: added, it would make every later scale NaN.
+  at::Tensor finite = at::isfinite(averages[0]).all();
+  for (size_t i = 1; i < averages.size(); ++i) finite = finite.logical_and(at::isfinite(averages[i]).all());
+  for (size_t i = 0; i < sums.size(); ++i)
+    const_cast<at::Tensor&>(sums[i]).add_(at::where(finite, averages[i], at::zeros_like(averages[i])));
+  const_cast<at::Tensor&>(count).add_(finite.to(count.scalar_type()) * count_increment);
 }
 
 }  // namespace

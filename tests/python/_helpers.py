@@ -22,6 +22,7 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str = "") ->
             )
         a, e = a[~na], e[~ne]
     if not torch.equal(a, e):
+        a, e = a.reshape(-1), e.reshape(-1)  # (a 0-dim tensor's nonzero() has no index to report)
         diff = (a != e).nonzero().reshape(-1)
         n = diff.numel()
         first = diff[:6].tolist()

@@ -246,3 +246,13 @@ def test_calibration_numbers_must_be_decimal_float32(method):
     number = method.split(",")[1]
     with pytest.raises(ValueError, match=f"'{number}' is not a decimal number that float32 can hold"):
         torch.ops.qwix.fake_quant(torch.randn(4), "int8", method, [], [], [], None)
+
+
+def test_update_quant_stat_leaves_out_a_non_finite_calibration():
+    count, lo, hi = torch.tensor(1, dtype=torch.int32), torch.full((1, 2), -1.0), torch.full((1, 2), 1.0)
+    cal_lo, cal_hi = torch.tensor([[-2.0, -3.0], [-1.0, float("-inf")]]), torch.tensor([[2.0, 3.0], [1.0, 1.0]])
+    torch.ops.qwix.update_quant_stat(count, [lo, hi], [cal_lo, cal_hi], [0], 1)
+    assert int(count) == 1 and lo.tolist() == [[-1.0, -1.0]] and hi.tolist() == [[1.0, 1.0]]
+    cal_lo[1, 1] = -5.0
+    torch.ops.qwix.update_quant_stat(count, [lo, hi], [cal_lo, cal_hi], [0], 1)
+    assert int(count) == 2 and lo.tolist() == [[-2.5, -5.0]] and hi.tolist() == [[2.5, 3.0]]

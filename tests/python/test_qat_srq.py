@@ -233,6 +233,25 @@ def test_an_empty_batch_adds_nothing(path, rule):
     assert torch.isfinite(q(x)).all()
 
 
+@pytest.mark.parametrize("path", ["python", "torchscript"])
+def test_a_non_finite_batch_is_left_out_of_the_statistics(path):
+    # An fp16 overflow step (GradScaler skips its optimizer step) must not make every later scale NaN.
+    torch.manual_seed(0)
+    rule = dict(act_calibration_method="minmax", act_qtype="uint8")
+    q = qwix.quantize_model(MLP() if path == "python" else torch.jit.script(MLP()), srq(**rule), torch.randn(4, 16))
+    q.train()
+    q(torch.randn(4, 16))
+    before = {k: v.clone() for k, v in q.state_dict().items() if "fc1.linear0_lhs" in k}
+    x = torch.randn(4, 16)
+    x[1, 3] = float("inf")
+    assert torch.isfinite(q(x)).all()  # the Inf clamps to the grid of the statistics' scale
+    for k, v in before.items():
+        assert_same(q.state_dict()[k], v, k)  # fc1 saw the Inf: left out (fc2 saw finite values)
+    assert int(q.fc2.linear0_lhs.count) == 2
+    q(torch.randn(4, 16))
+    assert int(q.fc1.linear0_lhs.count) == 2 and torch.isfinite(q.fc1.linear0_lhs.sum_of_max).all()
+
+
 def test_statistics_created_under_inference_mode_update_later():
     q = qwix.quantize_model(MLP(), srq())  # created at the first forward, here under inference_mode
     q.eval()
