@@ -65,20 +65,28 @@ constexpr const char* kUpdateAttr = "_qwix_update_stats";
 constexpr const char* kForceAttr = "_qwix_force_update";
 constexpr const char* kPathAttr = "_qwix_path";
 
-// torch.jit.trace records every convolution as aten::_convolution(input, weight, bias, stride, padding,
-// dilation, transposed, output_padding, groups, ...): its op name follows from `transposed` and the
-// number of spatial dims (stride's length), both constants in a trace. nullopt: not a constant.
+// torch.jit.trace records convolutions below the nn call: aten::_convolution(input, weight, bias, stride,
+// padding, dilation, transposed, output_padding, groups, ...), or with string padding ('same', 'valid')
+// aten::_convolution_mode(input, weight, bias, stride, padding, dilation, groups). The op name follows
+// from `transposed` and the number of spatial dims (stride's length), constants in a trace. nullopt: not
+// a constant.
+bool is_convolution(const Node* n) { return n->kind() == c10::aten::_convolution; }
+bool is_convolution_mode(const Node* n) { return n->kind() == c10::Symbol::aten("_convolution_mode"); }
+
 std::optional<std::string> convolution_op_name(const Node* n) {
-  const auto transposed = torch::jit::toIValue(n->input(6));
   const Node* stride = n->input(3)->node();
   std::optional<size_t> dims;
   if (auto s = torch::jit::toIValue(n->input(3)); s && s->isIntList()) dims = s->toIntList().size();
   else if (stride->kind() == c10::prim::ListConstruct) dims = stride->inputs().size();
-  if (!transposed || !transposed->isBool() || !dims || *dims < 1 || *dims > 3) return std::nullopt;
-  return std::string(transposed->toBool() ? "conv_transpose" : "conv") + std::to_string(*dims) + "d";
+  if (!dims || *dims < 1 || *dims > 3) return std::nullopt;
+  bool transposed = false;
+  if (is_convolution(n)) {
+    const auto t = torch::jit::toIValue(n->input(6));
+    if (!t || !t->isBool()) return std::nullopt;
+    transposed = t->toBool();
+  }
+  return std::string(transposed ? "conv_transpose" : "conv") + std::to_string(*dims) + "d";
 }
-
-bool is_convolution(const Node* n) { return n->kind() == c10::aten::_convolution; }
 
 std::optional<std::string> intercepted_op(const Node* n) {
   static const std::vector<std::pair<c10::Symbol, std::string>> kinds = {
@@ -92,7 +100,7 @@ std::optional<std::string> intercepted_op(const Node* n) {
   };
   // out= overloads (mutable schemas) are not intercepted, as in Python: they have no autograd.
   if (const auto* schema = n->maybeSchema(); schema && schema->is_mutable()) return std::nullopt;
-  if (is_convolution(n)) return convolution_op_name(n).value_or("convolution");
+  if (is_convolution(n) || is_convolution_mode(n)) return convolution_op_name(n).value_or("convolution");
   for (const auto& [k, name] : kinds)
     if (n->kind() == k) return name;
   return std::nullopt;
@@ -164,6 +172,20 @@ torch::jit::GraphFunction& decomposed_attention_function() {
     return unit;
   }();
   return torch::jit::toGraphFunction(cu->get_function("scaled_dot_product_attention"));
+}
+
+// Whether a use of the list may change it: an op whose schema writes that argument, or a use without a
+// schema (a call, a block output) that could pass it on to one.
+bool may_be_mutated(const Value* list) {
+  for (const auto& use : list->uses()) {
+    const Node* user = use.user;
+    if (user->kind() == c10::aten::einsum || user->kind() == c10::prim::ListUnpack) continue;
+    const auto* schema = user->maybeSchema();
+    if (!schema || use.offset >= schema->arguments().size()) return true;
+    const auto* alias = schema->arguments()[use.offset].alias_info();
+    if (alias && alias->isWrite()) return true;
+  }
+  return false;
 }
 
 bool is_attention(const Node* n) { return n->kind() == c10::aten::scaled_dot_product_attention; }
@@ -388,6 +410,11 @@ class Pass {
                       "qwix: this TorchScript module is already quantized (quantize_model was applied to it)");
     TORCH_CHECK_VALUE(m.find_method("forward").has_value(),
                       "qwix: quantize_model needs a TorchScript module with a forward method");
+    // torch.jit.freeze folds the parameters into constants (no longer weights, nothing left to train) and
+    // drops the `training` attribute every scripted or traced module has.
+    TORCH_CHECK_VALUE(m.type()->hasAttribute("training"), "qwix: this TorchScript module is frozen "
+                      "(torch.jit.freeze): its parameters are constants, which are neither weights nor trainable; "
+                      "quantize the module before freezing it");
     collect(m);
     make_working_tree(m);
     for (Instance& inst : instances_) {
@@ -514,9 +541,9 @@ class Pass {
     if (op == "einsum") {
       auto eq = torch::jit::toIValue(n->input(0));
       Node* list = n->input(1)->node();
-      // The list must be built for this call alone: one changed after it was built (ops[1] = w,
-      // ops.append(v)) holds other operands than the ListConstruct's inputs.
-      const bool literal = list->kind() == c10::prim::ListConstruct && list->output()->uses().size() == 1;
+      // A list changed after it was built (ops[1] = w, ops.append(v)) holds other operands than the
+      // ListConstruct's inputs.
+      const bool literal = list->kind() == c10::prim::ListConstruct && !may_be_mutated(list->output());
       if (literal && list->inputs().size() != 2) return;  // not a two-operand einsum: not intercepted
       if (!eq || !eq->isString() || !literal) {
         TORCH_CHECK_VALUE(!provider_.match_rule(inst.path, op), "qwix: ", site_name(inst, s),
@@ -535,7 +562,7 @@ class Pass {
       if (op == "convolution") {  // aten::_convolution whose kind is not constant
         for (const auto& name : valid_op_names())
           TORCH_CHECK_VALUE(name.rfind("conv", 0) != 0 || !provider_.match_rule(inst.path, name), "qwix: ",
-                            site_name(inst, s), ": cannot quantize an aten::_convolution whose `transposed` flag or "
+                            site_name(inst, s), ": cannot quantize an aten::_convolution(_mode) whose `transposed` flag or "
                             "stride is not a constant (its op name, conv or conv_transpose 1d-3d, depends on them)");
         return;
       }
@@ -555,12 +582,6 @@ class Pass {
       s.lhs = n->input(s.lhs_pos);
       s.rhs = n->input(s.rhs_pos);
     }
-    for (const Value* v : {s.lhs, s.rhs})
-      TORCH_CHECK_VALUE(v->node()->kind() != c10::prim::Constant || !v->type()->cast<c10::TensorType>() ||
-                            !provider_.match_rule(inst.path, op),
-                        "qwix: ", site_name(inst, s), ": an operand is a constant tensor, as in a frozen module "
-                        "(torch.jit.freeze folds parameters into constants, which are no longer weights); quantize "
-                        "the module before freezing it");
     inst.sites.push_back(std::move(s));
   }
 

@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "qwix/nn.h"
 
@@ -54,16 +55,16 @@ at::Tensor QatOps::operand(const std::string& name, const at::Tensor& x, const O
       TORCH_CHECK(replicas >= 1, "qwix: the statistics all-reduce of '", config_.path_, "' returned ", replicas,
                   " replicas; it must return the number of replicas (>= 1)");
       const at::Tensor with_data = all.narrow(0, all.numel() - 1, 1).reshape({});
-      const at::Tensor count = t.count.to(at::kFloat);
-      // True division: exactly 1 when every replica had data, so the sums are what they were without this.
-      const at::Tensor spread = at::full({}, static_cast<double>(replicas), with_data.options()) /
-                                with_data.clamp_min(1.0);
+      // True division: exactly 1 when every replica had data, so the sums are what they were without this;
+      // NaN when none had, which update_quant_stat leaves out entirely.
+      const at::Tensor spread =
+          at::where(with_data > 0, at::full({}, static_cast<double>(replicas), with_data.options()) / with_data,
+                    at::full({}, std::numeric_limits<double>::quiet_NaN(), with_data.options()));
       int64_t offset = 0;
-      for (size_t i = 0; i < cal.size(); ++i) {
-        const at::Tensor total = all.narrow(0, offset, cal[i].numel()).view(cal[i].sizes());
-        offset += cal[i].numel();
-        const at::Tensor average = at::where(count > 0, t.sums[i] / count.clamp_min(1.0), at::zeros_like(t.sums[i]));
-        cal[i] = at::where(with_data > 0, total * spread, average * static_cast<double>(replicas));
+      for (auto& c : cal) {
+        const at::Tensor total = all.narrow(0, offset, c.numel()).view(c.sizes());
+        offset += c.numel();
+        c = total * spread;
       }
     }
     update_operand_stat(t, cal, plan, replicas);

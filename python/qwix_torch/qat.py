@@ -160,7 +160,7 @@ def _decomposes_attention(provider: QatProvider, path: str) -> bool:
 
 
 def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) -> None:
-    if path == "" and state.stack:
+    if state.stack and not _forward_running(state):
         _drop_stale_frames(state)
     mode = None
     if not state.stack:
@@ -171,9 +171,9 @@ def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) ->
 
 
 def _drop_stale_frames(state: _QatState) -> None:
-    """The root's forward starts while frames remain: an earlier forward was left by a BaseException
-    (KeyboardInterrupt), which skips always_call forward hooks (torch runs them for Exception only).
-    Its frames and its mode go now."""
+    """A forward starts while frames of one that is no longer running remain: it was left by a BaseException
+    (KeyboardInterrupt), which skips always_call forward hooks (torch runs them for Exception only). Its
+    frames and its mode go now."""
     mode = state.stack[0][3]
     state.stack.clear()
     state.entry_frame = None
@@ -183,9 +183,9 @@ def _drop_stale_frames(state: _QatState) -> None:
 
 
 def _forward_running(state: _QatState) -> bool:
-    """Whether the outermost forward is still running: its caller's frame is on the Python stack. After a
-    KeyboardInterrupt left the forward (and its mode stayed on), ops outside any forward pass through
-    untouched until the next forward drops the stale frames."""
+    """Whether the outermost forward is still running: its caller's frame is on the Python stack (a walk of
+    about three frames per module level). After a KeyboardInterrupt left the forward (and its mode stayed
+    on), ops outside any forward pass through untouched until the next forward drops the stale frames."""
     entry = state.entry_frame
     if entry is None or torch.compiler.is_compiling():
         return True
@@ -266,17 +266,16 @@ class _QatMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if self.state.stack and self.state.stack[-1][1] is not None and _forward_running(self.state):
-            # (a frame path None: inside a parametrization)
+        if self.state.stack and self.state.stack[-1][1] is not None:  # (None: inside a parametrization)
             op = _OP_NAMES.get(func)
             # out= calls are not intercepted: they have no autograd, and inductor's compiled code makes them
             # (extern_kernels.mm/bmm/addmm are torch.mm(..., out=buf)) while this mode is on the stack.
-            if op is not None and "out" not in kwargs:
+            if op is not None and "out" not in kwargs and _forward_running(self.state):
                 return _intercept(self.state, op, func, args, kwargs)
             body = _COMPOSITES.get(func)
             if body is None and func is F.scaled_dot_product_attention and self._decomposes_attention():
                 body = _DECOMPOSED_ATTENTION  # its q·kᵀ and weights·v become this module's next two matmuls
-            if body is not None:
+            if body is not None and _forward_running(self.state):
                 with self:  # this mode is popped while its __torch_function__ runs: the body's ops must see it
                     return body(*args, **kwargs)
         if func is torch.Tensor.unflatten:
@@ -467,7 +466,8 @@ def _update_stat(stat: QuantStat, x: torch.Tensor, p: OperandPlan, cw, axes, til
     world = 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
-    empty = x.numel() == 0
+    # (Compiling, sizes may be unbacked (data-dependent token counts): the op skips an empty batch itself.)
+    empty = not torch.compiler.is_compiling() and x.numel() == 0
     if world == 1:
         if not empty:
             cal = torch.ops.qwix.calibrate(x, p.calibration_method, cw, axes, tiles)
@@ -476,6 +476,7 @@ def _update_stat(stat: QuantStat, x: torch.Tensor, p: OperandPlan, cw, axes, til
     # Every rank adds the sum over ranks of their batch averages: the same statistics on every rank, equal to one
     # process gathering all the batches. A rank with an empty batch still joins the collective (with zeros and a
     # 0 in the last slot, which counts the ranks that had data); the others' average then stands in for it.
+    # (Compiling, `empty` is False: an empty batch's NaN average then leaves the whole update out.)
     batch_axes = list(p.batch_axes)
     if empty:
         cal = [torch.zeros_like(s) for s in stat.sums]
@@ -487,11 +488,11 @@ def _update_stat(stat: QuantStat, x: torch.Tensor, p: OperandPlan, cw, axes, til
     torch.distributed.all_reduce(flat)
     ranks_with_data = flat[-1]
     totals = [t.reshape(c.shape) for t, c in zip(flat[:-1].split([c.numel() for c in cal]), cal)]
-    have = ranks_with_data > 0
-    count = stat.count.to(torch.float32)
-    cal = [torch.where(have, t * (world / ranks_with_data.clamp(min=1.0)),  # exact (x 1.0) when every rank had data
-                       torch.where(count > 0, s / count.clamp(min=1.0), 0.0) * world)  # none had: keep the average
-           for t, s in zip(totals, stat.sums)]
+    # x 1.0 exactly when every rank had data; NaN when none had, which update_quant_stat leaves out entirely.
+    # (A true division: `world / tensor` would be a reciprocal times world, not always exactly 1.)
+    spread = torch.where(ranks_with_data > 0, torch.full_like(ranks_with_data, world) / ranks_with_data,
+                         float("nan"))
+    cal = [t * spread for t in totals]
     torch.ops.qwix.update_quant_stat(stat.count, stat.sums, cal, batch_axes, world)
 
 
@@ -546,13 +547,14 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
             raise ValueError(f"qwix: {what} already quantized (quantize_model was applied to it); quantizing again "
                              "would fake-quantize its ops twice: quantize the floating-point model instead")
     if not inplace:
-        lazy = [path for path, m in model.named_modules()
-                if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
-        if lazy:
-            raise ValueError(f"qwix: quantize_model copies the model (inplace=False), and lazy modules cannot be "
-                             f"copied before their first forward ({', '.join(repr(p) for p in lazy)}): run the model "
-                             "once first, or pass inplace=True")
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except ValueError as e:
+            if "uninitialized" not in str(e):
+                raise
+            raise ValueError("qwix: quantize_model copies the model (inplace=False), and a lazy module with "
+                             "uninitialized buffers (nn.LazyBatchNorm*, ...) cannot be copied before its first "
+                             "forward: run the model once first, or pass inplace=True") from e
     state = _QatState(provider)
     # A parametrization (torch.nn.utils.parametrize: orthogonal, weight_norm, ...) computes a weight whenever it
     # is read, inside a forward or not: its ops are not the model's ops, so its frames quantize nothing.
@@ -563,6 +565,7 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
         module.register_forward_pre_hook(functools.partial(_pre_hook, state, frame_path), prepend=True)
         module.register_forward_hook(functools.partial(_post_hook, state, frame_path), always_call=True)
         module._qwix_state = state  # every module: a model built around one is refused, helpers accept it
+    model._qwix_root = True
     if example_inputs:
         _example_forward(model, state, example_inputs)
         _warn_if_nothing_matched(provider, [p for p, _ in model.named_modules()])
@@ -585,6 +588,8 @@ def _example_forward(model: nn.Module, state: _QatState, example_inputs) -> None
     # forward leaves them.
     saved = [(m, name, b, b.clone()) for m in model.modules() for name, b in m._buffers.items()
              if b is not None and not isinstance(b, nn.parameter.UninitializedBuffer)]
+    lazy_stats = [m for m in model.modules() if hasattr(m, "reset_running_stats")
+                  and any(isinstance(b, nn.parameter.UninitializedBuffer) for b in m._buffers.values())]
     cuda = sorted({t.device.index or 0 for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda})
     state.creating = True
     try:
@@ -596,6 +601,8 @@ def _example_forward(model: nn.Module, state: _QatState, example_inputs) -> None
             for m, name, b, value in saved:
                 m._buffers[name] = b
                 b.copy_(value)
+            for m in lazy_stats:  # materialized by this forward, then updated by it: back to their initial values
+                m.reset_running_stats()
 
 
 def set_quant_stats_update(model: nn.Module, enabled: bool) -> None:
@@ -608,6 +615,9 @@ def set_quant_stats_update(model: nn.Module, enabled: bool) -> None:
     states = _states(model)
     if not states:
         raise ValueError("qwix: set_quant_stats_update needs a model returned by quantize_model")
+    if "_qwix_state" in model.__dict__ and not model.__dict__.get("_qwix_root", False):
+        raise ValueError("qwix: set_quant_stats_update switches a whole QAT model (one flag per model); pass the "
+                         "model returned by quantize_model, not one of its submodules")
     for s in states:
         s.update_enabled = bool(enabled)
 

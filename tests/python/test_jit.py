@@ -293,7 +293,9 @@ def test_traced_convolutions_match_python_path():
     torch.manual_seed(0)
     srq = [QuantizationRule(weight_qtype="int8", act_qtype="int4", act_static_scale=True,
                             act_calibration_method="minmax")]
-    for model, args in [(CNN(), (torch.randn(2, 1, 8, 8),)),
+    same = nn.Sequential(nn.Conv2d(1, 4, 3, padding="same"), nn.ReLU(), nn.Conv2d(4, 4, 3, padding="valid"),
+                         nn.Flatten(), nn.Linear(4 * 6 * 6, 3))  # string padding: aten::_convolution_mode
+    for model, args in [(CNN(), (torch.randn(2, 1, 8, 8),)), (same, (torch.randn(2, 1, 8, 8),)),
                         (Decoder(), (torch.randn(2, 2, 5), torch.randn(2, 4, 5, 5), torch.randn(2, 1, 2, 3, 3)))]:
         for rules in (W8A8, srq):
             pe, pj = QatProvider(rules), QatProvider(rules)
@@ -675,8 +677,44 @@ def test_frozen_modules_and_changed_einsum_lists_are_errors():
         qwix.jit_quantize_model(torch.jit.script(MutatedOperands()), QatProvider(W8A8), x)
     # Freezing folds the parameters into constants: a weights-only rule would silently quantize nothing.
     frozen = torch.jit.freeze(torch.jit.script(MLP()).eval())
-    with pytest.raises(ValueError, match=r"constant tensor, as in a frozen module.*before freezing"):
+    with pytest.raises(ValueError, match=r"this TorchScript module is frozen.*quantize the module before freezing"):
         qwix.jit_quantize_model(frozen, QatProvider([QuantizationRule(weight_qtype="int8")]), x)
+
+
+class ReusedOperands(nn.Module):
+    """An operand list read twice and by len(): not changed, so quantized like a literal list."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x):
+        ops = [x, self.w]
+        assert len(ops) == 2
+        return torch.einsum("bi,io->bo", ops) + torch.einsum("bi,io->bo", ops)
+
+
+class ConstantOperand(nn.Module):
+    """A plain tensor attribute: a constant in a trace, an activation on both paths (not a frozen weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.pe = torch.randn(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) @ self.pe
+
+
+def test_lists_read_but_not_changed_and_traced_constants_are_quantized():
+    x = torch.randn(2, 16)
+    eager, ts, _, _ = both(ReusedOperands(), W8A8, x)
+    assert_same(ts(x), eager(x), "einsum list read twice")
+    m, x = ConstantOperand(), torch.randn(2, 4)
+    for rules in (W8A8, [QuantizationRule(weight_qtype="int8")]):
+        eager = qwix.quantize_model(m, QatProvider(rules), x)
+        traced = qwix.jit_quantize_model(torch.jit.trace(m, x), QatProvider(rules), x)
+        assert_same(traced(x), eager(x), f"traced constant operand {rules[0].act_qtype}")
 
 
 def test_quantize_model_dispatches_script_modules_to_the_jit_pass():

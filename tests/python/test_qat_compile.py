@@ -240,3 +240,27 @@ def test_srq_with_dynamic_shapes_compiles_once_and_exports_with_dims():
     ep = torch.export.export(eager, (torch.randn(2, 3, 16),), dynamic_shapes=({0: batch},))
     x = torch.randn(6, 3, 16)
     assert_same(ep.module()(x), eager(x), "exported with a dynamic batch")
+
+
+class _Routed(torch.nn.Module):
+    """An expert that gets a data-dependent number of tokens (MoE routing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.expert = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.expert(x[x[:, 0] > 0]).sum(0)
+
+
+def test_srq_with_a_data_dependent_token_count_compiles(monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+    torch.manual_seed(0)
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    eager = qwix.quantize_model(_Routed(), QatProvider(rules), torch.randn(6, 8)).train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    for x in (torch.randn(6, 8), torch.randn(6, 8), -torch.ones(6, 8)):  # the last routes no token
+        assert_same(compiled(x), eager(x))
+    assert int(compiled_model.expert.linear0_lhs.count) == int(eager.expert.linear0_lhs.count) == 2
+    assert_same(compiled_model.expert.linear0_lhs.sum_of_absmax, eager.expert.linear0_lhs.sum_of_absmax)

@@ -676,6 +676,36 @@ def test_keyboard_interrupt_does_not_leave_quantization_on():
     assert q._qwix_state.stack == [] and not torch.overrides._get_current_function_mode_stack()
 
 
+class _TestTimeAugmented(nn.Module):
+    """The root calls itself (test-time augmentation): a nested root forward, not a stale one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x, tta: bool = True):
+        if not tta:
+            return self.fc(x)
+        return (self(x, tta=False) + self(x.flip(0), tta=False).flip(0)) @ self.w
+
+
+def test_a_root_that_calls_itself_and_a_submodule_called_after_an_interrupt():
+    torch.manual_seed(0)
+    m, x = _TestTimeAugmented(), torch.randn(2, 8)
+    q = qwix.quantize_model(m, _w8a8(), x)
+    h = F.linear(fq(x, "int8", (0,)), fq(m.fc.weight, "int8", (0,)), m.fc.bias)
+    h2 = F.linear(fq(x.flip(0), "int8", (0,)), fq(m.fc.weight, "int8", (0,)), m.fc.bias).flip(0)
+    assert_same(q(x), fq(h + h2, "int8", (0,)) @ fq(m.w, "int8", (1,)), "nested root forwards")
+    interrupted = qwix.quantize_model(_Interruptible(), _w8a8(), x)
+    interrupted.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        interrupted(x)
+    fc = interrupted.fc  # called alone next: its forward drops the stale frames and quantizes
+    assert_same(fc(x), F.linear(fq(x, "int8", (0,)), fq(fc.weight, "int8", (0,)), fc.bias), "submodule")
+    assert interrupted._qwix_state.stack == [] and not torch.overrides._get_current_function_mode_stack()
+
+
 class _Symmetric(nn.Module):
     def forward(self, w):
         return w @ w.T
@@ -712,13 +742,18 @@ def test_example_forward_restores_replaced_buffers_and_handles_lazy_modules():
     m = _GrowingCache()
     q = qwix.quantize_model(m, _w8a8(), torch.randn(2, 6, 8))
     assert q.cache.shape == (4, 8)  # the buffer object it had (was: a copy_ into it, a shape error)
-    lazy = nn.Sequential(nn.LazyLinear(8), nn.Linear(8, 4))
-    with pytest.raises(ValueError, match=r"lazy modules cannot be copied before their first forward \('0'\)"):
-        qwix.quantize_model(lazy, _w8a8(), torch.randn(2, 16))
-    q = qwix.quantize_model(lazy, _w8a8(), torch.randn(2, 16), inplace=True)
-    assert q[0].weight.shape == (8, 16)
+    q = qwix.quantize_model(nn.Sequential(nn.LazyLinear(8), nn.Linear(8, 4)), _w8a8(), torch.randn(2, 16))
     x = torch.randn(2, 16)
     assert_same(q[0](x), F.linear(fq(x, "int8", (0,)), fq(q[0].weight, "int8", (0,)), q[0].bias), "materialized")
+    # Uninitialized buffers cannot be deep-copied (torch): a clear error; in place, the example forward that
+    # materializes them leaves their initial values (running stats), as it leaves every other buffer.
+    lazy = nn.Sequential(nn.LazyLinear(8), nn.LazyBatchNorm1d(), nn.Linear(8, 4)).train()
+    with pytest.raises(ValueError, match=r"lazy module with uninitialized buffers .*pass inplace=True"):
+        qwix.quantize_model(lazy, _w8a8(), torch.randn(4, 16))
+    q = qwix.quantize_model(lazy, _w8a8(), torch.randn(4, 16) * 5 + 3, inplace=True)
+    assert q[0].weight.shape == (8, 16) and int(q[1].num_batches_tracked) == 0
+    assert_same(q[1].running_mean, torch.zeros(8))
+    assert_same(q[1].running_var, torch.ones(8))
 
 
 def test_a_model_built_around_a_quantized_module_is_refused():

@@ -127,6 +127,12 @@ def test_set_quant_stats_update():
     assert int(q.fc1.linear0_lhs.count) == 2
     with pytest.raises(ValueError, match="quantize_model"):
         qwix.set_quant_stats_update(MLP(), False)
+    with pytest.raises(ValueError, match="switches a whole QAT model.*not one of its submodules"):
+        qwix.set_quant_stats_update(q.fc1, False)  # one flag per model: it would have frozen fc2 too
+    wrapped = nn.Sequential(q)  # a container (or DDP) around the QAT model still switches it
+    qwix.set_quant_stats_update(wrapped, False)
+    q(torch.randn(2, 16))
+    assert int(q.fc1.linear0_lhs.count) == 2
 
 
 class DropMLP(MLP):
