@@ -12,7 +12,7 @@ operands' ranks and the order of the ops. See docs/torchscript.md.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Optional, Iterable
 
 import torch
 
@@ -32,12 +32,13 @@ def _check_script_module(model: Any, what: str) -> None:
 
 
 def jit_quantize_model(model: torch.jit.ScriptModule, provider: QatProvider, *example_inputs: Any,
-                       inplace: bool = False) -> torch.jit.ScriptModule:
+                       inplace: bool = False, example_kwargs: Optional[dict] = None) -> torch.jit.ScriptModule:
     """Returns a QAT version of the TorchScript module ``model``.
 
     Parameter names (state_dict keys) do not change; SRQ adds ``QuantStat``
     submodules. ``example_inputs`` are passed to ``forward`` once to learn the
-    operands' ranks and the op order; an op that a rule matches but that this
+    operands' ranks and the op order (``example_kwargs`` as keyword arguments,
+    bound by forward's schema); an op that a rule matches but that this
     forward does not run raises if it runs later (and a warning says so).
 
     TorchScript types cannot be changed in place, so a new module is always
@@ -51,7 +52,9 @@ def jit_quantize_model(model: torch.jit.ScriptModule, provider: QatProvider, *ex
     _check_script_module(model, "jit_quantize_model")
     if not isinstance(provider, QatProvider):
         raise TypeError(f"qwix: jit_quantize_model needs a QatProvider, got {type(provider).__name__}")
-    cpp = _C.jit_quantize_model(model, provider._cpp, tuple(example_inputs), bool(inplace))
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"qwix: example_kwargs must be a dict, got {type(example_kwargs).__name__}")
+    cpp = _C.jit_quantize_model(model, provider._cpp, tuple(example_inputs), bool(inplace), example_kwargs or {})
     return torch.jit._recursive.wrap_cpp_module(cpp)
 
 

@@ -519,7 +519,8 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(_states(model))
 
 
-def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any, inplace: bool = False) -> nn.Module:
+def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any, inplace: bool = False,
+                   example_kwargs: Optional[dict] = None) -> nn.Module:
     """Returns a QAT version of ``model`` (a deep copy unless ``inplace``).
 
     The returned model has the same classes, submodules and parameter names;
@@ -531,14 +532,15 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
     runs once in its current mode (no gradients, no statistics updates; buffers such as
     batch-norm statistics and the RNG state are restored afterwards) so that rules are matched
     and every SRQ ``QuantStat`` (``<module>.<op id>_lhs`` / ``_rhs``) exists
-    before an optimizer, a state_dict or ``torch.compile`` sees the model.
+    before an optimizer, a state_dict or ``torch.compile`` sees the model. ``example_kwargs`` are
+    passed as keyword arguments of that forward (``input_ids=..., attention_mask=...``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"qwix: quantize_model needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):  # the C++ TorchScript pass (csrc/jit)
         from qwix_torch.jit import jit_quantize_model
 
-        return jit_quantize_model(model, provider, *example_inputs, inplace=inplace)
+        return jit_quantize_model(model, provider, *example_inputs, inplace=inplace, example_kwargs=example_kwargs)
     if not isinstance(provider, QatProvider):
         raise TypeError(f"qwix: quantize_model needs a QatProvider, got {type(provider).__name__}")
     for path, module in model.named_modules():
@@ -566,8 +568,10 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
         module.register_forward_hook(functools.partial(_post_hook, state, frame_path), always_call=True)
         module._qwix_state = state  # every module: a model built around one is refused, helpers accept it
     model._qwix_root = True
-    if example_inputs:
-        _example_forward(model, state, example_inputs)
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"qwix: example_kwargs must be a dict, got {type(example_kwargs).__name__}")
+    if example_inputs or example_kwargs:
+        _example_forward(model, state, example_inputs, example_kwargs or {})
         _warn_if_nothing_matched(provider, [p for p, _ in model.named_modules()])
     return model
 
@@ -580,7 +584,7 @@ def _warn_if_nothing_matched(provider: QatProvider, paths: List[str]) -> None:
                       f"is a full match on module paths such as {shown}", stacklevel=3)
 
 
-def _example_forward(model: nn.Module, state: _QatState, example_inputs) -> None:
+def _example_forward(model: nn.Module, state: _QatState, example_inputs, example_kwargs: dict) -> None:
     """Runs the model once in its current mode to match rules and create QuantStats, and leaves
     everything else as it was: no gradients, buffers restored (batch-norm statistics), RNG restored."""
     # The buffer objects themselves and their values: a forward may replace a buffer (a rotary or causal-mask
@@ -594,7 +598,7 @@ def _example_forward(model: nn.Module, state: _QatState, example_inputs) -> None
     state.creating = True
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            model(*example_inputs)
+            model(*example_inputs, **example_kwargs)
     finally:
         state.creating = False
         with torch.no_grad():

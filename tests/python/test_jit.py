@@ -3,6 +3,7 @@ Python nn.Module path for the same weights and rules, training, state_dict keys,
 load, type sharing between module instances, get_unused_rules, and clear errors."""
 import io
 import warnings
+from typing import Optional
 
 import pytest
 import torch
@@ -638,6 +639,38 @@ def test_errors():
         jit_set_quant_stats_update(torch.jit.script(MLP()), False)
     with pytest.raises(ValueError, match=r"needs example inputs.*missing value for argument 'x'.*none were given"):
         qwix.jit_quantize_model(torch.jit.script(MLP()), QatProvider(W8A8))
+
+
+class KeywordInputs(nn.Module):
+    """An HF-style forward: the mask is a keyword argument, and its branch holds an op."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.gate = nn.Linear(16, 16)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        h = self.fc(input_ids)
+        if attention_mask is not None:
+            h = h * torch.sigmoid(F.linear(attention_mask, self.gate.weight)) + self.gate(attention_mask)
+        return h
+
+
+@pytest.mark.parametrize("script", [False, True])
+def test_example_kwargs(script):
+    torch.manual_seed(0)
+    m, x, mask = KeywordInputs(), torch.randn(2, 16), torch.randn(2, 16)
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    model = torch.jit.script(m) if script else m
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the masked branch ran: no op left unplanned
+        q = qwix.quantize_model(model, QatProvider(rules), x, example_kwargs={"attention_mask": mask})
+    assert {n for n, _ in q.named_children()} >= {"fc", "linear0_lhs"}  # the branch's SRQ statistics exist
+    q.eval()
+    ref = qwix.quantize_model(m, QatProvider(rules), x, example_kwargs={"attention_mask": mask}).eval()
+    assert_same(q(x, attention_mask=mask), ref(x, attention_mask=mask), "keyword inputs")
+    with pytest.raises(TypeError, match="example_kwargs must be a dict"):
+        qwix.quantize_model(model, QatProvider(rules), x, example_kwargs=[mask])
 
 
 class Wrapper(nn.Module):
