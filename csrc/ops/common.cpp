@@ -82,6 +82,20 @@ Groups check_scale_args(const at::Tensor& x, const at::Tensor& scale, const c10:
   return g;
 }
 
+void check_count(const at::Tensor& count) {
+  TORCH_CHECK_VALUE(count.numel() == 1 && (count.scalar_type() == at::kInt || count.scalar_type() == at::kLong),
+                    "qwix: count must be an int32 or int64 scalar tensor, got ", count.scalar_type(), " of shape ",
+                    count.sizes());
+}
+
+void check_srq_stats(const at::Tensor& count, at::TensorList sums, const Calibration& calibration,
+                     c10::string_view method) {
+  const size_t want = calibration.symmetric() ? 1 : 2;
+  TORCH_CHECK_VALUE(sums.size() == want, "qwix: calibration method '", method, "' keeps ", want,
+                    " statistic(s), got ", sums.size());
+  check_count(count);
+}
+
 void check_calibration_list(at::TensorList calibration, const QType* qtype) {
   TORCH_CHECK_VALUE(calibration.size() == 1 || calibration.size() == 2,
                     "qwix: a calibration is [absmax] or [min, max], got ", calibration.size(), " tensors");

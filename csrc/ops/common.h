@@ -41,6 +41,13 @@ DynamicSpec make_dynamic_spec(const at::Tensor& x, const std::string* qtype, con
 Groups check_scale_args(const at::Tensor& x, const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
                         const QType& qtype);
 
+// SRQ: a statistics count is an int32 or int64 scalar tensor.
+void check_count(const at::Tensor& count);
+
+// SRQ: count and sums (one per statistic the calibration keeps) for srq_scale.
+void check_srq_stats(const at::Tensor& count, at::TensorList sums, const Calibration& calibration,
+                     c10::string_view method);
+
 // Checks a calibration list (1 tensor: absmax; 2: min, max) against a qtype.
 void check_calibration_list(at::TensorList calibration, const QType* qtype);
 

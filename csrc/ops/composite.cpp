@@ -43,12 +43,7 @@ std::vector<at::Tensor> srq_scale_composite(const at::Tensor& x, const at::Tenso
                                             at::IntArrayRef tile_sizes) {
   const std::string qname(qtype);
   const DynamicSpec spec = make_dynamic_spec(x, &qname, std::string(method), channelwise_axes, tiled_axes, tile_sizes);
-  const size_t want = spec.calibration.symmetric() ? 1 : 2;
-  TORCH_CHECK_VALUE(sums.size() == want, "qwix: calibration method '", method, "' keeps ", want,
-                    " statistic(s), got ", sums.size());
-  TORCH_CHECK_VALUE(count.numel() == 1 && (count.scalar_type() == at::kInt || count.scalar_type() == at::kLong),
-                    "qwix: count must be an int32 or int64 scalar tensor, got ", count.scalar_type(), " of shape ",
-                    count.sizes());
+  check_srq_stats(count, sums, spec.calibration, method);
   auto dynamic = [&] {
     if (!spec.qtype.is_block_format()) return call_calibrate(x, method, channelwise_axes, tiled_axes, tile_sizes);
     // MX: the qtype's own blocks (every axis but the last kept, the last in blocks), as fake_quant does.
@@ -76,9 +71,7 @@ void update_quant_stat_composite(const at::Tensor& count, at::TensorList sums, a
                                  at::IntArrayRef batch_axes, int64_t count_increment) {
   TORCH_CHECK_VALUE(sums.size() == calibration.size(), "qwix: update_quant_stat got ", sums.size(), " sums but ",
                     calibration.size(), " calibration tensors");
-  TORCH_CHECK_VALUE(count.numel() == 1 && (count.scalar_type() == at::kInt || count.scalar_type() == at::kLong),
-                    "qwix: count must be an int32 or int64 scalar tensor, got ", count.scalar_type(), " of shape ",
-                    count.sizes());
+  check_count(count);
   TORCH_CHECK_VALUE(count_increment >= 1 && count_increment <= std::numeric_limits<int32_t>::max(),
                     "qwix: count_increment must be in [1, 2^31 - 1], got ", count_increment);
   // An empty batch (no tokens for this op) has no statistics: averaging it would add NaN for good.

@@ -93,12 +93,7 @@ std::vector<at::Tensor> srq_scale_meta(const at::Tensor& x, const at::Tensor& co
                                        at::IntArrayRef tiled, at::IntArrayRef tiles) {
   const std::string q(qtype);
   const DynamicSpec spec = meta_spec(x, &q, method, ch, tiled, tiles);
-  const size_t want = spec.calibration.symmetric() ? 1 : 2;
-  TORCH_CHECK_VALUE(sums.size() == want, "qwix: calibration method '", method, "' keeps ", want,
-                    " statistic(s), got ", sums.size());
-  TORCH_CHECK_VALUE(count.numel() == 1 && (count.scalar_type() == at::kInt || count.scalar_type() == at::kLong),
-                    "qwix: count must be an int32 or int64 scalar tensor, got ", count.scalar_type(), " of shape ",
-                    count.sizes());
+  check_srq_stats(count, sums, spec.calibration, method);
   std::vector<c10::SymInt> shape;
   if (spec.qtype.is_block_format()) {  // MX: the qtype's own blocks, as srq_scale's dynamic branch
     std::vector<int64_t> all_but_last(x.dim() - 1);
@@ -120,7 +115,7 @@ std::vector<at::Tensor> srq_scale_meta(const at::Tensor& x, const at::Tensor& co
     }
   }
   std::vector<at::Tensor> out;
-  for (size_t i = 0; i < want; ++i) out.push_back(at::empty_symint(shape, x.options().dtype(at::kFloat)));
+  for (size_t i = 0; i < sums.size(); ++i) out.push_back(at::empty_symint(shape, x.options().dtype(at::kFloat)));
   return out;
 }
 
