@@ -174,16 +174,15 @@ torch::jit::GraphFunction& decomposed_attention_function() {
   return torch::jit::toGraphFunction(cu->get_function("scaled_dot_product_attention"));
 }
 
-// Whether a use of the list may change it: an op whose schema writes that argument, or a use without a
-// schema (a call, a block output) that could pass it on to one.
+// Whether the list may change after it is built. Only reads are allowed (einsum itself, len, indexing,
+// unpacking): any other use, even one that does not write it (put in a container, passed to a call),
+// could let a write reach it through an alias.
 bool may_be_mutated(const Value* list) {
   for (const auto& use : list->uses()) {
-    const Node* user = use.user;
-    if (user->kind() == c10::aten::einsum || user->kind() == c10::prim::ListUnpack) continue;
-    const auto* schema = user->maybeSchema();
-    if (!schema || use.offset >= schema->arguments().size()) return true;
-    const auto* alias = schema->arguments()[use.offset].alias_info();
-    if (alias && alias->isWrite()) return true;
+    const c10::Symbol k = use.user->kind();
+    const bool read = k == c10::aten::einsum || k == c10::prim::ListUnpack || k == c10::aten::len ||
+                      (k == c10::aten::__getitem__ && use.offset == 0);
+    if (!read) return true;
   }
   return false;
 }
@@ -410,11 +409,9 @@ class Pass {
                       "qwix: this TorchScript module is already quantized (quantize_model was applied to it)");
     TORCH_CHECK_VALUE(m.find_method("forward").has_value(),
                       "qwix: quantize_model needs a TorchScript module with a forward method");
-    // torch.jit.freeze folds the parameters into constants (no longer weights, nothing left to train) and
-    // drops the `training` attribute every scripted or traced module has.
-    TORCH_CHECK_VALUE(m.type()->hasAttribute("training"), "qwix: this TorchScript module is frozen "
-                      "(torch.jit.freeze): its parameters are constants, which are neither weights nor trainable; "
-                      "quantize the module before freezing it");
+    // torch.jit.freeze folds every parameter into a constant: a tree without parameters whose ops read
+    // constant tensors looks frozen (see add_site).
+    has_parameters_ = m.parameters().size() > 0;
     collect(m);
     make_working_tree(m);
     for (Instance& inst : instances_) {
@@ -582,6 +579,12 @@ class Pass {
       s.lhs = n->input(s.lhs_pos);
       s.rhs = n->input(s.rhs_pos);
     }
+    for (const Value* v : {s.lhs, s.rhs})
+      TORCH_CHECK_VALUE(has_parameters_ || v->node()->kind() != c10::prim::Constant ||
+                            !v->type()->cast<c10::TensorType>() || !provider_.match_rule(inst.path, op),
+                        "qwix: ", site_name(inst, s), ": an operand is a constant tensor and the module has no "
+                        "parameters, as after torch.jit.freeze (which folds them into constants: neither weights "
+                        "nor trainable); quantize the module before freezing it");
     inst.sites.push_back(std::move(s));
   }
 
@@ -939,6 +942,7 @@ class Pass {
 
   QatProvider& provider_;
   bool inplace_;
+  bool has_parameters_ = true;
   std::vector<std::pair<Module, std::string>> orig_;
   std::unordered_map<const c10::ivalue::Object*, size_t> seen_;
   std::unordered_map<const c10::ivalue::Object*, bool> subtree_;

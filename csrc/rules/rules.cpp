@@ -56,7 +56,7 @@ std::regex compile_module_path(const std::string& pattern) {
                       "already, so drop the anchor (or use ^ and $)");
     ++i;  // the escaped character
   }
-  TORCH_CHECK_VALUE(pattern.find("[[:") == std::string::npos && pattern.find("[^[:") == std::string::npos,
+  TORCH_CHECK_VALUE(!std::regex_search(pattern, std::regex(R"(\[:[a-z]+:\])")),
                     "qwix: QuantizationRule.module_path '", pattern, "' looks like a POSIX class ([[:alpha:]]), "
                     "which Python's re does not have; write the characters out ([A-Za-z])");
   try {

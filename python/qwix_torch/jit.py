@@ -52,9 +52,10 @@ def jit_quantize_model(model: torch.jit.ScriptModule, provider: QatProvider, *ex
     _check_script_module(model, "jit_quantize_model")
     if not isinstance(provider, QatProvider):
         raise TypeError(f"qwix: jit_quantize_model needs a QatProvider, got {type(provider).__name__}")
-    if example_kwargs is not None and not isinstance(example_kwargs, dict):
-        raise TypeError(f"qwix: example_kwargs must be a dict, got {type(example_kwargs).__name__}")
-    cpp = _C.jit_quantize_model(model, provider._cpp, tuple(example_inputs), bool(inplace), example_kwargs or {})
+    from qwix_torch.qat import _check_example_kwargs
+
+    cpp = _C.jit_quantize_model(model, provider._cpp, tuple(example_inputs), bool(inplace),
+                                _check_example_kwargs(example_kwargs))
     return torch.jit._recursive.wrap_cpp_module(cpp)
 
 

@@ -17,9 +17,11 @@ the ``torch.ops.qwix`` operators. Dynamo traces all of it, so
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import functools
 import sys
+import threading
 import types
 import warnings
 from typing import Any, Iterable, List, Optional, Sequence
@@ -135,10 +137,10 @@ class _QatState:
         self.plans: dict = {}  # (path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation, groups) -> OpPlan | None
         self.attention: dict = {}  # path -> whether its scaled_dot_product_attention runs decomposed
         self.stack: list = []  # (module, path, op counts, mode or None) of the running forwards
-        self.update_enabled = True  # set_quant_stats_update
         self.force_update = False  # calibrate(): update in eval mode too
         self.creating = False  # quantize_model's example forward: create QuantStats, update nothing
         self.entry_frame = None  # the Python frame that called the outermost running forward
+        self.entry_thread = None  # and its thread
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -166,7 +168,10 @@ def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) ->
     if not state.stack:
         mode = _QatMode(state)
         mode.__enter__()
-        state.entry_frame = None if torch.compiler.is_compiling() else sys._getframe(1)
+        if torch.compiler.is_compiling():
+            state.entry_frame = None
+        else:
+            state.entry_frame, state.entry_thread = sys._getframe(1), threading.get_ident()
     state.stack.append((module, path, {}, mode))
 
 
@@ -187,8 +192,8 @@ def _forward_running(state: _QatState) -> bool:
     about three frames per module level). After a KeyboardInterrupt left the forward (and its mode stayed
     on), ops outside any forward pass through untouched until the next forward drops the stale frames."""
     entry = state.entry_frame
-    if entry is None or torch.compiler.is_compiling():
-        return True
+    if entry is None or torch.compiler.is_compiling() or threading.get_ident() != state.entry_thread:
+        return True  # (another thread's module call within a forward: not a stale frame; docs: one thread)
     f = sys._getframe(1)
     while f is not None:
         if f is entry:
@@ -198,6 +203,8 @@ def _forward_running(state: _QatState) -> bool:
 
 
 def _post_hook(state: _QatState, path: Optional[str], module: nn.Module, args, output) -> None:
+    if not state.stack:  # its frames were dropped as stale (an interrupted forward, then threads or compile)
+        return
     frame = state.stack.pop()
     if frame[3] is not None:
         state.entry_frame = None
@@ -427,7 +434,7 @@ def _quantize(state: _QatState, module: nn.Module, path: str, name: str, x: torc
     if stat is None:
         stat = _create_stat(module, path, name, x, p, cw, axes, tiles)
     xd = x.detach()
-    if not state.creating and (state.force_update or (state.update_enabled and module.training)) \
+    if not state.creating and (state.force_update or (module.training and getattr(module, "_qwix_update", True))) \
             and not _recomputing_in_backward():
         _update_stat(stat, xd, p, cw, axes, tiles)
     scale = torch.ops.qwix.srq_scale(xd, stat.count, stat.sums, p.qtype, p.calibration_method, cw, axes, tiles)
@@ -462,38 +469,40 @@ def _create_stat(module, path, name, x, p, cw, axes, tiles) -> QuantStat:
 
 def _update_stat(stat: QuantStat, x: torch.Tensor, p: OperandPlan, cw, axes, tiles) -> None:
     """Update-before-read: count += 1 (world size), sums += the batch's calibration averaged over the batch axes.
-    An empty batch (an op that got no tokens) adds nothing."""
+    An empty batch (an op that got no tokens) adds nothing; update_quant_stat leaves out a NaN/Inf one."""
     world = 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
-    # (Compiling, sizes may be unbacked (data-dependent token counts): the op skips an empty batch itself.)
-    empty = not torch.compiler.is_compiling() and x.numel() == 0
-    if world == 1:
-        if not empty:
+    compiling = torch.compiler.is_compiling()
+    if world == 1 and not compiling:
+        if x.numel() > 0:
             cal = torch.ops.qwix.calibrate(x, p.calibration_method, cw, axes, tiles)
             torch.ops.qwix.update_quant_stat(stat.count, stat.sums, cal, list(p.batch_axes), 1)
         return
-    # Every rank adds the sum over ranks of their batch averages: the same statistics on every rank, equal to one
-    # process gathering all the batches. A rank with an empty batch still joins the collective (with zeros and a
-    # 0 in the last slot, which counts the ranks that had data); the others' average then stands in for it.
-    # (Compiling, `empty` is False: an empty batch's NaN average then leaves the whole update out.)
+    cal = torch.ops.qwix.calibrate(x, p.calibration_method, cw, axes, tiles)
+    # Emptiness as a device value: compiling, a data-dependent token count is not known on the host.
+    has_data = torch.scalar_tensor(x.numel(), device=x.device) > 0
     batch_axes = list(p.batch_axes)
-    if empty:
-        cal = [torch.zeros_like(s) for s in stat.sums]
-    else:
-        cal = torch.ops.qwix.calibrate(x, p.calibration_method, cw, axes, tiles)
-        cal = [c.mean(dim=batch_axes, keepdim=True) if batch_axes else c for c in cal]
-    has_data = torch.full((1,), 0.0 if empty else 1.0, device=cal[0].device)
-    flat = torch.cat([c.reshape(-1) for c in cal] + [has_data])
+    if world == 1:  # compiling: an empty batch's NaN is left out by update_quant_stat
+        cal = [torch.where(has_data, c, float("nan")) for c in cal]
+        torch.ops.qwix.update_quant_stat(stat.count, stat.sums, cal, batch_axes, 1)
+        return
+    # Every rank adds the sum over ranks of their batch averages: the same statistics on every rank, equal to one
+    # process gathering all the batches. A rank whose batch is empty (or non-finite) still joins the collective,
+    # with zeros and a 0 in the last slot, which counts the ranks that had data; their average stands in for it.
+    averages = [c.mean(dim=batch_axes, keepdim=True) if batch_axes else c for c in cal]
+    for a in averages:
+        has_data = has_data & torch.isfinite(a).all()
+    flat = torch.cat([torch.where(has_data, a, 0.0).reshape(-1) for a in averages] +
+                     [has_data.to(torch.float32).reshape(1)])
     torch.distributed.all_reduce(flat)
     ranks_with_data = flat[-1]
-    totals = [t.reshape(c.shape) for t, c in zip(flat[:-1].split([c.numel() for c in cal]), cal)]
+    totals = [t.reshape(a.shape) for t, a in zip(flat[:-1].split([a.numel() for a in averages]), averages)]
     # x 1.0 exactly when every rank had data; NaN when none had, which update_quant_stat leaves out entirely.
     # (A true division: `world / tensor` would be a reciprocal times world, not always exactly 1.)
     spread = torch.where(ranks_with_data > 0, torch.full_like(ranks_with_data, world) / ranks_with_data,
                          float("nan"))
-    cal = [t * spread for t in totals]
-    torch.ops.qwix.update_quant_stat(stat.count, stat.sums, cal, batch_axes, world)
+    torch.ops.qwix.update_quant_stat(stat.count, stat.sums, [t * spread for t in totals], batch_axes, world)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -543,6 +552,7 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
         return jit_quantize_model(model, provider, *example_inputs, inplace=inplace, example_kwargs=example_kwargs)
     if not isinstance(provider, QatProvider):
         raise TypeError(f"qwix: quantize_model needs a QatProvider, got {type(provider).__name__}")
+    example_kwargs = _check_example_kwargs(example_kwargs)
     for path, module in model.named_modules():
         if "_qwix_state" in module.__dict__:
             what = f"its submodule {path!r} is" if path else "this model is"
@@ -567,13 +577,20 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
         module.register_forward_pre_hook(functools.partial(_pre_hook, state, frame_path), prepend=True)
         module.register_forward_hook(functools.partial(_post_hook, state, frame_path), always_call=True)
         module._qwix_state = state  # every module: a model built around one is refused, helpers accept it
-    model._qwix_root = True
-    if example_kwargs is not None and not isinstance(example_kwargs, dict):
-        raise TypeError(f"qwix: example_kwargs must be a dict, got {type(example_kwargs).__name__}")
+        module._qwix_update = True  # set_quant_stats_update (per module, as on the TorchScript path)
     if example_inputs or example_kwargs:
-        _example_forward(model, state, example_inputs, example_kwargs or {})
+        _example_forward(model, state, example_inputs, example_kwargs)
         _warn_if_nothing_matched(provider, [p for p, _ in model.named_modules()])
     return model
+
+
+def _check_example_kwargs(example_kwargs) -> dict:
+    """A dict of the example keyword inputs (any mapping: HF's BatchEncoding is a UserDict)."""
+    if example_kwargs is None:
+        return {}
+    if not isinstance(example_kwargs, collections.abc.Mapping):
+        raise TypeError(f"qwix: example_kwargs must be a mapping of keyword inputs, got {type(example_kwargs).__name__}")
+    return dict(example_kwargs)
 
 
 def _warn_if_nothing_matched(provider: QatProvider, paths: List[str]) -> None:
@@ -606,7 +623,8 @@ def _example_forward(model: nn.Module, state: _QatState, example_inputs, example
                 m._buffers[name] = b
                 b.copy_(value)
             for m in lazy_stats:  # materialized by this forward, then updated by it: back to their initial values
-                m.reset_running_stats()
+                if not any(isinstance(b, nn.parameter.UninitializedBuffer) for b in m._buffers.values()):
+                    m.reset_running_stats()
 
 
 def set_quant_stats_update(model: nn.Module, enabled: bool) -> None:
@@ -616,14 +634,11 @@ def set_quant_stats_update(model: nn.Module, enabled: bool) -> None:
         from qwix_torch.jit import jit_set_quant_stats_update
 
         return jit_set_quant_stats_update(model, enabled)
-    states = _states(model)
-    if not states:
+    if not _states(model):
         raise ValueError("qwix: set_quant_stats_update needs a model returned by quantize_model")
-    if "_qwix_state" in model.__dict__ and not model.__dict__.get("_qwix_root", False):
-        raise ValueError("qwix: set_quant_stats_update switches a whole QAT model (one flag per model); pass the "
-                         "model returned by quantize_model, not one of its submodules")
-    for s in states:
-        s.update_enabled = bool(enabled)
+    for m in model.modules():  # the given module's subtree (as on the TorchScript path)
+        if "_qwix_state" in m.__dict__:
+            m._qwix_update = bool(enabled)
 
 
 def run_batches(model: Any, batches: Iterable[Any], progress: bool) -> None:

@@ -1,9 +1,10 @@
 """The TorchScript path (qwix_torch.jit_quantize_model, csrc/jit): the same forward values as the
 Python nn.Module path for the same weights and rules, training, state_dict keys, torch.jit.save /
 load, type sharing between module instances, get_unused_rules, and clear errors."""
+import collections
 import io
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import pytest
 import torch
@@ -669,8 +670,12 @@ def test_example_kwargs(script):
     q.eval()
     ref = qwix.quantize_model(m, QatProvider(rules), x, example_kwargs={"attention_mask": mask}).eval()
     assert_same(q(x, attention_mask=mask), ref(x, attention_mask=mask), "keyword inputs")
-    with pytest.raises(TypeError, match="example_kwargs must be a dict"):
-        qwix.quantize_model(model, QatProvider(rules), x, example_kwargs=[mask])
+    with pytest.raises(TypeError, match="example_kwargs must be a mapping of keyword inputs, got list"):
+        qwix.quantize_model(model, QatProvider(rules), x, example_kwargs=[mask], inplace=True)
+    if not script:  # the bad argument was refused before anything changed; any mapping works (BatchEncoding)
+        q = qwix.quantize_model(m, QatProvider(rules), x, example_kwargs=collections.UserDict(attention_mask=mask),
+                                inplace=True)
+        assert int(q.linear0_lhs.count) == 0
 
 
 class Wrapper(nn.Module):
@@ -709,9 +714,32 @@ def test_frozen_modules_and_changed_einsum_lists_are_errors():
     with pytest.raises(ValueError, match="not a literal list of two tensors"):
         qwix.jit_quantize_model(torch.jit.script(MutatedOperands()), QatProvider(W8A8), x)
     # Freezing folds the parameters into constants: a weights-only rule would silently quantize nothing.
-    frozen = torch.jit.freeze(torch.jit.script(MLP()).eval())
-    with pytest.raises(ValueError, match=r"this TorchScript module is frozen.*quantize the module before freezing"):
-        qwix.jit_quantize_model(frozen, QatProvider([QuantizationRule(weight_qtype="int8")]), x)
+    for preserved in ([], ["training"]):
+        frozen = torch.jit.freeze(torch.jit.script(MLP()).eval(), preserved_attrs=preserved)
+        with pytest.raises(ValueError, match=r"constant tensor and the module has no parameters, as after "
+                                             r"torch.jit.freeze.*quantize the module before freezing"):
+            qwix.jit_quantize_model(frozen, QatProvider([QuantizationRule(weight_qtype="int8")]), x)
+
+
+class AliasedOperands(nn.Module):
+    """The operand list is put in another container and written through it before the einsum."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8))
+        self.v = nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x):
+        ops = [x, self.w]
+        holder: List[List[torch.Tensor]] = []
+        holder.append(ops)
+        holder[0][1] = self.v
+        return torch.einsum("bi,io->bo", ops)
+
+
+def test_einsum_list_written_through_an_alias_is_an_error():
+    with pytest.raises(ValueError, match="not a literal list of two tensors"):
+        qwix.jit_quantize_model(torch.jit.script(AliasedOperands()), QatProvider(W8A8), torch.randn(2, 16))
 
 
 class ReusedOperands(nn.Module):

@@ -706,6 +706,30 @@ def test_a_root_that_calls_itself_and_a_submodule_called_after_an_interrupt():
     assert interrupted._qwix_state.stack == [] and not torch.overrides._get_current_function_mode_stack()
 
 
+class _Threaded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            ya, yb = pool.map(lambda f: f(x), [self.a, self.b])
+        return ya + yb
+
+
+def test_submodules_called_from_worker_threads_do_not_break_the_forward():
+    # Documented: one thread per forward (ops run in other threads are not quantized); but another thread's
+    # module call is not a stale frame, so the forward must finish and the model stay usable.
+    torch.manual_seed(0)
+    m, x = _Threaded(), torch.randn(2, 8)
+    q = qwix.quantize_model(m, _w8a8())
+    assert_same(q(x), m(x), "worker threads: float")
+    assert_same(q.a(x), F.linear(fq(x, "int8", (0,)), fq(m.a.weight, "int8", (0,)), m.a.bias), "afterwards")
+    assert q._qwix_state.stack == [] and not torch.overrides._get_current_function_mode_stack()
+
+
 class _Symmetric(nn.Module):
     def forward(self, w):
         return w @ w.T
@@ -750,6 +774,9 @@ def test_example_forward_restores_replaced_buffers_and_handles_lazy_modules():
     lazy = nn.Sequential(nn.LazyLinear(8), nn.LazyBatchNorm1d(), nn.Linear(8, 4)).train()
     with pytest.raises(ValueError, match=r"lazy module with uninitialized buffers .*pass inplace=True"):
         qwix.quantize_model(lazy, _w8a8(), torch.randn(4, 16))
+    unreached = nn.ModuleDict({"used": nn.Linear(16, 4), "aux": nn.LazyBatchNorm1d()})
+    unreached.forward = lambda x: unreached["used"](x)  # aux stays uninitialized: nothing to reset
+    qwix.quantize_model(unreached, _w8a8(), torch.randn(4, 16), inplace=True)
     q = qwix.quantize_model(lazy, _w8a8(), torch.randn(4, 16) * 5 + 3, inplace=True)
     assert q[0].weight.shape == (8, 16) and int(q[1].num_batches_tracked) == 0
     assert_same(q[1].running_mean, torch.zeros(8))

@@ -58,6 +58,7 @@ def test_frozen_keyword_only_hashable():
         (dict(module_path=r"\Aenc"), ["module_path", "\\A", "plain letter"]),  # an anchor in re, "A" in std::regex
         (dict(module_path=r"enc\Z"), ["module_path", "\\Z"]),
         (dict(module_path="[[:alpha:]]+"), ["module_path", "POSIX class"]),  # a class in std::regex, not in re
+        (dict(module_path="fc[_[:digit:]]+"), ["module_path", "POSIX class"]),
         (dict(module_path=3), ["module_path", "3"]),
         (dict(op_names=("dot_general",)), ["dot_general", "linear, conv1d"]),
         (dict(op_names=("linear", 3)), ["op_names", "3"]),

@@ -127,12 +127,16 @@ def test_set_quant_stats_update():
     assert int(q.fc1.linear0_lhs.count) == 2
     with pytest.raises(ValueError, match="quantize_model"):
         qwix.set_quant_stats_update(MLP(), False)
-    with pytest.raises(ValueError, match="switches a whole QAT model.*not one of its submodules"):
-        qwix.set_quant_stats_update(q.fc1, False)  # one flag per model: it would have frozen fc2 too
-    wrapped = nn.Sequential(q)  # a container (or DDP) around the QAT model still switches it
-    qwix.set_quant_stats_update(wrapped, False)
+    qwix.set_quant_stats_update(q.fc1, False)  # a subtree only, as on the TorchScript path
     q(torch.randn(2, 16))
-    assert int(q.fc1.linear0_lhs.count) == 2
+    assert int(q.fc1.linear0_lhs.count) == 2 and int(q.fc2.linear0_lhs.count) == 3
+    qwix.set_quant_stats_update(nn.Sequential(q), False)  # a container (or DDP) around the QAT model
+    q(torch.randn(2, 16))
+    assert int(q.fc2.linear0_lhs.count) == 3
+    ts = qwix.quantize_model(torch.jit.script(MLP()), srq(), torch.randn(2, 16))
+    qwix.set_quant_stats_update(ts.fc1, False)
+    ts(torch.randn(2, 16))
+    assert int(ts.fc1.linear0_lhs.count) == 0 and int(ts.fc2.linear0_lhs.count) == 1
 
 
 class DropMLP(MLP):
