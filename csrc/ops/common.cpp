@@ -73,10 +73,11 @@ Groups check_scale_args(const at::Tensor& x, const at::Tensor& scale, const c10:
     if (zero_point->device().is_cpu() && zero_point->numel() > 0) {
       const at::Tensor zp = zero_point->to(at::kDouble).nan_to_num(qtype.p.qmin, INFINITY, -INFINITY);
       const double lo = zp.min().item<double>(), hi = zp.max().item<double>();
-      TORCH_CHECK_VALUE(at::equal(zp, zp.round()) && lo >= qtype.p.qmin && hi <= qtype.p.qmax,
+      const bool integral = at::equal(zp, zp.round());
+      TORCH_CHECK_VALUE(integral && lo >= qtype.p.qmin && hi <= qtype.p.qmax,
                         "qwix: zero_point values must be integers in [", qtype.p.qmin, ", ", qtype.p.qmax,
                         "] (the '", qtype.name, "' grid), got values in [", lo, ", ", hi, "]",
-                        at::equal(zp, zp.round()) ? "" : ", not all integers");
+                        integral ? "" : ", not all integers");
     }
   }
   return g;

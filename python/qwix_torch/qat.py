@@ -609,8 +609,7 @@ def _example_forward(model: nn.Module, state: _QatState, example_inputs, example
     # forward leaves them.
     saved = [(m, name, b, b.clone()) for m in model.modules() for name, b in m._buffers.items()
              if b is not None and not isinstance(b, nn.parameter.UninitializedBuffer)]
-    lazy_stats = [m for m in model.modules() if hasattr(m, "reset_running_stats")
-                  and any(isinstance(b, nn.parameter.UninitializedBuffer) for b in m._buffers.values())]
+    lazy_stats = [m for m in model.modules() if hasattr(m, "reset_running_stats") and _has_uninitialized_buffers(m)]
     cuda = sorted({t.device.index or 0 for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda})
     state.creating = True
     try:
@@ -623,8 +622,12 @@ def _example_forward(model: nn.Module, state: _QatState, example_inputs, example
                 m._buffers[name] = b
                 b.copy_(value)
             for m in lazy_stats:  # materialized by this forward, then updated by it: back to their initial values
-                if not any(isinstance(b, nn.parameter.UninitializedBuffer) for b in m._buffers.values()):
+                if not _has_uninitialized_buffers(m):
                     m.reset_running_stats()
+
+
+def _has_uninitialized_buffers(m: nn.Module) -> bool:
+    return any(isinstance(b, nn.parameter.UninitializedBuffer) for b in m._buffers.values())
 
 
 def set_quant_stats_update(model: nn.Module, enabled: bool) -> None:
