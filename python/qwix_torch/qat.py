@@ -141,11 +141,15 @@ class _QatState:
         self.creating = False  # quantize_model's example forward: create QuantStats, update nothing
         self.entry_frame = None  # the Python frame that called the outermost running forward
         self.entry_thread = None  # and its thread
+        self.param_dicts: list = []  # every module's _parameters dict
+        self.swapped: frozenset = frozenset()  # ids of the non-Parameter tensors in them, for the running forward
+
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["stack"] = []
         d["entry_frame"] = None
+        d["swapped"] = frozenset()
         return d
 
 
@@ -172,6 +176,7 @@ def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) ->
             state.entry_frame = None
         else:
             state.entry_frame, state.entry_thread = sys._getframe(1), threading.get_ident()
+            state.swapped = _swapped_parameters(state)
     state.stack.append((module, path, {}, mode))
 
 
@@ -208,15 +213,27 @@ def _post_hook(state: _QatState, path: Optional[str], module: nn.Module, args, o
     frame = state.stack.pop()
     if frame[3] is not None:
         state.entry_frame = None
+        state.swapped = frozenset()
         frame[3].__exit__(None, None, None)
 
 
-def _is_weight(t: torch.Tensor) -> bool:
-    """A parameter, or a view of one (``self.w.t()``, ``self.w[None]``, ...)."""
+def _swapped_parameters(state: _QatState) -> frozenset:
+    """The ids of the plain tensors that stand in parameters' slots for this forward: ``torch.func.functional_call``
+    (and ``torch.nn.utils.stateless``) put the tensors it is given there, and ``torch.func.grad`` wraps them."""
+    return frozenset(id(t) for d in state.param_dicts for t in d.values()
+                     if t is not None and not isinstance(t, nn.Parameter))
+
+
+def _is_weight(state: _QatState, t: torch.Tensor) -> bool:
+    """A parameter, or a view of one (``self.w.t()``, ``self.w[None]``, ...), or a tensor in a parameter's slot."""
     if isinstance(t, nn.Parameter):
         return True
     base = t._base
-    return base is not None and isinstance(base, nn.Parameter)
+    if base is not None and isinstance(base, nn.Parameter):
+        return True
+    if not state.swapped or torch.compiler.is_compiling():
+        return False
+    return id(t) in state.swapped or (base is not None and id(base) in state.swapped)
 
 
 # The intercepted torch functions and their op names (some are renamed in _intercept).
@@ -370,7 +387,7 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
     n = counts.get(op, 0)
     counts[op] = n + 1
 
-    lhs_w, rhs_w = _is_weight(lhs), _is_weight(rhs)
+    lhs_w, rhs_w = _is_weight(state, lhs), _is_weight(state, rhs)
     groups = 1
     if op.startswith("conv_transpose"):  # (input, weight, bias, stride, padding, output_padding, groups, dilation)
         groups = rest[4] if len(rest) > 4 else kw.get("groups", 1)
@@ -572,6 +589,7 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
     # is read, inside a forward or not: its ops are not the model's ops, so its frames quantize nothing.
     inside_parametrization = {id(m) for p in model.modules() if isinstance(p, parametrize.ParametrizationList)
                               for m in p.modules()}
+    state.param_dicts = [m._parameters for m in model.modules()]
     for path, module in model.named_modules():
         frame_path = None if id(module) in inside_parametrization else path
         module.register_forward_pre_hook(functools.partial(_pre_hook, state, frame_path), prepend=True)

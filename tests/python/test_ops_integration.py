@@ -96,10 +96,24 @@ def test_opcheck_requires_grad(name, args):
 def test_non_differentiable_outputs_do_not_require_grad():
     x = _x(grad=True)
     for out in [ops.calibrate(x, "minmax", [0], [], []), ops.compute_scale([x.abs().amax(1, keepdim=True)], "int8"),
-                ops.srq_scale(x, torch.zeros((), dtype=torch.int32), [torch.zeros(1, 1)], "int8", "absmax", [0], [], []),
-                list(ops.fake_quant_forward(x, "int8", "absmax,0.8", [0], [], [], True))]:
+                ops.srq_scale(x, torch.zeros((), dtype=torch.int32), [torch.zeros(1, 1)], "int8", "absmax", [0], [], [])]:
         for t in out:
             assert not t.requires_grad
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_forward_ops_output_is_straight_through(with_mask):
+    """The *_forward ops' y is differentiable (functorch levels see these ops): straight-through,
+    masked when with_mask; the mask output is not differentiable."""
+    x = _x(grad=True)
+    scale = x.detach().abs().amax(1, keepdim=True) / 127 * 0.7
+    for y, mask in [ops.fake_quant_forward(x, "int8", "absmax,0.7", [0], [], [], with_mask),
+                    ops.fake_quant_with_scale_forward(x, scale, None, "int8", with_mask)]:
+        assert y.requires_grad and not mask.requires_grad
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        in_range = x.detach().abs() <= scale * 127
+        assert not in_range.all()
+        assert torch.equal(gx, in_range.float() if with_mask else torch.ones_like(x))
 
 
 def test_update_quant_stat_returns_none_and_mutates():

@@ -264,3 +264,25 @@ def test_srq_with_a_data_dependent_token_count_compiles(monkeypatch):
         assert_same(compiled(x), eager(x))
     assert int(compiled_model.expert.linear0_lhs.count) == int(eager.expert.linear0_lhs.count) == 2
     assert_same(compiled_model.expert.linear0_lhs.sum_of_absmax, eager.expert.linear0_lhs.sum_of_absmax)
+
+
+@pytest.mark.parametrize("method", ["absmax,0.8", "absmax"])
+def test_gradient_compiles_once_with_dynamic_shapes(method):
+    # The straight-through backward keeps the mask's memory order as symbolic strides: no guard on sizes.
+    from torch._dynamo.utils import counters
+    from reference import ref_grad_mask
+    from _helpers import make_input
+
+    def f(x):
+        return qwix.fake_quant(x, "int8", calibration_method=method, channelwise_axes=(0,))
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    counters.clear()
+    for n in (3, 5, 7, 9):
+        x, g = make_input((n, 16), n).requires_grad_(), make_input((n, 16), n + 1)
+        y = compiled(x)
+        y.backward(g)
+        assert_same(y, f(x), f"n={n}")
+        mask = ref_grad_mask(x.detach(), "int8", method, (0,))
+        assert_same(x.grad, torch.where(mask, g, torch.zeros_like(g)), f"n={n} gradient")
+    assert counters["stats"]["unique_graphs"] == 1

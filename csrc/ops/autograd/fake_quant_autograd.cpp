@@ -2,9 +2,19 @@
 // unchanged (nothing saved), or masked to the calibrated range with a
 // bit-packed mask (1 bit per element). The scale gets no gradient. The other
 // ops are not differentiable: their outputs never require grad.
+//
+// The differentiable ops record their own graph Node, as PyTorch's native ops
+// do, rather than a torch::autograd::Function: functorch (torch.func.grad,
+// vjp, jvp, hessian) refuses C++ autograd Functions. Forward-mode AD gets the
+// same straight-through rule: the tangent passes, masked alike.
 #include <ATen/ATen.h>
-#include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
+
+#include <memory>
+#include <type_traits>
 
 #include "numerics/calibration.h"
 #include "ops/forward_ops.h"
@@ -12,95 +22,137 @@
 namespace qwix {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Saves the mask and the strides the forward walked, so the backward reads
-// grad in the same memory order as the mask bits.
-void save_mask(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& mask) {
-  ctx->save_for_backward({mask});
-  ctx->saved_data["strides"] = y.strides().vec();
-}
-
-at::Tensor masked_grad(AutogradContext* ctx, const at::Tensor& grad) {
-  const at::Tensor mask = ctx->get_saved_variables()[0];
-  const auto strides = ctx->saved_data["strides"].toIntVector();
+// grad * mask, reading grad in the memory order the mask bits were written in.
+// Strides are symbolic under torch.compile(dynamic=True): read as SymInts, they
+// add no guard.
+at::Tensor apply_mask(const at::Tensor& grad, const at::Tensor& mask, c10::SymIntArrayRef strides) {
   at::Tensor g = grad;
-  if (g.strides() != c10::IntArrayRef(strides)) {
-    g = at::empty_strided(grad.sizes(), strides, grad.options());
+  if (g.sym_strides() != strides) {
+    g = at::empty_strided_symint(grad.sym_sizes(), strides, grad.options());
     g.copy_(grad);
   }
   return call_fake_quant_backward(g, mask);
 }
 
-class FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, c10::string_view qtype,
-                            c10::string_view method, at::IntArrayRef ch, at::IntArrayRef tiled,
-                            at::IntArrayRef tiles, c10::optional<bool> clip_gradient, bool need_grad) {
-    const bool clip = clip_gradient.value_or(parse_calibration(std::string(method)).can_clip());
-    const bool with_mask = clip && need_grad;
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mask] = call_fake_quant_forward(x, qtype, method, ch, tiled, tiles, with_mask);
-    ctx->saved_data["masked"] = with_mask;
-    if (with_mask) save_mask(ctx, y, mask);
-    return y;
+// The backward of all three ops: the gradient of the first input is the
+// incoming gradient, masked when a mask was saved; the other inputs (scale,
+// zero point, mask) get none.
+struct StraightThroughBackward : torch::autograd::Node {
+  explicit StraightThroughBackward(const char* name) : name_(name) {}
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(num_outputs());
+    if (grads[0].defined() && should_compute_output(0)) {
+      out[0] = masked_ ? apply_mask(grads[0], mask_.unpack(), strides_) : grads[0];
+    }
+    return out;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor g = ctx->saved_data["masked"].toBool() ? masked_grad(ctx, grads[0]) : grads[0];
-    return {g, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
+  std::string name() const override { return name_; }
+  void release_variables() override { mask_.reset_data(); }
+
+  const char* name_;
+  bool masked_ = false;
+  torch::autograd::SavedVariable mask_;
+  std::vector<c10::SymInt> strides_;
 };
 
-class FakeQuantWithScaleFn : public torch::autograd::Function<FakeQuantWithScaleFn> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
-                            const c10::optional<at::Tensor>& zero_point, c10::string_view qtype, bool clip_gradient,
-                            bool need_grad) {
-    const bool with_mask = clip_gradient && need_grad;
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mask] = call_fake_quant_with_scale_forward(x, scale, zero_point, qtype, with_mask);
-    ctx->saved_data["masked"] = with_mask;
-    if (with_mask) save_mask(ctx, y, mask);
-    return y;
+// A new graph Node: torch 2.13 holds Nodes in c10::intrusive_ptr, earlier
+// versions (the GPU machine's 2.11) in std::shared_ptr.
+template <class N, class... Args>
+auto make_node(Args&&... args) {
+  using NodePtr = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<N>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor g = ctx->saved_data["masked"].toBool() ? masked_grad(ctx, grads[0]) : grads[0];
-    return {g, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
+}
 
-// grad -> grad * mask is linear, so its derivative is itself (double backward).
-class FakeQuantBackwardFn : public torch::autograd::Function<FakeQuantBackwardFn> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& mask) {
-    ctx->save_for_backward({mask});
-    ctx->saved_data["strides"] = dense_strides(grad);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return call_fake_quant_backward(grad, mask);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {masked_grad(ctx, grads[0]), at::Tensor()};
-  }
-  static std::vector<int64_t> dense_strides(const at::Tensor& t) {
-    return t.is_non_overlapping_and_dense() ? t.strides().vec() : t.contiguous().strides().vec();
-  }
-};
+bool has_forward_grad(const at::Tensor& x) { return x._fw_grad(/*level=*/0).defined(); }
 
+// Connects y (computed below autograd from `inputs`, x first) to the graph and
+// gives it x's tangent, masked when `mask` is defined. `strides` is the memory
+// order of the mask bits.
+void record(const char* name, at::Tensor& y, at::TensorList inputs, const at::Tensor& mask,
+            c10::SymIntArrayRef strides) {
+  const at::Tensor& x = inputs[0];
+  if (torch::autograd::compute_requires_grad(inputs)) {
+    auto node = make_node<StraightThroughBackward>(name);
+    node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+    if (mask.defined()) {
+      node->masked_ = true;
+      node->mask_ = torch::autograd::SavedVariable(mask, /*is_output=*/false);
+      node->strides_ = strides.vec();
+    }
+    torch::autograd::set_history(y, node);
+  }
+  if (has_forward_grad(x)) {
+    const at::Tensor x_t = x._fw_grad(0);
+    y._set_fw_grad(mask.defined() ? apply_mask(x_t, mask, strides) : x_t.clone(), 0, /*is_inplace_op=*/false);
+  }
+}
+
+// Whether y's gradient (or tangent) may be asked for: x requires grad or has a
+// tangent here, or x is a functorch wrapper (an outer transform level may
+// differentiate it, and needs the mask this level computes).
+bool needs_backward(const at::Tensor& x) {
+  return (at::GradMode::is_enabled() && x.requires_grad()) || has_forward_grad(x) ||
+         x.key_set().has(c10::DispatchKey::FuncTorchGradWrapper);
+}
+
+// The public ops decide whether the gradient is masked and call the *_forward
+// ops with autograd on: every functorch level then sees the *_forward op and
+// applies its rule (with_mask: the gradient of y is masked; the mask output is
+// not differentiable).
 at::Tensor fake_quant_autograd(const at::Tensor& x, c10::string_view qtype, c10::string_view method,
                                at::IntArrayRef ch, at::IntArrayRef tiled, at::IntArrayRef tiles,
                                c10::optional<bool> clip_gradient) {
-  return FakeQuantFn::apply(x, qtype, method, ch, tiled, tiles, clip_gradient, x.requires_grad());
+  const bool clip = clip_gradient.value_or(parse_calibration(std::string(method)).can_clip());
+  return std::get<0>(call_fake_quant_forward(x, qtype, method, ch, tiled, tiles, clip && needs_backward(x)));
 }
 
 at::Tensor fake_quant_with_scale_autograd(const at::Tensor& x, const at::Tensor& scale,
                                           const c10::optional<at::Tensor>& zero_point, c10::string_view qtype,
                                           bool clip_gradient) {
-  return FakeQuantWithScaleFn::apply(x, scale, zero_point, qtype, clip_gradient, x.requires_grad());
+  return std::get<0>(
+      call_fake_quant_with_scale_forward(x, scale, zero_point, qtype, clip_gradient && needs_backward(x)));
 }
 
+std::tuple<at::Tensor, at::Tensor> fake_quant_forward_autograd(const at::Tensor& x, c10::string_view qtype,
+                                                               c10::string_view method, at::IntArrayRef ch,
+                                                               at::IntArrayRef tiled, at::IntArrayRef tiles,
+                                                               bool with_mask) {
+  auto [y, mask] = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_fake_quant_forward(x, qtype, method, ch, tiled, tiles, with_mask);
+  }();
+  record("FakeQuantBackward", y, {x}, with_mask ? mask : at::Tensor(), y.sym_strides());
+  return {y, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_with_scale_forward_autograd(const at::Tensor& x,
+                                                                          const at::Tensor& scale,
+                                                                          const c10::optional<at::Tensor>& zero_point,
+                                                                          c10::string_view qtype, bool with_mask) {
+  auto [y, mask] = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_fake_quant_with_scale_forward(x, scale, zero_point, qtype, with_mask);
+  }();
+  const at::Tensor zp = zero_point.value_or(at::Tensor());
+  record("FakeQuantWithScaleBackward", y, {x, scale, zp}, with_mask ? mask : at::Tensor(), y.sym_strides());
+  return {y, mask};
+}
+
+// grad -> grad * mask is linear, so its derivative is itself (double backward).
 at::Tensor fake_quant_backward_autograd(const at::Tensor& grad, const at::Tensor& mask) {
-  return FakeQuantBackwardFn::apply(grad, mask);
+  at::Tensor g = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_fake_quant_backward(grad, mask);
+  }();
+  const at::Tensor dense = grad.is_non_overlapping_and_dense() ? grad : grad.contiguous();
+  record("FakeQuantBackwardBackward", g, {grad, mask}, mask, dense.sym_strides());
+  return g;
 }
 
 // Non-differentiable ops: run below autograd; outputs do not require grad.
@@ -121,19 +173,6 @@ std::vector<at::Tensor> calibrate_redispatch(const at::Tensor& x, c10::string_vi
 
 std::vector<at::Tensor> compute_scale_redispatch(at::TensorList calibration, c10::string_view qtype) {
   return call_compute_scale(calibration, qtype);
-}
-
-std::tuple<at::Tensor, at::Tensor> fake_quant_forward_redispatch(const at::Tensor& x, c10::string_view qtype,
-                                                                 c10::string_view method, at::IntArrayRef ch,
-                                                                 at::IntArrayRef tiled, at::IntArrayRef tiles,
-                                                                 bool with_mask) {
-  return call_fake_quant_forward(x, qtype, method, ch, tiled, tiles, with_mask);
-}
-
-std::tuple<at::Tensor, at::Tensor> fake_quant_with_scale_forward_redispatch(
-    const at::Tensor& x, const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point, c10::string_view qtype,
-    bool with_mask) {
-  return call_fake_quant_with_scale_forward(x, scale, zero_point, qtype, with_mask);
 }
 
 std::vector<at::Tensor> srq_scale_redispatch(const at::Tensor& x, const at::Tensor& count, at::TensorList sums,
@@ -167,9 +206,8 @@ TORCH_LIBRARY_IMPL(qwix, Autograd, m) {
   m.impl("fake_quant", &fake_quant_autograd);
   m.impl("fake_quant_with_scale", &fake_quant_with_scale_autograd);
   m.impl("fake_quant_backward", &fake_quant_backward_autograd);
-  m.impl("fake_quant_forward", &NoGrad<decltype(fake_quant_forward_redispatch), fake_quant_forward_redispatch>::call);
-  m.impl("fake_quant_with_scale_forward",
-         &NoGrad<decltype(fake_quant_with_scale_forward_redispatch), fake_quant_with_scale_forward_redispatch>::call);
+  m.impl("fake_quant_forward", &fake_quant_forward_autograd);
+  m.impl("fake_quant_with_scale_forward", &fake_quant_with_scale_forward_autograd);
   m.impl("calibrate", &NoGrad<decltype(calibrate_redispatch), calibrate_redispatch>::call);
   m.impl("compute_scale", &NoGrad<decltype(compute_scale_redispatch), compute_scale_redispatch>::call);
   m.impl("srq_scale", &NoGrad<decltype(srq_scale_redispatch), srq_scale_redispatch>::call);

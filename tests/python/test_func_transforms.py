@@ -1,0 +1,219 @@
+"""torch.func transforms (grad, vjp, jvp, hessian, vmap) through the fake-quant ops and QAT models.
+
+The straight-through rule holds at every transform level, in reverse and forward mode: the gradient
+(or tangent) of x passes, masked to the calibrated range where the calibration can clip; the scale
+and zero point get none. vmap runs the ops per sample (PyTorch's loop fallback: per-sample scales).
+"""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
+
+import qwix_torch as qwix
+import reference as ref
+from _helpers import assert_same, make_input, stable_seed
+from qwix_torch import QatProvider, QuantizationRule
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
+
+# (qtype, calibration method, channelwise axes, tiled axes, clip_gradient)
+CASES = [
+    ("int8", "absmax", (0,), None, None),
+    ("int8", "absmax,0.7", (), None, None),
+    ("int4", "minmax,0.9", (1,), None, None),
+    ("float8_e4m3fn", "rms,2", (0,), None, None),
+    ("int8", "absmax", (), {-1: 4}, True),
+    ("nf4", "absmax,0.8", (0,), None, False),
+]
+
+
+def _id(c):
+    return f"{c[0]}-{c[1]}-ch{list(c[2])}-t{c[3] or {}}-clip{c[4]}"
+
+
+def _fq(case):
+    qtype, method, axes, tiles, clip = case
+    return lambda x: qwix.fake_quant(x, qtype, calibration_method=method, channelwise_axes=axes, tiled_axes=tiles,
+                                     clip_gradient=clip)
+
+
+def _masked(t, x, case):
+    qtype, method, axes, tiles, clip = case
+    return torch.where(ref.ref_grad_mask(x, qtype, method, axes, tiles, clip), t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_grad_and_vjp_are_straight_through(case):
+    fq = _fq(case)
+    x, g = make_input((6, 8), stable_seed(case)), make_input((6, 8), 1)
+    assert_same(grad(lambda t: (fq(t) * g).sum())(x), _masked(g, x, case), "grad")
+    y, pullback = vjp(fq, x)
+    assert_same(y, fq(x), "vjp output")
+    assert_same(pullback(g)[0], _masked(g, x, case), "vjp")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_jvp_is_straight_through(case):
+    fq = _fq(case)
+    x, t = make_input((6, 8), stable_seed(case)), make_input((6, 8), 2)
+    y, y_t = jvp(fq, (x,), (t,))
+    assert_same(y, fq(x), "jvp output")
+    assert_same(y_t, _masked(t, x, case), "tangent")
+    # forward and reverse mode agree: the Jacobian is the diagonal of the mask
+    x = make_input((3, 4), stable_seed(case, "small"))
+    expected = torch.diag(_masked(torch.ones(3, 4), x, case).reshape(-1)).reshape(3, 4, 3, 4)
+    assert_same(jacfwd(fq)(x), expected, "jacfwd")
+    assert_same(jacrev(fq)(x), expected, "jacrev")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_hessian_goes_through_the_backward(case):
+    """Second order (jacfwd over jacrev, jacrev over jacrev): d/dx of 2 fq(x) mask is 2 mask mask."""
+    fq = _fq(case)
+    x = make_input((3, 4), stable_seed(case, "h"))
+    expected = torch.diag(2 * _masked(torch.ones(3, 4), x, case).reshape(-1)).reshape(3, 4, 3, 4)
+    f = lambda t: fq(t).square().sum()  # noqa: E731
+    assert_same(hessian(f)(x), expected, "hessian")
+    assert_same(jacrev(jacrev(f))(x), expected, "jacrev(jacrev)")
+
+
+def test_outer_level_masks_an_input_the_inner_level_does_not_differentiate():
+    """jvp over grad w.r.t. w: at the inner level x needs no gradient, the outer one still gets the mask."""
+    case = ("int8", "absmax,0.6", (), None, None)
+    fq = _fq(case)
+    x, t, w = make_input((4, 5), 3), make_input((4, 5), 4), make_input((4, 5), 5)
+    _, tangent = jvp(lambda a: grad(lambda b: (fq(a) * b).sum())(w), (x,), (t,))
+    assert_same(tangent, _masked(t, x, case))
+
+
+@pytest.mark.parametrize("with_zp,clip", [(False, False), (False, True), (True, True)])
+def test_with_scale_scale_and_zero_point_get_nothing(with_zp, clip):
+    x = make_input((4, 6), 6) * 3
+    scale = torch.tensor([[0.01], [0.02], [0.05], [0.5]])
+    zp = torch.tensor([[0.0], [2.0], [-3.0], [1.0]]) if with_zp else None
+
+    def f(x, scale, zp):
+        return qwix.fake_quant_with_scale(x, scale, "int8", zero_point=zp, clip_gradient=clip)
+
+    g = make_input((4, 6), 7)
+    mask = ref.ref_with_scale_mask(x, scale, "int8", zp, clip)
+    if clip:
+        assert not mask.all()
+    argnums = (0, 1, 2) if with_zp else (0, 1)
+    grads = grad(lambda *a: (f(*a) * g).sum(), argnums=argnums)(x, scale, zp)
+    assert_same(grads[0], torch.where(mask, g, torch.zeros_like(g)), "d/dx")
+    for other in grads[1:]:
+        assert_same(other, torch.zeros_like(other), "scale / zero point")
+    _, y_t = jvp(lambda s: f(x, s, zp), (scale,), (torch.ones_like(scale),))
+    assert_same(y_t, torch.zeros_like(x), "tangent of the scale")
+    _, y_t = jvp(lambda a: f(a, scale, zp), (x,), (g,))
+    assert_same(y_t, torch.where(mask, g, torch.zeros_like(g)), "tangent of x")
+
+
+def test_vmap_quantizes_per_sample():
+    case = ("int8", "absmax,0.8", (), None, None)
+    fq = _fq(case)
+    xs = make_input((5, 4, 6), 8)
+    assert_same(vmap(fq)(xs), torch.stack([fq(x) for x in xs]), "dynamic")
+    scales = torch.rand(5, 4, 1) * 0.05 + 0.01
+    ws = vmap(lambda x, s: qwix.fake_quant_with_scale(x, s, "int4"))(xs, scales)
+    assert_same(ws, torch.stack([qwix.fake_quant_with_scale(x, s, "int4") for x, s in zip(xs, scales)]), "scale")
+    # per-sample gradients
+    g = make_input((4, 6), 9)
+    per_sample = vmap(grad(lambda x: (fq(x) * g).sum()))(xs)
+    assert_same(per_sample, torch.stack([_masked(g, x, case) for x in xs]), "per-sample grad")
+
+
+def test_backward_op_under_transforms():
+    """fake_quant_backward (the op the straight-through backward runs) is linear in the gradient."""
+    x = make_input((3, 8), 10)
+    _, mask = torch.ops.qwix.fake_quant_forward(x, "int8", "absmax,0.5", [], [], [], True)
+    bits = ref.ref_grad_mask(x, "int8", "absmax,0.5", (), None)
+    g, t = make_input((3, 8), 11), make_input((3, 8), 12)
+    back = lambda a: torch.ops.qwix.fake_quant_backward(a, mask)  # noqa: E731
+    _, tangent = jvp(back, (g,), (t,))
+    assert_same(tangent, torch.where(bits, t, torch.zeros_like(t)), "jvp")
+    assert_same(grad(lambda a: (back(a) * t).sum())(g), torch.where(bits, t, torch.zeros_like(t)), "grad")
+
+
+# ------------------------------------------------------------------------------------------------
+# QAT models under torch.func.functional_call
+# ------------------------------------------------------------------------------------------------
+
+
+class _TransposedWeight(nn.Module):
+    """Reads its weight through a view (x @ w.t())."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        return x @ self.w.t()
+
+
+def _integer_mlp(seed: int) -> nn.Module:
+    """Integer weights in [-7, 7] and 7.5 in each row: int4's per-channel scale is 7.5 / 7.5 = 1 and the
+    quantized weights are integers (7.5 clamps to 7), so with integer inputs the first layer's sums are exact in any order and a batched (vmap) and a per-sample
+    forward agree bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randint(-7, 8, p.shape, generator=g).float())
+            if p.dim() == 2:
+                p[:, 0] = 7.5
+    return m
+
+
+@pytest.mark.parametrize("rules", [
+    [QuantizationRule(weight_qtype="int4")],
+    [QuantizationRule(weight_qtype="int4", act_qtype="int8", act_calibration_method="absmax,0.9")],
+], ids=["weights-only", "w4a8-clipped"])
+@pytest.mark.parametrize("model", ["mlp", "transposed-view"])
+def test_functional_call_treats_the_given_tensors_as_weights(model, rules):
+    """functional_call puts plain tensors in the parameters' slots: they are the weights (a weights-only
+    rule quantizes them, an activation qtype does not apply to them), as in the model's own forward."""
+    torch.manual_seed(0)
+    fp = _integer_mlp(1) if model == "mlp" else _TransposedWeight()
+    width = 6 if model == "mlp" else 8
+    q = qwix.quantize_model(fp, QatProvider(rules), torch.randn(2, width))
+    x = torch.randn(5, width)
+    params = {k: v.detach().clone() for k, v in q.named_parameters()}
+    assert_same(functional_call(q, params, (x,)), q(x), "forward")
+    assert not torch.equal(q(x), fp(x))  # the rules do change the numerics
+    grads = grad(lambda p: functional_call(q, p, (x,)).square().sum())(params)
+    q.zero_grad()
+    q(x).square().sum().backward()
+    for name, p in q.named_parameters():
+        assert_same(grads[name], p.grad, name)
+
+
+def test_per_sample_gradients_of_a_qat_model():
+    """vmap(grad(loss)) over a batch (DP-SGD style) equals one eager backward per sample."""
+    # the second layer's input is quantized (and its gradient masked); the first layer's stays integer
+    rules = [QuantizationRule(module_path="2", weight_qtype="int4", act_qtype="int8", act_calibration_method="absmax,0.8"),
+             QuantizationRule(weight_qtype="int4")]
+    q = qwix.quantize_model(_integer_mlp(2), QatProvider(rules), torch.zeros(2, 6))
+    xs = torch.randint(-4, 5, (6, 6)).float()
+    params = {k: v.detach().clone() for k, v in q.named_parameters()}
+
+    def loss(p, x):
+        return functional_call(q, p, (x[None],)).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    for i, x in enumerate(xs):
+        q.zero_grad()
+        q(x[None]).sum().backward()
+        for name, p in q.named_parameters():
+            assert_same(per_sample[name][i], p.grad, f"sample {i} {name}")
+
+
+def test_parameter_slots_are_forgotten_after_the_forward():
+    """The ids of the tensors functional_call put in the slots are dropped when the forward ends (a later
+    tensor reusing such an id must not count as a weight)."""
+    q = qwix.quantize_model(_integer_mlp(3), QatProvider([QuantizationRule(weight_qtype="int4")]), torch.zeros(1, 6))
+    params = {k: v.detach().clone() for k, v in q.named_parameters()}
+    functional_call(q, params, (torch.ones(2, 6),))
+    state = q._qwix_state
+    assert state.swapped == frozenset() and not state.stack
