@@ -217,3 +217,85 @@ def test_parameter_slots_are_forgotten_after_the_forward():
     functional_call(q, params, (torch.ones(2, 6),))
     state = q._qwix_state
     assert state.swapped == frozenset() and not state.stack
+
+
+# ------------------------------------------------------------------------------------------------
+# vmap of the calibration and SRQ ops (rules in python/qwix_torch/_vmap.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_vmap_of_calibration_and_srq_ops_is_per_sample():
+    ops = torch.ops.qwix
+    xs = make_input((4, 3, 8), 13)
+    for method, axes in [("absmax", [0]), ("minmax", []), ("rms,2", [1])]:
+        batched = vmap(lambda x: ops.calibrate(x, method, axes, [], []))(xs)
+        looped = [ops.calibrate(x, method, axes, [], []) for x in xs]
+        for i, t in enumerate(batched):
+            assert_same(t, torch.stack([c[i] for c in looped]), f"calibrate {method}")
+        scales = vmap(lambda *c: ops.compute_scale(list(c), "uint8" if method == "minmax" else "int8"))(*batched)
+        for i, t in enumerate(scales):
+            expected = torch.stack([ops.compute_scale(c, "uint8" if method == "minmax" else "int8")[i] for c in looped])
+            assert_same(t, expected, f"compute_scale {method}")
+    # srq_scale with shared statistics: dynamic per sample while count is 0, the statistics' scale after
+    sums = [torch.full((1, 1), 2.0)]
+    for count in (0, 3):
+        c = torch.tensor(count, dtype=torch.int32)
+        batched = vmap(lambda x: ops.srq_scale(x, c, sums, "int8", "absmax", [], [], []))(xs)[0]
+        assert_same(batched, torch.stack([ops.srq_scale(x, c, sums, "int8", "absmax", [], [], [])[0] for x in xs]),
+                    f"srq_scale count={count}")
+
+
+def test_vmap_of_update_quant_stat_updates_once_per_sample():
+    ops = torch.ops.qwix
+    cal = make_input((5, 2, 4), 14).abs()  # 5 samples of a [2, 4] calibration, batch axis 0
+    count, sums = torch.tensor(1, dtype=torch.int32), torch.ones(1, 4)
+
+    def update(n, s, c):
+        ops.update_quant_stat(n, [s], [c], [0], 1)
+        return c
+
+    vmap(update, in_dims=(None, None, 0))(count, sums, cal)
+    expected = torch.ones(1, 4)
+    for c in cal:
+        expected += c.mean(0, keepdim=True)
+    assert int(count) == 6
+    assert_same(sums, expected)
+    # per-sample statistics (model ensembling): each slice gets its own update
+    counts, sums = torch.zeros(5, dtype=torch.int32), torch.zeros(5, 1, 4)
+    vmap(update)(counts, sums, cal)
+    assert counts.tolist() == [1] * 5
+    assert_same(sums, cal.mean(1, keepdim=True))
+
+
+def test_per_sample_gradients_with_static_scales():
+    """An SRQ model under vmap(grad(...)): in eval the shared statistics give every sample the same scale, and
+    the per-sample gradients equal one eager backward per sample; in training each sample updates the
+    statistics once."""
+    rules = [QuantizationRule(module_path="2", weight_qtype="int4", act_qtype="int8", act_static_scale=True,
+                              act_calibration_method="absmax,0.8"),
+             QuantizationRule(weight_qtype="int4")]
+    q = qwix.quantize_model(_integer_mlp(4), QatProvider(rules), torch.zeros(2, 6))
+    xs = torch.randint(-4, 5, (6, 6)).float()
+    params = {k: v.detach().clone() for k, v in q.named_parameters()}
+    buffers = dict(q.named_buffers())
+
+    def loss(p, x):
+        return functional_call(q, (p, buffers), (x[None],)).sum()
+
+    q.train()
+    vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    stat = q[2].linear0_lhs
+    assert int(stat.count) == 6
+    with torch.no_grad():
+        hidden = torch.relu(q[0](xs))  # (the first layer's int4 weights are integers: exact)
+    expected = torch.zeros(1, 1)
+    for h in hidden:
+        expected += h.abs().amax() * 0.8
+    assert_same(stat.sum_of_absmax, expected)
+    q.eval()
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    for i, x in enumerate(xs):
+        q.zero_grad()
+        q(x[None]).sum().backward()
+        for name, p in q.named_parameters():
+            assert_same(per_sample[name][i], p.grad, f"sample {i} {name}")
