@@ -142,7 +142,10 @@ class _QatState:
         self.entry_frame = None  # the Python frame that called the outermost running forward
         self.entry_thread = None  # and its thread
         self.param_dicts: list = []  # every module's _parameters dict
-        self.swapped: frozenset = frozenset()  # ids of the non-Parameter tensors in them, for the running forward
+        # The non-Parameter tensors in them for the running forward (functional_call): their ids in eager mode,
+        # the tensors themselves while compiling (Dynamo compares them at trace time).
+        self.swapped: frozenset = frozenset()
+        self.swapped_tensors: tuple = ()
 
 
     def __getstate__(self):
@@ -150,6 +153,7 @@ class _QatState:
         d["stack"] = []
         d["entry_frame"] = None
         d["swapped"] = frozenset()
+        d["swapped_tensors"] = ()
         return d
 
 
@@ -174,9 +178,10 @@ def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) ->
         mode.__enter__()
         if torch.compiler.is_compiling():
             state.entry_frame = None
+            state.swapped_tensors = _swapped_parameters(state)
         else:
             state.entry_frame, state.entry_thread = sys._getframe(1), threading.get_ident()
-            state.swapped = _swapped_parameters(state)
+            state.swapped = frozenset(id(t) for t in _swapped_parameters(state))
     state.stack.append((module, path, {}, mode))
 
 
@@ -214,14 +219,14 @@ def _post_hook(state: _QatState, path: Optional[str], module: nn.Module, args, o
     if frame[3] is not None:
         state.entry_frame = None
         state.swapped = frozenset()
+        state.swapped_tensors = ()
         frame[3].__exit__(None, None, None)
 
 
-def _swapped_parameters(state: _QatState) -> frozenset:
-    """The ids of the plain tensors that stand in parameters' slots for this forward: ``torch.func.functional_call``
-    (and ``torch.nn.utils.stateless``) put the tensors it is given there, and ``torch.func.grad`` wraps them."""
-    return frozenset(id(t) for d in state.param_dicts for t in d.values()
-                     if t is not None and not isinstance(t, nn.Parameter))
+def _swapped_parameters(state: _QatState) -> tuple:
+    """The plain tensors that stand in parameters' slots for this forward: ``torch.func.functional_call`` (and
+    ``torch.nn.utils.stateless``) put the tensors it is given there, and ``torch.func.grad`` wraps them."""
+    return tuple(t for d in state.param_dicts for t in d.values() if t is not None and not isinstance(t, nn.Parameter))
 
 
 def _is_weight(state: _QatState, t: torch.Tensor) -> bool:
@@ -231,7 +236,9 @@ def _is_weight(state: _QatState, t: torch.Tensor) -> bool:
     base = t._base
     if base is not None and isinstance(base, nn.Parameter):
         return True
-    if not state.swapped or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return any(s is t or s is base for s in state.swapped_tensors)
+    if not state.swapped:
         return False
     return id(t) in state.swapped or (base is not None and id(base) in state.swapped)
 

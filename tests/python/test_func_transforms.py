@@ -299,3 +299,23 @@ def test_per_sample_gradients_with_static_scales():
         q(x[None]).sum().backward()
         for name, p in q.named_parameters():
             assert_same(per_sample[name][i], p.grad, f"sample {i} {name}")
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_functional_call_weights_under_compile(backend):
+    """Compiled, the tensors in the parameters' slots are found at trace time (Dynamo compares them)."""
+    torch._dynamo.reset()
+    q = qwix.quantize_model(_integer_mlp(5), QatProvider([QuantizationRule(weight_qtype="int4")]), torch.zeros(1, 6))
+    x = torch.randn(4, 6)
+    params = {k: v.detach().clone() for k, v in q.named_parameters()}
+
+    def f(p, x):
+        return functional_call(q, p, (x,))
+
+    assert_same(torch.compile(f, fullgraph=True, backend=backend)(params, x), q(x), "forward")
+    grads = torch.compile(grad(lambda p, x: f(p, x).square().sum()), backend=backend)(params, x)
+    q.zero_grad()
+    q(x).square().sum().backward()
+    for name, p in q.named_parameters():
+        assert_same(grads[name], p.grad, name)
+    torch._dynamo.reset()
