@@ -17,7 +17,16 @@ def _sample(arg, dim, i):
 
 
 def _per_sample(op):
+    name = op._schema.name
+
     def rule(info, in_dims, *args):
+        if info.batch_size == 0:
+            raise ValueError(f"qwix: vmap of {name} over a batch of size 0: there is no sample to run it on")
+        if name == "qwix::update_quant_stat":
+            stat_dims = [in_dims[0]] + list(in_dims[1] or [None] * len(args[1]))
+            if len({d is None for d in stat_dims}) > 1:
+                raise ValueError(f"qwix: vmap of {name} with count and sums batched differently (in_dims "
+                                 f"{stat_dims}): batch all of them (a statistic per sample) or none (shared)")
         outs = [op(*(_sample(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
         if outs[0] is None:  # update_quant_stat: it mutated its (per-sample or shared) statistics
             return None, None

@@ -319,3 +319,90 @@ def test_functional_call_weights_under_compile(backend):
     for name, p in q.named_parameters():
         assert_same(grads[name], p.grad, name)
     torch._dynamo.reset()
+
+
+def test_vmap_update_quant_stat_refuses_mixed_and_empty_batches():
+    ops = torch.ops.qwix
+
+    def update(n, s, c):
+        ops.update_quant_stat(n, [s], [c], [0], 1)
+        return c
+
+    cal = torch.ones(3, 2, 4)
+    with pytest.raises(ValueError, match=r"count and sums batched differently \(in_dims \[0, None\]\)"):
+        vmap(update, in_dims=(0, None, 0))(torch.zeros(3, dtype=torch.int32), torch.zeros(1, 4), cal)
+    with pytest.raises(ValueError, match=r"vmap of qwix::calibrate over a batch of size 0"):
+        vmap(lambda x: ops.calibrate(x, "absmax", [], [], []))(torch.ones(0, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# The mask's bit order under vmap: each sample's bits follow that sample's input layout
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["fake_quant", "with_scale"])
+def test_vmap_grad_masks_transposed_samples(op):
+    """Per-sample inputs that are transposed views: the loop fallback stacks contiguous outputs, while each
+    sample's mask bits follow its (transposed) input."""
+    xs, gs = make_input((5, 6, 4), 15), make_input((5, 4, 6), 16)
+    scale = torch.tensor(0.01)  # range +-1.27: clips some
+    if op == "fake_quant":
+        f = lambda a: qwix.fake_quant(a, "int8", calibration_method="absmax,0.5")  # noqa: E731
+        mask = lambda a: ref.ref_grad_mask(a, "int8", "absmax,0.5", (), None)  # noqa: E731
+    else:
+        f = lambda a: qwix.fake_quant_with_scale(a, scale, "int8", clip_gradient=True)  # noqa: E731
+        mask = lambda a: ref.ref_with_scale_mask(a, scale, "int8", None, True)  # noqa: E731
+    per_sample = vmap(grad(lambda a, g: (f(a.t()) * g).sum()))(xs, gs)
+    expected = torch.stack([torch.where(mask(x.t()), g, torch.zeros_like(g)).t() for x, g in zip(xs, gs)])
+    assert not mask(xs[0].t()).all()
+    assert_same(per_sample, expected)
+    # the tangent too
+    _, tangents = vmap(lambda a, t: jvp(lambda b: f(b.t()), (a,), (t,)))(xs, xs)
+    assert_same(tangents, torch.stack([torch.where(mask(x.t()), x.t(), torch.zeros_like(x.t())) for x in xs]))
+
+
+def test_vmap_grad_with_layouts_that_need_a_copy():
+    """The incoming gradient or the input in another layout than the mask's order (a batched copy)."""
+    case = ("int8", "absmax,0.6", (), None, None)
+    fq = _fq(case)
+    xs, gs = make_input((3, 4, 6), 17), make_input((3, 6, 4), 18)
+    # the upstream gradient arrives transposed
+    per_sample = vmap(grad(lambda a, g: (fq(a).t() * g).sum()))(xs, gs)
+    assert_same(per_sample, torch.stack([_masked(g.t(), x, case) for x, g in zip(xs, gs)]), "transposed grad")
+    # the cotangent batched along its last axis
+    cot = make_input((4, 6, 3), 19)
+    out = vmap(lambda a, b: vjp(fq, a)[1](b)[0], in_dims=(0, 2))(xs, cot)
+    assert_same(out, torch.stack([_masked(cot[..., i], x, case) for i, x in enumerate(xs)]), "vjp in_dims=2")
+    # second order on a sliced (non-dense) input
+    x = make_input((4, 6), 20)[:, :3]
+    expected = torch.diag(2 * _masked(torch.ones(4, 3), x, case).reshape(-1)).reshape(4, 3, 4, 3)
+    assert_same(hessian(lambda a: fq(a).square().sum())(x), expected, "hessian of a slice")
+
+
+def test_per_sample_gradients_through_a_transposed_activation():
+    """An attention-like product h @ h^T with a clipping activation rule: per-sample gradients by vmap(grad)
+    equal one eager backward per sample."""
+
+    class Gram(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.proj(x)
+            return h @ h.transpose(-1, -2)
+
+    rules = [QuantizationRule(weight_qtype="int4", act_qtype="int8", act_calibration_method="absmax,0.5")]
+    model = Gram()
+    with torch.no_grad():
+        model.proj.weight.copy_(_integer_mlp(6)[0].weight[:6])
+        model.proj.bias.copy_(torch.arange(6.0) - 3)
+    q = qwix.quantize_model(model, QatProvider(rules), torch.zeros(2, 3, 6))
+    xs = torch.randint(-3, 4, (4, 3, 6)).float()
+    params = {k: v.detach().clone() for k, v in q.named_parameters()}
+    per_sample = vmap(grad(lambda p, x: functional_call(q, p, (x,)).sum()), in_dims=(None, 0))(params, xs)
+    for i, x in enumerate(xs):
+        q.zero_grad()
+        q(x).sum().backward()
+        for name, p in q.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-5, atol=1e-4, msg=f"sample {i} {name}")

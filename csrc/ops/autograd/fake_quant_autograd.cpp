@@ -25,12 +25,29 @@ namespace {
 using torch::autograd::variable_list;
 
 // grad * mask, reading grad in the memory order the mask bits were written in.
-// Strides are symbolic under torch.compile(dynamic=True): read as SymInts, they
-// add no guard.
+// The memory order the kernels walk t in, so the order of its mask bits: t's
+// own when dense, else row-major (the kernels read t.contiguous()). From t,
+// not from the output: under vmap the output is the loop fallback's stack,
+// while each sample's bits follow that sample's input. Strides are symbolic
+// under torch.compile(dynamic=True): read as SymInts, they add no guard.
+std::vector<c10::SymInt> mask_order(const at::Tensor& t) {
+  if (t.is_non_overlapping_and_dense()) return t.sym_strides().vec();
+  std::vector<c10::SymInt> strides(t.dim());
+  c10::SymInt stride = 1;
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    strides[d] = stride;
+    const c10::SymInt& size = t.sym_size(d);
+    stride = stride * (size == 0 ? c10::SymInt(1) : size);
+  }
+  return strides;
+}
+
+// grad * mask, grad copied to the mask's order first (new_empty_strided: under
+// vmap the copy is batched too).
 at::Tensor apply_mask(const at::Tensor& grad, const at::Tensor& mask, c10::SymIntArrayRef strides) {
   at::Tensor g = grad;
   if (g.sym_strides() != strides) {
-    g = at::empty_strided_symint(grad.sym_sizes(), strides, grad.options());
+    g = grad.new_empty_strided_symint(grad.sym_sizes(), strides);
     g.copy_(grad);
   }
   return call_fake_quant_backward(g, mask);
@@ -72,18 +89,17 @@ auto make_node(Args&&... args) {
 bool has_forward_grad(const at::Tensor& x) { return x._fw_grad(/*level=*/0).defined(); }
 
 // Connects y (computed below autograd from `inputs`, x first) to the graph and
-// gives it x's tangent, masked when `mask` is defined. `strides` is the memory
-// order of the mask bits.
-void record(const char* name, at::Tensor& y, at::TensorList inputs, const at::Tensor& mask,
-            c10::SymIntArrayRef strides) {
+// gives it x's tangent, masked when `mask` is defined (its bits in x's order).
+void record(const char* name, at::Tensor& y, at::TensorList inputs, const at::Tensor& mask) {
   const at::Tensor& x = inputs[0];
+  const std::vector<c10::SymInt> strides = mask.defined() ? mask_order(x) : std::vector<c10::SymInt>();
   if (torch::autograd::compute_requires_grad(inputs)) {
     auto node = make_node<StraightThroughBackward>(name);
     node->set_next_edges(torch::autograd::collect_next_edges(inputs));
     if (mask.defined()) {
       node->masked_ = true;
       node->mask_ = torch::autograd::SavedVariable(mask, /*is_output=*/false);
-      node->strides_ = strides.vec();
+      node->strides_ = strides;
     }
     torch::autograd::set_history(y, node);
   }
@@ -127,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_forward_autograd(const at::Tensor&
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_fake_quant_forward(x, qtype, method, ch, tiled, tiles, with_mask);
   }();
-  record("FakeQuantBackward", y, {x}, with_mask ? mask : at::Tensor(), y.sym_strides());
+  record("FakeQuantBackward", y, {x}, with_mask ? mask : at::Tensor());
   return {y, mask};
 }
 
@@ -140,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_scale_forward_autograd(const 
     return call_fake_quant_with_scale_forward(x, scale, zero_point, qtype, with_mask);
   }();
   const at::Tensor zp = zero_point.value_or(at::Tensor());
-  record("FakeQuantWithScaleBackward", y, {x, scale, zp}, with_mask ? mask : at::Tensor(), y.sym_strides());
+  record("FakeQuantWithScaleBackward", y, {x, scale, zp}, with_mask ? mask : at::Tensor());
   return {y, mask};
 }
 
@@ -150,8 +166,7 @@ at::Tensor fake_quant_backward_autograd(const at::Tensor& grad, const at::Tensor
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_fake_quant_backward(grad, mask);
   }();
-  const at::Tensor dense = grad.is_non_overlapping_and_dense() ? grad : grad.contiguous();
-  record("FakeQuantBackwardBackward", g, {grad, mask}, mask, dense.sym_strides());
+  record("FakeQuantBackwardBackward", g, {grad, mask}, mask);
   return g;
 }
 
