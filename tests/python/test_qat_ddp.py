@@ -110,3 +110,59 @@ def test_ddp_two_processes_gloo(tmp_path):
     torch.testing.assert_close(absmax, own * WORLD, rtol=1e-6, atol=0)
     count, absmax_after = r0["all_empty"][fc1]  # every rank empty again: left out entirely
     assert int(count) == WORLD and torch.equal(absmax_after, absmax)
+
+
+def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        q = qwix.quantize_model(MLP(), QatProvider(_fsdp_rules()), torch.randn(4, 16))
+        for m in q.modules():
+            if isinstance(m, torch.nn.Linear):
+                fully_shard(m)
+        fully_shard(q)
+        opt = torch.optim.SGD(q.parameters(), lr=0.05)
+        q.train()
+        for step in range(STEPS):
+            opt.zero_grad()
+            F.mse_loss(q(_batch(step, rank)), torch.zeros(4, 4)).backward()
+            opt.step()
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in q.state_dict().items()}
+        torch.save(state, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_rules():
+    return [QuantizationRule(weight_qtype="int4", act_qtype="int8", act_static_scale=True,
+                             act_calibration_method="absmax,0.9")]
+
+
+@pytest.mark.timeout(180)
+def test_fsdp2_two_processes_gloo(tmp_path):
+    """fully_shard (FSDP2): the gathered parameters are nn.Parameters in the modules' slots during the forward,
+    so weights are quantized as weights; training equals one process on the global batch (to rounding), and
+    the SRQ statistics are all-reduced (count += world per step, the same averages)."""
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"fsdp{r}.pt") for r in range(WORLD))
+    torch.manual_seed(0)
+    single = qwix.quantize_model(MLP(), QatProvider(_fsdp_rules()), torch.randn(4, 16)).train()
+    initial = single.fc1.weight.detach().clone()
+    opt = torch.optim.SGD(single.parameters(), lr=0.05)
+    for step in range(STEPS):
+        opt.zero_grad()
+        F.mse_loss(single(torch.cat([_batch(step, r) for r in range(WORLD)])), torch.zeros(4 * WORLD, 4)).backward()
+        opt.step()
+    ref = single.state_dict()
+    for k, v in ref.items():
+        assert torch.equal(r0[k], r1[k]), k
+        if k.endswith("count"):
+            assert int(r0[k]) == WORLD * int(v) == WORLD * STEPS, k
+        elif "_lhs." in k:  # per-token absmax averaged over the batch: the global batch's average, WORLD x the sum
+            torch.testing.assert_close(r0[k], v * WORLD, rtol=1e-6, atol=0, msg=k)
+        else:
+            torch.testing.assert_close(r0[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert (ref["fc1.weight"] - initial).abs().max() > 1e-3  # (it trained)
