@@ -87,6 +87,7 @@ bench: ext
 	$(PY) benchmarks/bench_ops.py --json build/bench_ops.json
 	$(PY) benchmarks/bench_qat.py --json build/bench_qat.json
 	$(PY) benchmarks/bench_attention.py --json build/bench_attention.json
+	$(PY) benchmarks/bench_func.py --json build/bench_func.json
 
 # No GPU needed: SASS instructions per element of the CUDA per-element forms (nvcc + cuobjdump).
 sass-cost: venv

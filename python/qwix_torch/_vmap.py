@@ -1,11 +1,18 @@
-"""vmap rules for the qwix ops that return a list or mutate (PyTorch's loop fallback handles neither).
+"""vmap rules for the qwix ops: every op runs per sample, as ``torch.vmap`` means.
 
-Each rule runs the op once per sample, as ``torch.vmap`` means: per-sample calibrations and scales, and an
-SRQ statistic update per sample (``count`` grows by the batch size, as a loop of single-sample forwards).
-The other ops (``fake_quant``, ``fake_quant_with_scale``, their ``*_forward`` and the backward) take
-PyTorch's own loop fallback.
+The fake-quant ops run once on the whole batch with the batch axis made channelwise (one calibration
+group per sample and per channel / tile: the per-sample result, in one kernel call). Their masks are
+per sample, in the sample's row-major order (``fake_quant_backward`` under vmap reads them so). nvfp4
+(one tensor scale per sample, not a channel) and arguments the op would refuse run the loop.
+
+``calibrate``, ``compute_scale``, ``srq_scale`` and ``update_quant_stat`` (a list output or a mutation,
+which PyTorch's loop fallback refuses) run the loop: per-sample calibrations and scales, and one SRQ
+statistic update per sample (``count`` grows by the batch size, as a loop of single-sample forwards).
 """
 import torch
+
+_ops = torch.ops.qwix
+_FORCE_LOOP = False  # benchmarks/bench_func.py: the per-sample loop (what PyTorch's fallback does), for timing
 
 
 def _sample(arg, dim, i):
@@ -16,26 +23,177 @@ def _sample(arg, dim, i):
     return arg.select(dim, i)
 
 
+def _check_batch(info, name):
+    if info.batch_size == 0:
+        raise ValueError(f"qwix: vmap of {name} over a batch of size 0: there is no sample to run it on")
+
+
+def _loop(op, info, in_dims, args, dense=()):
+    """The op per sample, outputs stacked along 0. Arguments at the indices in `dense` are made contiguous, so
+    masks come out in each sample's row-major order."""
+    outs = []
+    for i in range(info.batch_size):
+        sample = [_sample(a, d, i) for a, d in zip(args, in_dims)]
+        for k in dense:
+            sample[k] = sample[k].contiguous()
+        outs.append(op(*sample))
+    if outs[0] is None:  # update_quant_stat: it mutated its (per-sample or shared) statistics
+        return None, None
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack(outs), 0
+    stacked = [torch.stack(ts) for ts in zip(*outs)]
+    if isinstance(outs[0], tuple):
+        return tuple(stacked), (0,) * len(stacked)
+    return stacked, [0] * len(stacked)
+
+
 def _per_sample(op):
     name = op._schema.name
 
     def rule(info, in_dims, *args):
-        if info.batch_size == 0:
-            raise ValueError(f"qwix: vmap of {name} over a batch of size 0: there is no sample to run it on")
+        _check_batch(info, name)
         if name == "qwix::update_quant_stat":
             stat_dims = [in_dims[0]] + list(in_dims[1] or [None] * len(args[1]))
             if len({d is None for d in stat_dims}) > 1:
                 raise ValueError(f"qwix: vmap of {name} with count and sums batched differently (in_dims "
                                  f"{stat_dims}): batch all of them (a statistic per sample) or none (shared)")
-        outs = [op(*(_sample(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
-        if outs[0] is None:  # update_quant_stat: it mutated its (per-sample or shared) statistics
-            return None, None
-        stacked = [torch.stack(ts) for ts in zip(*outs)]
-        return stacked, [0] * len(stacked)
+        return _loop(op, info, in_dims, args)
 
     return rule
 
 
 for _name in ("calibrate", "compute_scale", "srq_scale", "update_quant_stat"):
-    _op = getattr(torch.ops.qwix, _name).default
-    torch.library.register_vmap(_op, _per_sample(_op))
+    torch.library.register_vmap(getattr(_ops, _name).default, _per_sample(getattr(_ops, _name).default))
+
+
+# ------------------------------------------------------------------------------------------------
+# The fake-quant ops: the whole batch at once
+# ------------------------------------------------------------------------------------------------
+
+
+def _last(positional, kwargs, name, default):
+    """The last argument (clip_gradient or with_mask), passed by position or by name, or its default."""
+    return positional[0] if positional else kwargs.get(name, default)
+
+
+def _batched_x(x, bdim, batch_size):
+    """x with the batch at axis 0, row-major (the masks' order under vmap)."""
+    x = x.movedim(bdim, 0) if bdim is not None else x.expand(batch_size, *x.shape)
+    return x.contiguous()
+
+
+def _shifted(axes, rank):
+    """Axes of a sample as axes of the batch (None when one is out of range: the op's own check reports it)."""
+    if any(not -rank <= a < rank for a in axes):
+        return None
+    return [a % rank + 1 for a in axes]
+
+
+def _group_axes(qtype, ch, tiled, tiles, rank):
+    """(channelwise, tiled) axes for the batch, the batch axis channelwise; None: run the loop."""
+    if qtype == "nvfp4" or len(tiled) != len(tiles):
+        return None
+    ch1, tiled1 = _shifted(ch, rank), _shifted(tiled, rank)
+    if ch1 is None or tiled1 is None:
+        return None
+    return [0] + ch1, tiled1
+
+
+def _split_mask(mask, batch_size, numel):
+    """A whole-batch mask as per-sample masks (exact when a sample fills whole bytes)."""
+    return mask.reshape(batch_size, numel // 8)
+
+
+def _fake_quant_rule(with_mask_output):
+    op = _ops.fake_quant_forward.default if with_mask_output else _ops.fake_quant.default
+
+    # (the schemas' defaults: the vmap rule gets the arguments as they were passed)
+    def rule(info, in_dims, x, qtype, calibration_method="absmax", channelwise_axes=(), tiled_axes=(), tile_sizes=(),
+             *last, **kwargs):
+        _check_batch(info, op._schema.name)
+        method, ch, tiled, tiles = calibration_method, list(channelwise_axes), list(tiled_axes), list(tile_sizes)
+        last = _last(last, kwargs, "with_mask" if with_mask_output else "clip_gradient", None)
+        in_dims = (in_dims[0],)
+        rank = x.dim() - (in_dims[0] is not None)
+        axes = _group_axes(qtype, ch, tiled, tiles, rank)
+        numel = x.numel() // (x.shape[in_dims[0]] if in_dims[0] is not None else 1)
+        if axes is None or (with_mask_output and last and numel % 8) or _FORCE_LOOP:
+            return _loop(op, info, in_dims + (None,) * 6, (x, qtype, method, ch, tiled, tiles, last), dense=(0,))
+        xb = _batched_x(x, in_dims[0], info.batch_size)
+        out = op(xb, qtype, method, axes[0], axes[1], tiles, last)
+        if not with_mask_output:
+            return out, 0
+        y, mask = out
+        return (y, _split_mask(mask, info.batch_size, numel) if last else mask.expand(info.batch_size, 0)), (0, 0)
+
+    return rule
+
+
+def _batched_param(p, pdim, rank, batch_size):
+    """A scale or zero point for the batch: shared ones broadcast as they are (right-aligned), per-sample ones
+    get the batch axis in front, right-aligned to the sample's rank."""
+    if p is None or pdim is None:
+        return p
+    p = p.movedim(pdim, 0)
+    return p.reshape(batch_size, *([1] * (rank - (p.dim() - 1))), *p.shape[1:])
+
+
+def _with_scale_rule(with_mask_output):
+    op = _ops.fake_quant_with_scale_forward.default if with_mask_output else _ops.fake_quant_with_scale.default
+
+    def rule(info, in_dims, x, scale, zero_point, qtype, *last, **kwargs):
+        _check_batch(info, op._schema.name)
+        last = _last(last, kwargs, "with_mask" if with_mask_output else "clip_gradient", False)
+        x_dim, s_dim, z_dim = in_dims[:3]
+        in_dims = (x_dim, s_dim, z_dim, None, None)
+        rank = x.dim() - (x_dim is not None)
+        numel = x.numel() // (x.shape[x_dim] if x_dim is not None else 1)
+        params_fit = all(p is None or d is None or p.dim() - 1 <= rank for p, d in ((scale, s_dim), (zero_point, z_dim)))
+        if qtype == "nvfp4" or not params_fit or (with_mask_output and last and numel % 8) or _FORCE_LOOP:
+            return _loop(op, info, in_dims, (x, scale, zero_point, qtype, last), dense=(0,))
+        xb = _batched_x(x, x_dim, info.batch_size)
+        out = op(xb, _batched_param(scale, s_dim, rank, info.batch_size),
+                 _batched_param(zero_point, z_dim, rank, info.batch_size), qtype, last)
+        if not with_mask_output:
+            return out, 0
+        y, mask = out
+        return (y, _split_mask(mask, info.batch_size, numel) if last else mask.expand(info.batch_size, 0)), (0, 0)
+
+    return rule
+
+
+def _dense(t):
+    """Non-overlapping and dense (strides a permutation of a contiguous layout)."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _backward_rule(info, in_dims, grad, mask):
+    """grad * unpack(mask) per sample. Masks made under vmap are per sample, row-major; a mask shared by every
+    sample (made outside vmap: a weight's) is in the order the autograd node laid each sample's gradient out."""
+    op = _ops.fake_quant_backward.default
+    _check_batch(info, op._schema.name)
+    g_dim, m_dim = in_dims
+    if g_dim is None or _FORCE_LOOP:
+        return _loop(op, info, in_dims, (grad, mask))
+    g = grad.movedim(g_dim, 0)
+    numel = g[0].numel()
+    if m_dim is not None:
+        m = mask.movedim(m_dim, 0)
+        if numel % 8 == 0:
+            return op(g.contiguous(), m.reshape(-1)), 0
+        return _loop(op, info, (0, 0), (g, m), dense=(0,))
+    if numel % 8 == 0 and _dense(g) and (g.shape[0] == 1 or g.stride(0) == numel):
+        return op(g, mask.repeat(info.batch_size)), 0  # batch outermost: each sample in its own order
+    return _loop(op, info, (0, None), (g, mask))
+
+
+torch.library.register_vmap(_ops.fake_quant.default, _fake_quant_rule(False))
+torch.library.register_vmap(_ops.fake_quant_forward.default, _fake_quant_rule(True))
+torch.library.register_vmap(_ops.fake_quant_with_scale.default, _with_scale_rule(False))
+torch.library.register_vmap(_ops.fake_quant_with_scale_forward.default, _with_scale_rule(True))
+torch.library.register_vmap(_ops.fake_quant_backward.default, _backward_rule)

@@ -406,3 +406,120 @@ def test_per_sample_gradients_through_a_transposed_activation():
         q(x).sum().backward()
         for name, p in q.named_parameters():
             torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-5, atol=1e-4, msg=f"sample {i} {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The fake-quant ops' vmap rules: the whole batch in one call, equal to the per-sample loop
+# ------------------------------------------------------------------------------------------------
+
+VMAP_CASES = [
+    ("int8", "absmax", (), None),
+    ("int4", "absmax,0.7", (-1,), None),
+    ("uint8", "minmax", (0,), None),
+    ("float8_e4m3fn", "rms,2", (), {-1: 4}),
+    ("nf4", "absmax", (1,), {0: 2}),
+    ("int8", "fixed,-1,2", (), None),
+    ("mxfp8", "absmax", (), None),
+    ("nvfp4", "absmax", (), None),  # (the loop: one tensor scale per sample)
+]
+
+
+@pytest.mark.parametrize("bdim", [0, 2])
+@pytest.mark.parametrize("qtype,method,axes,tiles", VMAP_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}" for c in VMAP_CASES])
+def test_vmap_rule_equals_the_loop(qtype, method, axes, tiles, bdim):
+    xs = make_input((3, 4, 5, 32), stable_seed(qtype, method))
+    xs = xs.movedim(0, bdim)  # the batch at axis `bdim`
+    case = (qtype, method, axes, tiles, None)
+    fq = _fq(case)
+    samples = [xs.select(bdim, i) for i in range(3)]
+    assert_same(vmap(fq, in_dims=bdim)(xs), torch.stack([fq(x) for x in samples]), "values")
+    g = make_input(samples[0].shape, 21)
+    sample_grad = grad(lambda a: (fq(a) * g).sum())  # (checked against the reference above)
+    per_sample = vmap(sample_grad, in_dims=bdim)(xs)
+    assert_same(per_sample, torch.stack([sample_grad(x) for x in samples]), "per-sample grad")
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (3, 5)], ids=["whole-bytes", "partial-byte"])
+def test_vmap_masks_are_per_sample_row_major(shape):
+    xs = make_input((4,) + shape, 22).transpose(1, 2)  # samples are transposed views
+    forward = torch.ops.qwix.fake_quant_forward
+    ys, masks = vmap(lambda a: forward(a, "int8", "absmax,0.6", [], [], [], True))(xs)
+    for x, y, mask in zip(xs, ys, masks):
+        y1, m1 = forward(x.contiguous(), "int8", "absmax,0.6", [], [], [], True)
+        assert_same(y, y1)
+        assert torch.equal(mask, m1)
+    g = make_input(xs.shape, 23)
+    back = vmap(torch.ops.qwix.fake_quant_backward)(g, masks)
+    expected = [torch.where(ref.ref_grad_mask(x, "int8", "absmax,0.6", (), None), gi, 0.0) for x, gi in zip(xs, g)]
+    assert_same(back, torch.stack(expected))
+
+
+def test_vmap_backward_with_one_mask_for_every_sample():
+    """A weight's mask (made outside vmap) applied to per-sample gradients, in the weight's own layout."""
+    case = ("int4", "absmax,0.8", (0,), None, None)
+    fq = _fq(case)
+    w = make_input((6, 8), 24).t()  # a transposed weight: its mask bits follow its memory order
+    xs = make_input((5, 8), 25)
+    per_sample = vmap(grad(lambda w, x: (x @ fq(w)).square().sum()), in_dims=(None, 0))(w, xs)
+    for i, x in enumerate(xs):
+        wi = w.clone().requires_grad_()
+        (x @ fq(wi)).square().sum().backward()
+        torch.testing.assert_close(per_sample[i], wi.grad, rtol=1e-6, atol=1e-6)
+    assert not ref.ref_grad_mask(w, "int4", "absmax,0.8", (0,), None).all()
+
+
+@pytest.mark.parametrize("batched", ["x", "scale", "x+scale", "x+scale+zp"])
+def test_vmap_with_scale_rule(batched):
+    xs = make_input((3, 4, 6), 26) * 3
+    scales = torch.tensor([0.02, 0.01, 0.05]).reshape(3, 1, 1).expand(3, 4, 1).clone()
+    zps = torch.tensor([0.0, 3.0, -2.0]).reshape(3, 1, 1).expand(3, 4, 1).clone()
+    x_dim = 0 if "x" in batched else None
+    s_dim = 0 if "scale" in batched else None
+    z_dim = 0 if "zp" in batched else None
+    x_in = xs if x_dim == 0 else xs[0]
+    s_in = scales if s_dim == 0 else scales[0]
+    z_in = zps if z_dim == 0 else (zps[0] if "zp" in batched else None)
+
+    def f(x, s, z):
+        return qwix.fake_quant_with_scale(x, s, "int8", zero_point=z, clip_gradient=True)
+
+    out = vmap(f, in_dims=(x_dim, s_dim, z_dim))(x_in, s_in, z_in)
+    loop = [f(x_in[i] if x_dim == 0 else x_in, s_in[i] if s_dim == 0 else s_in,
+              z_in if z_dim is None else z_in[i]) for i in range(3)]
+    assert_same(out, torch.stack(loop))
+
+
+def test_vmap_rules_report_the_ops_errors():
+    xs = make_input((3, 4, 6), 27)
+    with pytest.raises((ValueError, IndexError, RuntimeError), match="axis"):
+        vmap(lambda a: qwix.fake_quant(a, "int8", channelwise_axes=(2,)))(xs)
+    with pytest.raises(ValueError, match=r"vmap of qwix::fake_quant over a batch of size 0"):
+        vmap(lambda a: torch.ops.qwix.fake_quant(a, "int8"))(torch.ones(0, 4))
+
+
+def test_per_sample_gradients_take_no_fallback():
+    """No op of a QAT model falls back to PyTorch's per-sample loop (its 'performance drop' warning)."""
+    import warnings
+
+    rules = [QuantizationRule(weight_qtype="int4", act_qtype="int8", act_calibration_method="absmax,0.8")]
+    q = qwix.quantize_model(_integer_mlp(7), QatProvider(rules), torch.zeros(2, 6))
+    params = {k: v.detach().clone() for k, v in q.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vmap(grad(lambda p, x: functional_call(q, p, (x[None],)).sum()), in_dims=(None, 0))(params, torch.randn(4, 6))
+    assert not [w for w in caught if "qwix::" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_bench_func_quick_runs(tmp_path):
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import bench_func
+
+    out = tmp_path / "b.json"
+    assert bench_func.main(["--batch", "4", "--width", "16", "--rounds", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]["4"]
+    assert set(res["median_ms"]) == {"fp32 vmap", "qwix vmap", "qwix vmap loop", "qwix eager"}
+    from qwix_torch import _vmap
+    assert _vmap._FORCE_LOOP is False

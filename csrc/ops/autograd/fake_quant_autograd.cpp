@@ -27,9 +27,9 @@ using torch::autograd::variable_list;
 // grad * mask, reading grad in the memory order the mask bits were written in.
 // The memory order the kernels walk t in, so the order of its mask bits: t's
 // own when dense, else row-major (the kernels read t.contiguous()). From t,
-// not from the output: under vmap the output is the loop fallback's stack,
-// while each sample's bits follow that sample's input. Strides are symbolic
-// under torch.compile(dynamic=True): read as SymInts, they add no guard.
+// not from the output, whose layout need not be t's under vmap (a stack of
+// samples). Strides are symbolic under torch.compile(dynamic=True): read as
+// SymInts, they add no guard.
 std::vector<c10::SymInt> mask_order(const at::Tensor& t) {
   if (t.is_non_overlapping_and_dense()) return t.sym_strides().vec();
   std::vector<c10::SymInt> strides(t.dim());
