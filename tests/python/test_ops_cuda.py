@@ -286,3 +286,28 @@ def _row_calibration_and_chunk_groups(device):
 
 def test_cuda_row_calibration_and_chunk_groups_match_cpu():
     _row_calibration_and_chunk_groups("cuda")
+
+
+def _func_transform_results(dev):
+    from torch.func import grad, jvp, vmap
+
+    def fq(a):
+        return qwix.fake_quant(a, "int8", calibration_method="absmax,0.7", channelwise_axes=(0,))
+
+    def fq_w(w):
+        return qwix.fake_quant(w, "int4", calibration_method="absmax,0.8", channelwise_axes=(1,))
+
+    xs, g, w = (make_input(s, i).to(dev) for i, s in enumerate([(6, 4, 24), (4, 24), (24, 8)]))
+    cot = make_input((6, 24, 8), 4).to(dev)
+    return [
+        vmap(grad(lambda a: (fq(a) * g).sum()))(xs),  # per-sample masks (the rule's whole-batch call)
+        vmap(grad(lambda a: (fq(a.t()) * g.t()).sum()))(xs),  # transposed samples
+        jvp(fq, (xs[0],), (g,))[1],  # forward mode
+        vmap(grad(lambda w, c: (fq_w(w) * c).sum()), in_dims=(None, 0))(w, cot),  # a shared weight mask
+    ]
+
+
+def test_cuda_func_transforms_match_cpu():
+    """torch.func on CUDA (vmap rules, the straight-through node, forward-mode AD): as on the CPU, bit for bit."""
+    for i, (a, b) in enumerate(zip(_func_transform_results("cpu"), _func_transform_results("cuda"))):
+        assert_same(b.cpu(), a, f"result {i}")
