@@ -90,8 +90,9 @@ def _shifted(axes, rank):
 
 
 def _group_axes(qtype, ch, tiled, tiles, rank):
-    """(channelwise, tiled) axes for the batch, the batch axis channelwise; None: run the loop."""
-    if qtype == "nvfp4" or len(tiled) != len(tiles):
+    """(channelwise, tiled) axes for the batch, the batch axis channelwise; None: run the loop (nvfp4; MX
+    formats of 0-d samples, where the batch axis would be the blocked last axis; arguments the op refuses)."""
+    if qtype == "nvfp4" or (qtype in ("mxfp8", "mxfp4") and rank == 0) or len(tiled) != len(tiles):
         return None
     ch1, tiled1 = _shifted(ch, rank), _shifted(tiled, rank)
     if ch1 is None or tiled1 is None:
@@ -148,9 +149,14 @@ def _with_scale_rule(with_mask_output):
         in_dims = (x_dim, s_dim, z_dim, None, None)
         rank = x.dim() - (x_dim is not None)
         numel = x.numel() // (x.shape[x_dim] if x_dim is not None else 1)
-        params_fit = all(p is None or d is None or p.dim() - 1 <= rank for p, d in ((scale, s_dim), (zero_point, z_dim)))
+        params_fit = all(p is None or p.dim() - (d is not None) <= rank for p, d in ((scale, s_dim), (zero_point, z_dim)))
         if qtype == "nvfp4" or not params_fit or (with_mask_output and last and numel % 8) or _FORCE_LOOP:
             return _loop(op, info, in_dims, (x, scale, zero_point, qtype, last), dense=(0,))
+        if zero_point is not None and (s_dim is None) != (z_dim is None):  # the op wants them the same shape
+            if s_dim is None:
+                scale, s_dim = scale.expand(info.batch_size, *scale.shape), 0
+            else:
+                zero_point, z_dim = zero_point.expand(info.batch_size, *zero_point.shape), 0
         xb = _batched_x(x, x_dim, info.batch_size)
         out = op(xb, _batched_param(scale, s_dim, rank, info.batch_size),
                  _batched_param(zero_point, z_dim, rank, info.batch_size), qtype, last)
@@ -178,8 +184,8 @@ def _backward_rule(info, in_dims, grad, mask):
     op = _ops.fake_quant_backward.default
     _check_batch(info, op._schema.name)
     g_dim, m_dim = in_dims
-    if g_dim is None or _FORCE_LOOP:
-        return _loop(op, info, in_dims, (grad, mask))
+    if g_dim is None or _FORCE_LOOP:  # (a shared gradient meets per-sample masks: read row-major, as they are)
+        return _loop(op, info, in_dims, (grad, mask), dense=(0,) if m_dim is not None else ())
     g = grad.movedim(g_dim, 0)
     numel = g[0].numel()
     if m_dim is not None:

@@ -523,3 +523,35 @@ def test_bench_func_quick_runs(tmp_path):
     assert set(res["median_ms"]) == {"fp32 vmap", "qwix vmap", "qwix vmap loop", "qwix eager"}
     from qwix_torch import _vmap
     assert _vmap._FORCE_LOOP is False
+
+
+def test_vmap_shared_gradient_meets_per_sample_masks():
+    """A cotangent shared by every sample (vjp), reaching per-sample masks of transposed samples."""
+    case = ("int8", "absmax,0.5", (), None, None)
+    fq = _fq(case)
+    for shape in [(4, 8, 6), (4, 5, 3)]:  # whole bytes, and n % 8 != 0
+        xs = make_input(shape, 28).transpose(1, 2)
+        c = make_input(xs.shape[1:], 29)
+        out = vmap(lambda x: vjp(fq, x)[1](c)[0])(xs)
+        assert_same(out, torch.stack([_masked(c, x, case) for x in xs]), f"{shape}")
+    # per-sample scales, one transposed x and one cotangent for all
+    x, c = make_input((8, 6), 30).t(), make_input((6, 8), 31)
+    scales = torch.tensor([0.005, 0.01, 0.02, 0.03])
+    out = vmap(lambda s: vjp(lambda t: qwix.fake_quant_with_scale(t, s, "int8", clip_gradient=True), x)[1](c)[0])(scales)
+    expected = [torch.where(ref.ref_with_scale_mask(x, s, "int8", None, True), c, torch.zeros_like(c)) for s in scales]
+    assert_same(out, torch.stack(expected))
+
+
+def test_vmap_with_scale_mixed_parameters_and_errors():
+    xs = make_input((4, 6, 8), 32)
+    scales = torch.rand(4, 6, 1) * 0.05 + 0.01
+    zp = torch.randint(0, 255, (6, 1)).float()  # shared, while the scale is per sample
+
+    def f(x, s):
+        return qwix.fake_quant_with_scale(x, s, "uint8", zero_point=zp)
+
+    assert_same(vmap(f)(xs, scales), torch.stack([f(x, s) for x, s in zip(xs, scales)]))
+    with pytest.raises(ValueError, match=r"scale of shape \[4, 1, 1\] has more dims than the input of shape \[6, 8\]"):
+        vmap(lambda x: qwix.fake_quant_with_scale(x, torch.full((4, 1, 1), 0.1), "int8"))(xs)
+    with pytest.raises(ValueError, match=r"qtype 'mxfp8' quantizes blocks of 32 elements along the last axis"):
+        vmap(lambda s: qwix.fake_quant(s, "mxfp8"))(make_input((32,), 33))
