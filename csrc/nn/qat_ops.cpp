@@ -5,11 +5,27 @@
 
 #include <algorithm>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 
 #include "qwix/nn.h"
 
 namespace qwix {
 namespace nn {
+
+int& detail::live_ops(const Quantizable* module) {
+  thread_local std::unordered_map<const Quantizable*, int> live;
+  return live[module];
+}
+
+namespace {
+// Statistics are looked up, and created on first use, in a module's children: forwards on several threads
+// must not read the children while another thread adds one.
+std::mutex& stat_mutex() {
+  static std::mutex m;
+  return m;
+}
+}  // namespace
 
 bool QatOps::is_weight(const at::Tensor& t) const {
   // A parameter of the model, or a view of one: the Python path's nn.Parameter test.
@@ -22,12 +38,15 @@ bool QatOps::is_weight(const at::Tensor& t) const {
 at::Tensor QatOps::operand(const std::string& name, const at::Tensor& x, const OperandPlan& plan) {
   if (!plan.quantize || !plan.static_scale || !x.is_floating_point()) return quantize_operand(x, plan);
   std::shared_ptr<QuantStatImpl> stat;
-  const auto children = owner_.named_children();
-  if (const auto* found = children.find(name)) {
-    stat = std::dynamic_pointer_cast<QuantStatImpl>(*found);
-    TORCH_CHECK(stat != nullptr, "qwix: submodule '", name, "' of '", config_.path_, "' is not a QuantStat");
-  } else {
-    stat = owner_.register_module(name, std::make_shared<QuantStatImpl>(make_quant_stat(x.detach(), plan)));
+  {
+    const std::lock_guard<std::mutex> lock(stat_mutex());
+    const auto children = owner_.named_children();
+    if (const auto* found = children.find(name)) {
+      stat = std::dynamic_pointer_cast<QuantStatImpl>(*found);
+      TORCH_CHECK(stat != nullptr, "qwix: submodule '", name, "' of '", config_.path_, "' is not a QuantStat");
+    } else {
+      stat = owner_.register_module(name, std::make_shared<QuantStatImpl>(make_quant_stat(x.detach(), plan)));
+    }
   }
   QuantStatTensors t = stat->tensors();
   const bool empty = x.numel() == 0;  // an empty batch (no tokens for this op) adds nothing

@@ -173,6 +173,18 @@ void create_quant_stats(torch::nn::Module& model, const std::function<void()>& f
 }  // namespace nn
 
 std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvider provider) {
+  // As on the Python and TorchScript paths: a second pass would replace the first provider under the model
+  // (and its statistics' methods) silently.
+  std::function<void(torch::nn::Module&, const std::string&)> refuse_configured = [&](torch::nn::Module& m,
+                                                                                       const std::string& path) {
+    const auto* q = dynamic_cast<const nn::Quantizable*>(&m);
+    TORCH_CHECK_VALUE(q == nullptr || !q->is_configured(), "qwix: ",
+                      path.empty() ? std::string("this model is") : "its submodule '" + path + "' is",
+                      " already quantized (qwix::quantize_model configured it); quantizing again would replace its "
+                      "provider: quantize the floating-point model instead");
+    for (const auto& child : m.named_children()) refuse_configured(*child.value(), nn::join_path(path, child.key()));
+  };
+  refuse_configured(model, "");
   auto shared = std::make_shared<QatProvider>(std::move(provider));
   nn::swap_in_containers(model);
   auto parameters = std::make_shared<nn::Quantizable::ParameterSet>();

@@ -33,15 +33,15 @@ DynamicSpec make_dynamic_spec(const at::Tensor& x, const std::string* qtype, con
   DynamicSpec s;
   if (qtype) s.qtype = parse_qtype(*qtype);
   s.calibration = parse_calibration(method);
+  if (qtype && s.qtype.two_level) {  // (first: nvfp4 takes absmax only, not any symmetric method)
+    TORCH_CHECK_VALUE(s.calibration.kind == Calibration::Kind::AbsMax && s.calibration.multiplier == 1.0f,
+                      "qwix: qtype 'nvfp4' computes its two-level scales from absmax; calibration method '", method,
+                      "' is not supported with it (use 'absmax')");
+  }
   if (qtype) {
     TORCH_CHECK_VALUE(s.qtype.is_integer() || s.calibration.symmetric(), "qwix: calibration method '", method,
                       "' is asymmetric, which needs an integer qtype; '", *qtype,
                       "' is a floating-point qtype (use absmax, rms or a symmetric fixed range)");
-  }
-  if (qtype && s.qtype.two_level) {
-    TORCH_CHECK_VALUE(s.calibration.kind == Calibration::Kind::AbsMax && s.calibration.multiplier == 1.0f,
-                      "qwix: qtype 'nvfp4' computes its two-level scales from absmax; calibration method '", method,
-                      "' is not supported with it (use 'absmax')");
   }
   s.groups = qtype && s.qtype.is_block_format() ? mx_groups(x.sizes(), s.qtype)
                                                  : groups_from_axes(x.sizes(), channelwise_axes, tiled_axes, tile_sizes);

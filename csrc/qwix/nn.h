@@ -29,6 +29,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -45,6 +46,11 @@ class QuantStatImpl : public torch::nn::Module {
   // The registered buffers themselves (updates write through).
   QuantStatTensors tensors() const { return t_; }
   bool symmetric() const { return t_.sums.size() == 1; }
+  // A model's to(dtype) keeps the statistics float32 and the count an integer (a bf16 sum would lose
+  // precision, and a cast count breaks the update); device moves apply.
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
 
  private:
   QuantStatTensors t_;
@@ -52,6 +58,13 @@ class QuantStatImpl : public torch::nn::Module {
 TORCH_MODULE(QuantStat);
 
 class QatOps;
+class Quantizable;
+
+namespace detail {
+// The QatOps alive for `module` on the calling thread (qat_ops' one-per-forward check is per thread:
+// other threads may run their own forwards of the module).
+int& live_ops(const Quantizable* module);
+}  // namespace detail
 
 // What the pass configures: every qwix::nn wrapper, and any custom module that
 // derives from it to quantize the ops of its own forward with qat_ops():
@@ -104,7 +117,6 @@ class Quantizable {
   bool update_ = true;
   bool creating_ = false;
   std::shared_ptr<const std::function<int64_t(at::Tensor&)>> all_reduce_;
-  int live_ops_ = 0;  // QatOps objects alive for this module (see qat_ops)
 };
 
 // The ops of one forward call of a Quantizable module, fake-quantizing their
@@ -123,7 +135,7 @@ class QatOps {
   QatOps& operator=(const QatOps&) = delete;
   QatOps& operator=(QatOps&&) = delete;
   ~QatOps() {
-    if (live_) --config_.live_ops_;
+    if (live_) --detail::live_ops(&config_);
   }
 
   at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {});
@@ -172,7 +184,9 @@ class QatOps {
 
  private:
   friend class Quantizable;
-  QatOps(torch::nn::Module& owner, Quantizable& config) : owner_(owner), config_(config) { ++config_.live_ops_; }
+  QatOps(torch::nn::Module& owner, Quantizable& config) : owner_(owner), config_(config) {
+    ++detail::live_ops(&config_);
+  }
   at::Tensor operand(const std::string& name, const at::Tensor& x, const OperandPlan& plan);
   bool is_weight(const at::Tensor& t) const;
 
@@ -185,8 +199,8 @@ class QatOps {
 inline QatOps Quantizable::qat_ops() {
   auto* module = dynamic_cast<torch::nn::Module*>(this);
   TORCH_CHECK(module != nullptr, "qwix: a qwix::nn::Quantizable must also be a torch::nn::Module");
-  TORCH_CHECK(live_ops_ == 0, "qwix: qat_ops() of '", path_, "' called while another one of the same module is "
-              "alive: op ids count per QatOps, so make one per forward call and pass it to helper functions");
+  TORCH_CHECK(detail::live_ops(this) == 0, "qwix: qat_ops() of '", path_, "' called while another one of the same "
+              "module is alive: op ids count per QatOps, so make one per forward call and pass it to helper functions");
   return QatOps(*module, *this);
 }
 
@@ -230,14 +244,18 @@ class QatModule : public Base, public Quantizable {
   }
   // LibTorch's own forward (padding modes and all) on the fake-quantized input, with the
   // fake-quantized weight in the weight member for the call only. The registered parameter is
-  // never replaced and gradients reach it through the fake quant; not for concurrent forwards
-  // of one module object.
+  // never replaced and gradients reach it through the fake quant. Forwards of one module object
+  // from several threads (inference serving) take turns: the member is this call's meanwhile.
   template <typename... Rest>
   at::Tensor forward_quantized(const std::string& op, int64_t groups, const at::Tensor& input, const Rest&... rest) {
+    const std::lock_guard<std::mutex> lock(*forward_mutex_);
     auto [x, w] = qat_ops().operands(op, input, this->weight, "", groups);
     const detail::Swap swap(this->weight, w);
     return Base::forward(x, rest...);
   }
+
+ private:
+  std::shared_ptr<std::mutex> forward_mutex_ = std::make_shared<std::mutex>();
 };
 
 // Drop-in torch::nn::Linear (op "linear").

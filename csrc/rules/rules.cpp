@@ -134,6 +134,9 @@ void validate_rule(const QuantizationRule& r) {
     const Calibration c = with_field(cfield, [&] { return parse_calibration(method); });
     if (!qtype) return;
     const QType q = with_field(qfield, [&] { return parse_qtype(*qtype); });
+    TORCH_CHECK_VALUE(!q.two_level || (c.kind == Calibration::Kind::AbsMax && c.multiplier == 1.0f),
+                      "qwix: QuantizationRule.", cfield, " '", method, "' is not supported with ", qfield,
+                      " 'nvfp4', whose two-level scales come from absmax (use 'absmax')");
     TORCH_CHECK_VALUE(q.is_integer() || c.symmetric(), "qwix: QuantizationRule.", cfield, " '", method,
                       "' is asymmetric, which needs an integer qtype, but ", qfield, " is '", *qtype,
                       "' (use absmax, rms or a symmetric fixed range)");
@@ -152,6 +155,9 @@ void validate_rule(const QuantizationRule& r) {
   TORCH_CHECK_VALUE(!r.act_static_scale || r.act_qtype,
                     "qwix: QuantizationRule.act_static_scale=True needs an act_qtype (static scales are for "
                     "activations), but act_qtype is None");
+  TORCH_CHECK_VALUE(!r.act_static_scale || !parse_qtype(*r.act_qtype).two_level,
+                    "qwix: QuantizationRule.act_static_scale=True is not supported with act_qtype 'nvfp4', whose "
+                    "two-level scales are dynamic (computed from each tensor)");
 
   std::vector<int64_t> axes = r.act_batch_axes;
   std::sort(axes.begin(), axes.end());

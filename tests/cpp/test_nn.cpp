@@ -791,4 +791,66 @@ TEST(NnPass, CreateQuantStatsThenLoadACheckpoint) {
   EXPECT_EQ(fresh->fc->named_buffers()["linear0_lhs.count"].item<int>(), 3);
 }
 
+TEST(NnPass, ThreadsShareOneModelForInference) {
+  // Inference serving: several threads run forwards of one quantized model (a plain torch::nn::Linear
+  // allows it). The wrappers' forwards take turns on the weight member; each thread's qat_ops() is its own.
+  torch::manual_seed(10);
+  auto net = std::make_shared<Net>();
+  qwix::QuantizationRule r = w4a8();
+  r.act_static_scale = true;
+  r.module_path = "fc1";
+  qwix::nn::quantize_model(*net, qwix::QatProvider({r, w4a8()}));
+  net->eval();  // statistics created on the first forward, by whichever thread gets there first
+  const auto x = torch::randn({5, 16});
+  std::vector<at::Tensor> outs(4);
+  std::vector<std::thread> threads;
+  for (size_t t = 0; t < outs.size(); ++t) {
+    threads.emplace_back([&, t] {
+      torch::NoGradGuard no_grad;
+      for (int i = 0; i < 200; ++i) outs[t] = net->forward(x);
+    });
+  }
+  for (auto& th : threads) th.join();
+  const auto expected = net->forward(x);
+  for (const auto& y : outs) EXPECT_TRUE(torch::equal(y, expected));
+  EXPECT_TRUE(net->fc1->weight.is_same(net->fc1->named_parameters()["weight"]));
+  EXPECT_EQ(net->fc1->named_children().size(), 1u);  // one statistic, not one per thread
+}
+
+TEST(NnPass, ToDtypeKeepsTheStatistics) {
+  torch::manual_seed(11);
+  auto net = std::make_shared<Net>();
+  qwix::QuantizationRule r = w4a8();
+  r.act_static_scale = true;
+  qwix::nn::quantize_model(*net, qwix::QatProvider({r}));
+  net->train();
+  net->forward(torch::randn({6, 16}));
+  net->to(torch::kDouble);
+  EXPECT_EQ(net->fc1->weight.scalar_type(), torch::kDouble);
+  const auto buffers = net->named_buffers();
+  EXPECT_EQ(buffers["fc1.linear0_lhs.count"].scalar_type(), torch::kInt);
+  EXPECT_EQ(buffers["fc1.linear0_lhs.sum_of_absmax"].scalar_type(), torch::kFloat);
+  net->forward(torch::randn({6, 16}, torch::kDouble));  // was: "count must be an int32 or int64 scalar tensor"
+  EXPECT_EQ(net->named_buffers()["fc1.linear0_lhs.count"].item<int>(), 2);
+  net->to(torch::kCPU, torch::kBFloat16);
+  EXPECT_EQ(net->named_buffers()["body.0.linear0_lhs.count"].scalar_type(), torch::kInt);
+}
+
+TEST(NnPass, QuantizingTwiceIsAnError) {
+  auto net = std::make_shared<Net>();
+  qwix::nn::quantize_model(*net, qwix::QatProvider({w4a8()}));
+  try {
+    qwix::nn::quantize_model(*net, qwix::QatProvider({w4a8()}));
+    FAIL() << "expected c10::ValueError";
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("its submodule 'fc1' is already quantized"), std::string::npos) << e.what();
+  }
+  try {
+    qwix::nn::quantize_model(*net->fc1, qwix::QatProvider({w4a8()}));
+    FAIL() << "expected c10::ValueError";
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("this model is already quantized"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace

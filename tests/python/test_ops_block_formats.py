@@ -205,9 +205,14 @@ def test_nvfp4_errors_and_gradient():
         qwix.fake_quant_with_scale(x, torch.tensor(0.1), "nvfp4")
     with pytest.raises(ValueError, match="compute_scale"):
         qwix.compute_scale({"absmax": torch.ones(1)}, "nvfp4")
-    with pytest.raises(ValueError, match="nvfp4"):
-        qwix.QatProvider([qwix.QuantizationRule(act_qtype="nvfp4", act_static_scale=True)]).plan(
-            "", "linear", 2, False, 2, True)
+    # refused when the rule is made, not at the first forward
+    with pytest.raises(ValueError, match="act_static_scale=True is not supported with act_qtype 'nvfp4'"):
+        qwix.QuantizationRule(act_qtype="nvfp4", act_static_scale=True)
+    for method in ("minmax", "rms", "absmax,0.9"):
+        with pytest.raises(ValueError, match=rf"'{method}' is not supported with weight_qtype 'nvfp4'.*use 'absmax'"):
+            qwix.QuantizationRule(weight_qtype="nvfp4", weight_calibration_method=method)
+        with pytest.raises(ValueError, match=rf"calibration method '{method}' is not supported with it \(use 'absmax'\)"):
+            qwix.fake_quant(x, "nvfp4", calibration_method=method)  # (minmax: not the asymmetric-method hint)
     xg = x.clone().requires_grad_()
     g = make_input((4, 32), seed=5)
     qwix.fake_quant(xg, "nvfp4").backward(g)
