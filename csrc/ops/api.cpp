@@ -63,6 +63,9 @@ std::vector<at::Tensor> calibrate(const at::Tensor& x, const std::string& method
 }
 
 std::vector<at::Tensor> compute_scale(const std::vector<at::Tensor>& calibration, const std::string& qtype) {
+  // (the dispatcher cannot pick a kernel for an empty list: say what is expected instead)
+  TORCH_CHECK_VALUE(!calibration.empty(), "qwix: compute_scale needs a calibration: [absmax] or [min, max] (as "
+                    "qwix::calibrate returns), got an empty list");
   return call_compute_scale(calibration, qtype);
 }
 

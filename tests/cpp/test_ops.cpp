@@ -45,6 +45,12 @@ TEST(FakeQuant, TiledFractionAndErrors) {
   EXPECT_THROW(qwix::fake_quant(x, "int8", {.tiled_axes = {{1, 5.0}}}), c10::ValueError);
   EXPECT_THROW(qwix::fake_quant(x, "int8", {.channelwise_axes = {2}}), c10::IndexError);
   EXPECT_THROW(qwix::fake_quant(x, "float8_e4m3fn", {.calibration_method = "minmax"}), c10::ValueError);
+  try {
+    qwix::compute_scale({}, "int8");
+    FAIL() << "expected c10::ValueError";
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("compute_scale needs a calibration"), std::string::npos) << e.what();
+  }
 }
 
 // Block formats from C++: MX = blocks of 32 with power-of-two scales; nvfp4 = e4m3 block scales
