@@ -13,9 +13,15 @@
 namespace qwix {
 namespace nn {
 
-int& detail::live_ops(const Quantizable* module) {
-  thread_local std::unordered_map<const Quantizable*, int> live;
-  return live[module];
+int detail::live_ops(const Quantizable* module, int delta) {
+  thread_local std::unordered_map<const Quantizable*, int> live;  // (entries go at 0: no growth)
+  if (delta == 0) {
+    const auto it = live.find(module);
+    return it == live.end() ? 0 : it->second;
+  }
+  const int n = live[module] += delta;
+  if (n == 0) live.erase(module);
+  return n;
 }
 
 namespace {

@@ -61,9 +61,9 @@ class QatOps;
 class Quantizable;
 
 namespace detail {
-// The QatOps alive for `module` on the calling thread (qat_ops' one-per-forward check is per thread:
-// other threads may run their own forwards of the module).
-int& live_ops(const Quantizable* module);
+// Adds `delta` to the QatOps alive for `module` on the calling thread and returns their number
+// (qat_ops' one-per-forward check is per thread: other threads may run their own forwards of it).
+int live_ops(const Quantizable* module, int delta);
 }  // namespace detail
 
 // What the pass configures: every qwix::nn wrapper, and any custom module that
@@ -135,7 +135,7 @@ class QatOps {
   QatOps& operator=(const QatOps&) = delete;
   QatOps& operator=(QatOps&&) = delete;
   ~QatOps() {
-    if (live_) --detail::live_ops(&config_);
+    if (live_) detail::live_ops(&config_, -1);
   }
 
   at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {});
@@ -185,7 +185,7 @@ class QatOps {
  private:
   friend class Quantizable;
   QatOps(torch::nn::Module& owner, Quantizable& config) : owner_(owner), config_(config) {
-    ++detail::live_ops(&config_);
+    detail::live_ops(&config_, +1);
   }
   at::Tensor operand(const std::string& name, const at::Tensor& x, const OperandPlan& plan);
   bool is_weight(const at::Tensor& t) const;
@@ -199,7 +199,7 @@ class QatOps {
 inline QatOps Quantizable::qat_ops() {
   auto* module = dynamic_cast<torch::nn::Module*>(this);
   TORCH_CHECK(module != nullptr, "qwix: a qwix::nn::Quantizable must also be a torch::nn::Module");
-  TORCH_CHECK(detail::live_ops(this) == 0, "qwix: qat_ops() of '", path_, "' called while another one of the same "
+  TORCH_CHECK(detail::live_ops(this, 0) == 0, "qwix: qat_ops() of '", path_, "' called while another one of the same "
               "module is alive: op ids count per QatOps, so make one per forward call and pass it to helper functions");
   return QatOps(*module, *this);
 }
