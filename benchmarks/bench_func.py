@@ -7,8 +7,8 @@ Contenders, all giving every sample's gradient of every parameter:
   qwix vmap      the same on quantize_model(..., QuantizationRule(weight_qtype='int4', act_qtype='int8',
                  act_calibration_method='absmax,0.9')): the qwix vmap rules run each fake-quant op
                  once on the whole batch
-  qwix vmap loop the same with the rules' per-sample loop (what PyTorch's vmap fallback does: one op
-                 call per sample)
+  qwix vmap loop the same with the rules' per-sample loop (one op call per sample, as PyTorch's vmap
+                 fallback would run)
   qwix eager     a Python loop of one forward + backward per sample (no torch.func)
 Timing (DESIGN.md section 6): one process, round-robin, medians over rounds; ratios against fp32 vmap.
 Informational only: exits 0 unless it crashes.

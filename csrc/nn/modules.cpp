@@ -19,19 +19,7 @@ QuantStatImpl::QuantStatImpl(QuantStatTensors init) : t_(std::move(init)) {
 
 void QuantStatImpl::to(torch::Dtype, bool) {}
 void QuantStatImpl::to(torch::Device device, torch::Dtype, bool non_blocking) {
-  to(device, non_blocking);
-}
-void QuantStatImpl::to(torch::Device device, bool non_blocking) {
-  torch::nn::Module::to(device, non_blocking);
-  // The members alias the registered buffers: follow them to the device.
-  const auto buffers = named_buffers(/*recurse=*/false);
-  t_.count = buffers["count"];
-  if (t_.sums.size() == 1) {
-    t_.sums[0] = buffers["sum_of_absmax"];
-  } else {
-    t_.sums[0] = buffers["sum_of_min"];
-    t_.sums[1] = buffers["sum_of_max"];
-  }
+  torch::nn::Module::to(device, non_blocking);  // (buffers move in place: t_ follows)
 }
 
 namespace {

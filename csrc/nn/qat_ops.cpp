@@ -6,27 +6,45 @@
 #include <algorithm>
 #include <limits>
 #include <mutex>
-#include <unordered_map>
+#include <vector>
 
 #include "qwix/nn.h"
 
 namespace qwix {
 namespace nn {
 
-int detail::live_ops(const Quantizable* module, int delta) {
-  thread_local std::unordered_map<const Quantizable*, int> live;  // (entries go at 0: no growth)
-  if (delta == 0) {
-    const auto it = live.find(module);
-    return it == live.end() ? 0 : it->second;
-  }
-  const int n = live[module] += delta;
-  if (n == 0) live.erase(module);
-  return n;
+namespace {
+// The modules whose QatOps are alive on this thread, one entry per QatOps (its forward's nesting).
+std::vector<const Quantizable*>& live_ops() {
+  thread_local std::vector<const Quantizable*> live;
+  return live;
+}
+}  // namespace
+
+QatOps Quantizable::qat_ops() {
+  auto* module = dynamic_cast<torch::nn::Module*>(this);
+  TORCH_CHECK(module != nullptr, "qwix: a qwix::nn::Quantizable must also be a torch::nn::Module");
+  const auto& live = live_ops();
+  TORCH_CHECK(std::find(live.begin(), live.end(), this) == live.end(), "qwix: qat_ops() of '", path_,
+              "' called while another one of the same module is alive: op ids count per QatOps, so make one per "
+              "forward call and pass it to helper functions");
+  return QatOps(*module, *this);
+}
+
+QatOps::QatOps(torch::nn::Module& owner, Quantizable& config) : owner_(owner), config_(config) {
+  live_ops().push_back(&config_);
+}
+
+QatOps::~QatOps() {
+  if (!live_) return;
+  auto& live = live_ops();
+  live.erase(std::find(live.begin(), live.end(), &config_));
 }
 
 namespace {
 // Statistics are looked up, and created on first use, in a module's children: forwards on several threads
-// must not read the children while another thread adds one.
+// must not read the children while another thread adds one. (The wrappers' forwards are serialized per
+// module already; this is for custom Quantizable modules. First use holds it while calibrating.)
 std::mutex& stat_mutex() {
   static std::mutex m;
   return m;

@@ -114,6 +114,17 @@ void configure(torch::nn::Module& m, const std::string& path, const std::shared_
   }
 }
 
+// As on the Python and TorchScript paths: a second pass would silently replace the first one's provider (and its
+// statistics' methods).
+void check_not_quantized(torch::nn::Module& m, const std::string& path) {
+  const auto* q = dynamic_cast<const Quantizable*>(&m);
+  TORCH_CHECK_VALUE(q == nullptr || !q->is_configured(), "qwix: ",
+                    path.empty() ? std::string("this model is") : "its submodule '" + path + "' is",
+                    " already quantized (qwix::quantize_model configured it); quantizing again would replace its "
+                    "provider: quantize the floating-point model instead");
+  for (const auto& child : m.named_children()) check_not_quantized(*child.value(), join_path(path, child.key()));
+}
+
 // Calls fn on every configured Quantizable of `model`; a model with none is an error naming `what`.
 void for_each_configured(torch::nn::Module& model, const char* what, const std::function<void(Quantizable&)>& fn) {
   int64_t n = 0;
@@ -173,18 +184,7 @@ void create_quant_stats(torch::nn::Module& model, const std::function<void()>& f
 }  // namespace nn
 
 std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvider provider) {
-  // As on the Python and TorchScript paths: a second pass would replace the first provider under the model
-  // (and its statistics' methods) silently.
-  std::function<void(torch::nn::Module&, const std::string&)> refuse_configured = [&](torch::nn::Module& m,
-                                                                                       const std::string& path) {
-    const auto* q = dynamic_cast<const nn::Quantizable*>(&m);
-    TORCH_CHECK_VALUE(q == nullptr || !q->is_configured(), "qwix: ",
-                      path.empty() ? std::string("this model is") : "its submodule '" + path + "' is",
-                      " already quantized (qwix::quantize_model configured it); quantizing again would replace its "
-                      "provider: quantize the floating-point model instead");
-    for (const auto& child : m.named_children()) refuse_configured(*child.value(), nn::join_path(path, child.key()));
-  };
-  refuse_configured(model, "");
+  nn::check_not_quantized(model, "");
   auto shared = std::make_shared<QatProvider>(std::move(provider));
   nn::swap_in_containers(model);
   auto parameters = std::make_shared<nn::Quantizable::ParameterSet>();

@@ -23,6 +23,8 @@ struct Calibration {
   }
   // Data-independent (always per-tensor).
   bool is_fixed() const { return kind == Kind::Fixed; }
+  // Plain `absmax` (no factor): what nvfp4's two-level scales are computed from.
+  bool is_plain_absmax() const { return kind == Kind::AbsMax && multiplier == 1.0f; }
 };
 
 // Parses a method string (case-insensitive, spaces ignored). Throws a

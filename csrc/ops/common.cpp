@@ -34,7 +34,7 @@ DynamicSpec make_dynamic_spec(const at::Tensor& x, const std::string* qtype, con
   if (qtype) s.qtype = parse_qtype(*qtype);
   s.calibration = parse_calibration(method);
   if (qtype && s.qtype.two_level) {  // (first: nvfp4 takes absmax only, not any symmetric method)
-    TORCH_CHECK_VALUE(s.calibration.kind == Calibration::Kind::AbsMax && s.calibration.multiplier == 1.0f,
+    TORCH_CHECK_VALUE(s.calibration.is_plain_absmax(),
                       "qwix: qtype 'nvfp4' computes its two-level scales from absmax; calibration method '", method,
                       "' is not supported with it (use 'absmax')");
   }

@@ -50,7 +50,6 @@ class QuantStatImpl : public torch::nn::Module {
   // precision, and a cast count breaks the update); device moves apply.
   void to(torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
-  void to(torch::Device device, bool non_blocking = false) override;
 
  private:
   QuantStatTensors t_;
@@ -58,13 +57,6 @@ class QuantStatImpl : public torch::nn::Module {
 TORCH_MODULE(QuantStat);
 
 class QatOps;
-class Quantizable;
-
-namespace detail {
-// Adds `delta` to the QatOps alive for `module` on the calling thread and returns their number
-// (qat_ops' one-per-forward check is per thread: other threads may run their own forwards of it).
-int live_ops(const Quantizable* module, int delta);
-}  // namespace detail
 
 // What the pass configures: every qwix::nn wrapper, and any custom module that
 // derives from it to quantize the ops of its own forward with qat_ops():
@@ -106,7 +98,8 @@ class Quantizable {
 
  protected:
   // The quantized ops of this forward call: one QatOps per call (op ids count from 0 in it), so
-  // a second one while the first is alive is an error (pass the first to helpers).
+  // a second one alive on the same thread is an error (pass the first to helpers); other threads
+  // run their own forwards.
   QatOps qat_ops();
 
  private:
@@ -134,9 +127,7 @@ class QatOps {
   QatOps(const QatOps&) = delete;
   QatOps& operator=(const QatOps&) = delete;
   QatOps& operator=(QatOps&&) = delete;
-  ~QatOps() {
-    if (live_) detail::live_ops(&config_, -1);
-  }
+  ~QatOps();
 
   at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {});
   at::Tensor conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias = {},
@@ -184,9 +175,7 @@ class QatOps {
 
  private:
   friend class Quantizable;
-  QatOps(torch::nn::Module& owner, Quantizable& config) : owner_(owner), config_(config) {
-    detail::live_ops(&config_, +1);
-  }
+  QatOps(torch::nn::Module& owner, Quantizable& config);
   at::Tensor operand(const std::string& name, const at::Tensor& x, const OperandPlan& plan);
   bool is_weight(const at::Tensor& t) const;
 
@@ -195,14 +184,6 @@ class QatOps {
   std::map<std::string, int64_t> counts_;
   bool live_ = true;
 };
-
-inline QatOps Quantizable::qat_ops() {
-  auto* module = dynamic_cast<torch::nn::Module*>(this);
-  TORCH_CHECK(module != nullptr, "qwix: a qwix::nn::Quantizable must also be a torch::nn::Module");
-  TORCH_CHECK(detail::live_ops(this, 0) == 0, "qwix: qat_ops() of '", path_, "' called while another one of the same "
-              "module is alive: op ids count per QatOps, so make one per forward call and pass it to helper functions");
-  return QatOps(*module, *this);
-}
 
 namespace detail {
 // Puts `value` in `slot` until the end of the scope (also when an exception leaves it).
@@ -245,7 +226,8 @@ class QatModule : public Base, public Quantizable {
   // LibTorch's own forward (padding modes and all) on the fake-quantized input, with the
   // fake-quantized weight in the weight member for the call only. The registered parameter is
   // never replaced and gradients reach it through the fake quant. Forwards of one module object
-  // from several threads (inference serving) take turns: the member is this call's meanwhile.
+  // from several threads (inference serving) take turns: the weight member holds this call's
+  // fake-quantized weight until it returns.
   template <typename... Rest>
   at::Tensor forward_quantized(const std::string& op, int64_t groups, const at::Tensor& input, const Rest&... rest) {
     const std::lock_guard<std::mutex> lock(*forward_mutex_);
@@ -255,6 +237,7 @@ class QatModule : public Base, public Quantizable {
   }
 
  private:
+  // (held by pointer: the class stays copyable, as LibTorch modules are; a copy shares the lock)
   std::shared_ptr<std::mutex> forward_mutex_ = std::make_shared<std::mutex>();
 };
 

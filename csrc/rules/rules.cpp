@@ -134,7 +134,7 @@ void validate_rule(const QuantizationRule& r) {
     const Calibration c = with_field(cfield, [&] { return parse_calibration(method); });
     if (!qtype) return;
     const QType q = with_field(qfield, [&] { return parse_qtype(*qtype); });
-    TORCH_CHECK_VALUE(!q.two_level || (c.kind == Calibration::Kind::AbsMax && c.multiplier == 1.0f),
+    TORCH_CHECK_VALUE(!q.two_level || c.is_plain_absmax(),
                       "qwix: QuantizationRule.", cfield, " '", method, "' is not supported with ", qfield,
                       " 'nvfp4', whose two-level scales come from absmax (use 'absmax')");
     TORCH_CHECK_VALUE(q.is_integer() || c.symmetric(), "qwix: QuantizationRule.", cfield, " '", method,

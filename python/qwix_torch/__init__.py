@@ -2,7 +2,7 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from qwix_torch import _C  # noqa: F401  (registers torch.ops.qwix.*)
-from qwix_torch import _vmap  # noqa: F401  (vmap rules of the list-returning and mutating ops)
+from qwix_torch import _vmap  # noqa: F401  (the vmap rules of every op)
 from qwix_torch.ops import (
     compute_calibration,
     compute_scale,

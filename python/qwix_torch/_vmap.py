@@ -1,18 +1,20 @@
-"""vmap rules for the qwix ops: every op runs per sample, as ``torch.vmap`` means.
+"""vmap rules for the qwix ops: every op runs per sample, as ``torch.vmap`` means (none takes PyTorch's loop
+fallback, which refuses list outputs and mutations and warns of its cost).
 
 The fake-quant ops run once on the whole batch with the batch axis made channelwise (one calibration
 group per sample and per channel / tile: the per-sample result, in one kernel call). Their masks are
-per sample, in the sample's row-major order (``fake_quant_backward`` under vmap reads them so). nvfp4
-(one tensor scale per sample, not a channel) and arguments the op would refuse run the loop.
+per sample, in the sample's row-major order (``fake_quant_backward`` under vmap reads them so). A loop
+over the samples runs instead for nvfp4 (one tensor scale per sample, not a channel), masks whose samples
+end inside a byte, MX formats of 0-d samples, and arguments the op refuses (so its own error is raised).
 
-``calibrate``, ``compute_scale``, ``srq_scale`` and ``update_quant_stat`` (a list output or a mutation,
-which PyTorch's loop fallback refuses) run the loop: per-sample calibrations and scales, and one SRQ
-statistic update per sample (``count`` grows by the batch size, as a loop of single-sample forwards).
+``calibrate``, ``compute_scale``, ``srq_scale`` and ``update_quant_stat`` run the loop: per-sample
+calibrations and scales, and one SRQ statistic update per sample (``count`` grows by the batch size, as a
+loop of single-sample forwards).
 """
 import torch
 
 _ops = torch.ops.qwix
-_FORCE_LOOP = False  # benchmarks/bench_func.py: the per-sample loop (what PyTorch's fallback does), for timing
+_FORCE_LOOP = False  # benchmarks/bench_func.py times the per-sample loop (one op call per sample) with it
 
 
 def _sample(arg, dim, i):
@@ -47,23 +49,27 @@ def _loop(op, info, in_dims, args, dense=()):
     return stacked, [0] * len(stacked)
 
 
-def _per_sample(op):
-    name = op._schema.name
-
+def _loop_rule(op):
     def rule(info, in_dims, *args):
-        _check_batch(info, name)
-        if name == "qwix::update_quant_stat":
-            stat_dims = [in_dims[0]] + list(in_dims[1] or [None] * len(args[1]))
-            if len({d is None for d in stat_dims}) > 1:
-                raise ValueError(f"qwix: vmap of {name} with count and sums batched differently (in_dims "
-                                 f"{stat_dims}): batch all of them (a statistic per sample) or none (shared)")
+        _check_batch(info, op._schema.name)
         return _loop(op, info, in_dims, args)
 
     return rule
 
 
-for _name in ("calibrate", "compute_scale", "srq_scale", "update_quant_stat"):
-    torch.library.register_vmap(getattr(_ops, _name).default, _per_sample(getattr(_ops, _name).default))
+def _update_quant_stat_rule(info, in_dims, count, sums, *rest):
+    op = _ops.update_quant_stat.default
+    _check_batch(info, op._schema.name)
+    stat_dims = [in_dims[0]] + list(in_dims[1] or [None] * len(sums))
+    if len({d is None for d in stat_dims}) > 1:
+        raise ValueError(f"qwix: vmap of qwix::update_quant_stat with count and sums batched differently (in_dims "
+                         f"{stat_dims}): batch all of them (a statistic per sample) or none (shared)")
+    return _loop(op, info, in_dims, (count, sums) + rest)
+
+
+for _name in ("calibrate", "compute_scale", "srq_scale"):
+    torch.library.register_vmap(getattr(_ops, _name).default, _loop_rule(getattr(_ops, _name).default))
+torch.library.register_vmap(_ops.update_quant_stat.default, _update_quant_stat_rule)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,9 +77,22 @@ for _name in ("calibrate", "compute_scale", "srq_scale", "update_quant_stat"):
 # ------------------------------------------------------------------------------------------------
 
 
-def _last(positional, kwargs, name, default):
-    """The last argument (clip_gradient or with_mask), passed by position or by name, or its default."""
+def _flag(positional, kwargs, name, default):
+    """The ops' last argument (clip_gradient or with_mask), passed by position or by name, or its default."""
     return positional[0] if positional else kwargs.get(name, default)
+
+
+def _sample_size(x, bdim):
+    """(rank, numel) of one sample of x."""
+    if bdim is None:
+        return x.dim(), x.numel()
+    return x.dim() - 1, x.numel() // x.shape[bdim]
+
+
+def _must_loop(qtype, masked, numel):
+    """nvfp4 (its tensor scale is per sample, not a channel) and masks whose samples end inside a byte run the
+    loop (so does the benchmark's switch)."""
+    return qtype == "nvfp4" or (masked and numel % 8 != 0) or _FORCE_LOOP
 
 
 def _batched_x(x, bdim, batch_size):
@@ -90,9 +109,9 @@ def _shifted(axes, rank):
 
 
 def _group_axes(qtype, ch, tiled, tiles, rank):
-    """(channelwise, tiled) axes for the batch, the batch axis channelwise; None: run the loop (nvfp4; MX
-    formats of 0-d samples, where the batch axis would be the blocked last axis; arguments the op refuses)."""
-    if qtype == "nvfp4" or (qtype in ("mxfp8", "mxfp4") and rank == 0) or len(tiled) != len(tiles):
+    """(channelwise, tiled) axes for the batch, the batch axis channelwise; None: run the loop (MX formats of
+    0-d samples, where the batch axis would be the blocked last axis; arguments the op refuses)."""
+    if (qtype in ("mxfp8", "mxfp4") and rank == 0) or len(tiled) != len(tiles):
         return None
     ch1, tiled1 = _shifted(ch, rank), _shifted(tiled, rank)
     if ch1 is None or tiled1 is None:
@@ -100,9 +119,14 @@ def _group_axes(qtype, ch, tiled, tiles, rank):
     return [0] + ch1, tiled1
 
 
-def _split_mask(mask, batch_size, numel):
-    """A whole-batch mask as per-sample masks (exact when a sample fills whole bytes)."""
-    return mask.reshape(batch_size, numel // 8)
+def _batch_result(out, with_mask_output, masked, batch_size, numel):
+    """The op's output for the batch as vmap's (output, out_dims): a whole-batch mask as per-sample masks
+    (each sample fills numel / 8 bytes), an empty one per sample too."""
+    if not with_mask_output:
+        return out, 0
+    y, mask = out
+    mask = mask.reshape(batch_size, numel // 8) if masked else mask.expand(batch_size, 0)
+    return (y, mask), (0, 0)
 
 
 def _fake_quant_rule(with_mask_output):
@@ -110,22 +134,18 @@ def _fake_quant_rule(with_mask_output):
 
     # (the schemas' defaults: the vmap rule gets the arguments as they were passed)
     def rule(info, in_dims, x, qtype, calibration_method="absmax", channelwise_axes=(), tiled_axes=(), tile_sizes=(),
-             *last, **kwargs):
+             *flag, **kwargs):
         _check_batch(info, op._schema.name)
-        method, ch, tiled, tiles = calibration_method, list(channelwise_axes), list(tiled_axes), list(tile_sizes)
-        last = _last(last, kwargs, "with_mask" if with_mask_output else "clip_gradient", None)
-        in_dims = (in_dims[0],)
-        rank = x.dim() - (in_dims[0] is not None)
-        axes = _group_axes(qtype, ch, tiled, tiles, rank)
-        numel = x.numel() // (x.shape[in_dims[0]] if in_dims[0] is not None else 1)
-        if axes is None or (with_mask_output and last and numel % 8) or _FORCE_LOOP:
-            return _loop(op, info, in_dims + (None,) * 6, (x, qtype, method, ch, tiled, tiles, last), dense=(0,))
-        xb = _batched_x(x, in_dims[0], info.batch_size)
-        out = op(xb, qtype, method, axes[0], axes[1], tiles, last)
-        if not with_mask_output:
-            return out, 0
-        y, mask = out
-        return (y, _split_mask(mask, info.batch_size, numel) if last else mask.expand(info.batch_size, 0)), (0, 0)
+        flag = _flag(flag, kwargs, "with_mask" if with_mask_output else "clip_gradient", None)
+        args = (x, qtype, calibration_method, list(channelwise_axes), list(tiled_axes), list(tile_sizes), flag)
+        x_dim = in_dims[0]
+        rank, numel = _sample_size(x, x_dim)
+        masked = with_mask_output and bool(flag)
+        axes = _group_axes(qtype, args[3], args[4], args[5], rank)
+        if axes is None or _must_loop(qtype, masked, numel):
+            return _loop(op, info, (x_dim,) + (None,) * 6, args, dense=(0,))
+        out = op(_batched_x(x, x_dim, info.batch_size), qtype, calibration_method, axes[0], axes[1], args[5], flag)
+        return _batch_result(out, with_mask_output, masked, info.batch_size, numel)
 
     return rule
 
@@ -142,28 +162,25 @@ def _batched_param(p, pdim, rank, batch_size):
 def _with_scale_rule(with_mask_output):
     op = _ops.fake_quant_with_scale_forward.default if with_mask_output else _ops.fake_quant_with_scale.default
 
-    def rule(info, in_dims, x, scale, zero_point, qtype, *last, **kwargs):
+    def rule(info, in_dims, x, scale, zero_point, qtype, *flag, **kwargs):
         _check_batch(info, op._schema.name)
-        last = _last(last, kwargs, "with_mask" if with_mask_output else "clip_gradient", False)
+        flag = _flag(flag, kwargs, "with_mask" if with_mask_output else "clip_gradient", False)
         x_dim, s_dim, z_dim = in_dims[:3]
-        in_dims = (x_dim, s_dim, z_dim, None, None)
-        rank = x.dim() - (x_dim is not None)
-        numel = x.numel() // (x.shape[x_dim] if x_dim is not None else 1)
-        params_fit = all(p is None or p.dim() - (d is not None) <= rank for p, d in ((scale, s_dim), (zero_point, z_dim)))
-        if qtype == "nvfp4" or not params_fit or (with_mask_output and last and numel % 8) or _FORCE_LOOP:
-            return _loop(op, info, in_dims, (x, scale, zero_point, qtype, last), dense=(0,))
+        rank, numel = _sample_size(x, x_dim)
+        masked = with_mask_output and bool(flag)
+        # a parameter with more dims than the sample: the op's own error, from the loop
+        params_fit = all(p is None or p.dim() - (d is not None) <= rank
+                         for p, d in ((scale, s_dim), (zero_point, z_dim)))
+        if not params_fit or _must_loop(qtype, masked, numel):
+            return _loop(op, info, (x_dim, s_dim, z_dim, None, None), (x, scale, zero_point, qtype, flag), dense=(0,))
         if zero_point is not None and (s_dim is None) != (z_dim is None):  # the op wants them the same shape
             if s_dim is None:
                 scale, s_dim = scale.expand(info.batch_size, *scale.shape), 0
             else:
                 zero_point, z_dim = zero_point.expand(info.batch_size, *zero_point.shape), 0
-        xb = _batched_x(x, x_dim, info.batch_size)
-        out = op(xb, _batched_param(scale, s_dim, rank, info.batch_size),
-                 _batched_param(zero_point, z_dim, rank, info.batch_size), qtype, last)
-        if not with_mask_output:
-            return out, 0
-        y, mask = out
-        return (y, _split_mask(mask, info.batch_size, numel) if last else mask.expand(info.batch_size, 0)), (0, 0)
+        out = op(_batched_x(x, x_dim, info.batch_size), _batched_param(scale, s_dim, rank, info.batch_size),
+                 _batched_param(zero_point, z_dim, rank, info.batch_size), qtype, flag)
+        return _batch_result(out, with_mask_output, masked, info.batch_size, numel)
 
     return rule
 

@@ -147,7 +147,6 @@ class _QatState:
         self.swapped: frozenset = frozenset()
         self.swapped_tensors: tuple = ()
 
-
     def __getstate__(self):
         d = dict(self.__dict__)
         d["stack"] = []

@@ -834,6 +834,8 @@ TEST(NnPass, ToDtypeKeepsTheStatistics) {
   EXPECT_EQ(net->named_buffers()["fc1.linear0_lhs.count"].item<int>(), 2);
   net->to(torch::kCPU, torch::kBFloat16);
   EXPECT_EQ(net->named_buffers()["body.0.linear0_lhs.count"].scalar_type(), torch::kInt);
+  EXPECT_EQ(net->named_buffers()["body.0.linear0_lhs.sum_of_absmax"].scalar_type(), torch::kFloat);
+  EXPECT_EQ(net->fc1->weight.scalar_type(), torch::kBFloat16);
 }
 
 TEST(NnPass, QuantizingTwiceIsAnError) {
@@ -851,6 +853,42 @@ TEST(NnPass, QuantizingTwiceIsAnError) {
   } catch (const c10::ValueError& e) {
     EXPECT_NE(std::string(e.what()).find("this model is already quantized"), std::string::npos) << e.what();
   }
+}
+
+struct TwoOpsImpl : torch::nn::Module, qwix::nn::Quantizable {
+  at::Tensor w;
+  bool twice = false;      // a second qat_ops() in the same forward: an error
+  bool on_thread = false;  // another thread's forward while this one's QatOps is alive: its own
+  at::Tensor from_thread;
+  TwoOpsImpl() { w = register_parameter("w", torch::randn({8, 8})); }
+  at::Tensor forward(const at::Tensor& x) {
+    auto ops = qat_ops();
+    if (twice) auto again = qat_ops();
+    if (on_thread) {
+      on_thread = false;
+      std::thread([&] { from_thread = forward(x); }).join();
+    }
+    return ops.linear(x, w);
+  }
+};
+
+TEST(NnPass, OneQatOpsPerForwardCallOnEachThread) {
+  auto m = std::make_shared<TwoOpsImpl>();
+  qwix::nn::quantize_model(*m, qwix::QatProvider({w4a8()}));
+  const auto x = torch::randn({3, 8});
+  const auto expected = m->forward(x);
+  m->twice = true;
+  try {
+    m->forward(x);
+    FAIL() << "expected c10::Error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("called while another one of the same module is alive"), std::string::npos);
+  }
+  m->twice = false;
+  EXPECT_TRUE(torch::equal(m->forward(x), expected));  // the first one went with the exception
+  m->on_thread = true;
+  EXPECT_TRUE(torch::equal(m->forward(x), expected));
+  EXPECT_TRUE(torch::equal(m->from_thread, expected));
 }
 
 }  // namespace

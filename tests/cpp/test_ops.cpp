@@ -45,6 +45,9 @@ TEST(FakeQuant, TiledFractionAndErrors) {
   EXPECT_THROW(qwix::fake_quant(x, "int8", {.tiled_axes = {{1, 5.0}}}), c10::ValueError);
   EXPECT_THROW(qwix::fake_quant(x, "int8", {.channelwise_axes = {2}}), c10::IndexError);
   EXPECT_THROW(qwix::fake_quant(x, "float8_e4m3fn", {.calibration_method = "minmax"}), c10::ValueError);
+}
+
+TEST(ComputeScale, AnEmptyCalibrationIsAnError) {
   try {
     qwix::compute_scale({}, "int8");
     FAIL() << "expected c10::ValueError";

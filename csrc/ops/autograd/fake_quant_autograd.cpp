@@ -24,12 +24,11 @@ namespace {
 
 using torch::autograd::variable_list;
 
-// grad * mask, reading grad in the memory order the mask bits were written in.
 // The memory order the kernels walk t in, so the order of its mask bits: t's
 // own when dense, else row-major (the kernels read t.contiguous()). From t,
-// not from the output, whose layout need not be t's under vmap (a stack of
-// samples). Strides are symbolic under torch.compile(dynamic=True): read as
-// SymInts, they add no guard.
+// not from the output, whose layout need not be t's under vmap (the rules'
+// row-major batch). Strides are symbolic under torch.compile(dynamic=True):
+// read as SymInts, they add no guard.
 std::vector<c10::SymInt> mask_order(const at::Tensor& t) {
   if (t.is_non_overlapping_and_dense()) return t.sym_strides().vec();
   std::vector<c10::SymInt> strides(t.dim());
@@ -56,8 +55,13 @@ at::Tensor apply_mask(const at::Tensor& grad, const at::Tensor& mask, c10::SymIn
 // The backward of all three ops: the gradient of the first input is the
 // incoming gradient, masked when a mask was saved; the other inputs (scale,
 // zero point, mask) get none.
-struct StraightThroughBackward : torch::autograd::Node {
-  explicit StraightThroughBackward(const char* name) : name_(name) {}
+// (mask undefined: the identity, nothing saved; else the mask and its bits' order.)
+class StraightThroughBackward : public torch::autograd::Node {
+ public:
+  StraightThroughBackward(const char* name, const at::Tensor& mask, std::vector<c10::SymInt> strides)
+      : name_(name), masked_(mask.defined()), strides_(std::move(strides)) {
+    if (masked_) mask_ = torch::autograd::SavedVariable(mask, /*is_output=*/false);
+  }
   variable_list apply(variable_list&& grads) override {
     variable_list out(num_outputs());
     if (grads[0].defined() && should_compute_output(0)) {
@@ -68,14 +72,15 @@ struct StraightThroughBackward : torch::autograd::Node {
   std::string name() const override { return name_; }
   void release_variables() override { mask_.reset_data(); }
 
+ private:
   const char* name_;
-  bool masked_ = false;
+  bool masked_;
   torch::autograd::SavedVariable mask_;
   std::vector<c10::SymInt> strides_;
 };
 
-// A new graph Node: torch 2.13 holds Nodes in c10::intrusive_ptr, earlier
-// versions (the GPU machine's 2.11) in std::shared_ptr.
+// A new graph Node: torch 2.13 holds Nodes in c10::intrusive_ptr, torch < 2.13
+// in std::shared_ptr.
 template <class N, class... Args>
 auto make_node(Args&&... args) {
   using NodePtr = decltype(torch::autograd::Edge::function);
@@ -92,18 +97,16 @@ bool has_forward_grad(const at::Tensor& x) { return x._fw_grad(/*level=*/0).defi
 // gives it x's tangent, masked when `mask` is defined (its bits in x's order).
 void record(const char* name, at::Tensor& y, at::TensorList inputs, const at::Tensor& mask) {
   const at::Tensor& x = inputs[0];
+  const bool backward = torch::autograd::compute_requires_grad(inputs);
+  const bool forward = has_forward_grad(x);
+  if (!backward && !forward) return;
   const std::vector<c10::SymInt> strides = mask.defined() ? mask_order(x) : std::vector<c10::SymInt>();
-  if (torch::autograd::compute_requires_grad(inputs)) {
-    auto node = make_node<StraightThroughBackward>(name);
+  if (backward) {
+    auto node = make_node<StraightThroughBackward>(name, mask, strides);
     node->set_next_edges(torch::autograd::collect_next_edges(inputs));
-    if (mask.defined()) {
-      node->masked_ = true;
-      node->mask_ = torch::autograd::SavedVariable(mask, /*is_output=*/false);
-      node->strides_ = strides;
-    }
     torch::autograd::set_history(y, node);
   }
-  if (has_forward_grad(x)) {
+  if (forward) {
     const at::Tensor x_t = x._fw_grad(0);
     y._set_fw_grad(mask.defined() ? apply_mask(x_t, mask, strides) : x_t.clone(), 0, /*is_inplace_op=*/false);
   }
