@@ -95,10 +95,11 @@ def _must_loop(qtype, masked, numel):
     return qtype == "nvfp4" or (masked and numel % 8 != 0) or _FORCE_LOOP
 
 
-def _batched_x(x, bdim, batch_size):
-    """x with the batch at axis 0, row-major (the masks' order under vmap)."""
+def _batched_x(x, bdim, batch_size, masked):
+    """x with the batch at axis 0; row-major when a mask is made (the masks' order under vmap), else as it is
+    (the kernels read any layout: no copy)."""
     x = x.movedim(bdim, 0) if bdim is not None else x.expand(batch_size, *x.shape)
-    return x.contiguous()
+    return x.contiguous() if masked else x
 
 
 def _shifted(axes, rank):
@@ -143,8 +144,9 @@ def _fake_quant_rule(with_mask_output):
         masked = with_mask_output and bool(flag)
         axes = _group_axes(qtype, args[3], args[4], args[5], rank)
         if axes is None or _must_loop(qtype, masked, numel):
-            return _loop(op, info, (x_dim,) + (None,) * 6, args, dense=(0,))
-        out = op(_batched_x(x, x_dim, info.batch_size), qtype, calibration_method, axes[0], axes[1], args[5], flag)
+            return _loop(op, info, (x_dim,) + (None,) * 6, args, dense=(0,) if masked else ())
+        xb = _batched_x(x, x_dim, info.batch_size, masked)
+        out = op(xb, qtype, calibration_method, axes[0], axes[1], args[5], flag)
         return _batch_result(out, with_mask_output, masked, info.batch_size, numel)
 
     return rule
@@ -172,13 +174,14 @@ def _with_scale_rule(with_mask_output):
         params_fit = all(p is None or p.dim() - (d is not None) <= rank
                          for p, d in ((scale, s_dim), (zero_point, z_dim)))
         if not params_fit or _must_loop(qtype, masked, numel):
-            return _loop(op, info, (x_dim, s_dim, z_dim, None, None), (x, scale, zero_point, qtype, flag), dense=(0,))
+            return _loop(op, info, (x_dim, s_dim, z_dim, None, None), (x, scale, zero_point, qtype, flag),
+                         dense=(0,) if masked else ())
         if zero_point is not None and (s_dim is None) != (z_dim is None):  # the op wants them the same shape
             if s_dim is None:
                 scale, s_dim = scale.expand(info.batch_size, *scale.shape), 0
             else:
                 zero_point, z_dim = zero_point.expand(info.batch_size, *zero_point.shape), 0
-        out = op(_batched_x(x, x_dim, info.batch_size), _batched_param(scale, s_dim, rank, info.batch_size),
+        out = op(_batched_x(x, x_dim, info.batch_size, masked), _batched_param(scale, s_dim, rank, info.batch_size),
                  _batched_param(zero_point, z_dim, rank, info.batch_size), qtype, flag)
         return _batch_result(out, with_mask_output, masked, info.batch_size, numel)
 

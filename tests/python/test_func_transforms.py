@@ -190,6 +190,15 @@ def test_functional_call_treats_the_given_tensors_as_weights(model, rules):
         assert_same(grads[name], p.grad, name)
 
 
+def _assert_same_as_eager_backward(q, per_sample, xs):
+    """Per-sample gradients equal one eager backward of q(x[None]).sum() per sample, bit for bit."""
+    for i, x in enumerate(xs):
+        q.zero_grad()
+        q(x[None]).sum().backward()
+        for name, p in q.named_parameters():
+            assert_same(per_sample[name][i], p.grad, f"sample {i} {name}")
+
+
 def test_per_sample_gradients_of_a_qat_model():
     """vmap(grad(loss)) over a batch (DP-SGD style) equals one eager backward per sample."""
     # the second layer's input is quantized (and its gradient masked); the first layer's stays integer
@@ -203,12 +212,7 @@ def test_per_sample_gradients_of_a_qat_model():
     def loss(p, x):
         return functional_call(q, p, (x[None],)).sum()
 
-    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
-    for i, x in enumerate(xs):
-        q.zero_grad()
-        q(x[None]).sum().backward()
-        for name, p in q.named_parameters():
-            assert_same(per_sample[name][i], p.grad, f"sample {i} {name}")
+    _assert_same_as_eager_backward(q, vmap(grad(loss), in_dims=(None, 0))(params, xs), xs)
 
 
 def test_parameter_slots_are_forgotten_after_the_forward():
@@ -295,12 +299,7 @@ def test_per_sample_gradients_with_static_scales():
         expected += h.abs().amax() * 0.8
     assert_same(stat.sum_of_absmax, expected)
     q.eval()
-    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
-    for i, x in enumerate(xs):
-        q.zero_grad()
-        q(x[None]).sum().backward()
-        for name, p in q.named_parameters():
-            assert_same(per_sample[name][i], p.grad, f"sample {i} {name}")
+    _assert_same_as_eager_backward(q, vmap(grad(loss), in_dims=(None, 0))(params, xs), xs)
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
