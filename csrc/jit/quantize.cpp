@@ -852,14 +852,10 @@ class Pass {
     mod.register_module(name, stat);
   }
 
-  // Every rule unused after the example forward: almost surely a module_path / op_names typo.
   void warn_if_nothing_matched(bool ran) const {
-    if (!ran || provider_.rules().empty() || provider_.unused_rule_indices().size() != provider_.rules().size())
-      return;
-    std::string shown;
-    for (size_t i = 0; i < orig_.size() && i < 6; ++i) shown += (i ? ", " : "") + quote(orig_[i].second);
-    TORCH_WARN("qwix: no rule matched any op of the example forward, so nothing is quantized; module_path is a full "
-               "match on module paths such as ", shown, orig_.size() > 6 ? ", ..." : "");
+    std::vector<std::string> paths;
+    for (const auto& entry : orig_) paths.push_back(entry.second);
+    if (const std::string w = provider_.nothing_matched_warning(paths, ran); !w.empty()) TORCH_WARN(w);
   }
 
   void warn_unexecuted() const {

@@ -114,6 +114,19 @@ void configure(torch::nn::Module& m, const std::string& path, const std::shared_
   }
 }
 
+// The dotted paths of named_modules(), the root "" first: what rules' module_path regexes match.
+// (A walk over children: named_modules() with the root needs a model held by shared_ptr.)
+void add_module_paths(torch::nn::Module& m, const std::string& path, std::vector<std::string>& paths) {
+  paths.push_back(path);
+  for (const auto& child : m.named_children()) add_module_paths(*child.value(), join_path(path, child.key()), paths);
+}
+
+std::vector<std::string> module_paths(torch::nn::Module& model) {
+  std::vector<std::string> paths;
+  add_module_paths(model, "", paths);
+  return paths;
+}
+
 // As on the Python and TorchScript paths: a second pass would silently replace the first one's provider (and its
 // statistics' methods).
 void check_not_quantized(torch::nn::Module& m, const std::string& path) {
@@ -179,6 +192,9 @@ void create_quant_stats(torch::nn::Module& model, const std::function<void()>& f
     throw;
   }
   restore();
+  std::shared_ptr<QatProvider> provider;
+  for_each_configured(model, "create_quant_stats", [&](Quantizable& q) { provider = q.qat_provider(); });
+  if (const std::string w = provider->nothing_matched_warning(module_paths(model), true); !w.empty()) TORCH_WARN(w);
 }
 
 }  // namespace nn
@@ -190,6 +206,8 @@ std::shared_ptr<QatProvider> quantize_model(torch::nn::Module& model, QatProvide
   auto parameters = std::make_shared<nn::Quantizable::ParameterSet>();
   for (const auto& p : model.parameters()) parameters->emplace(p.unsafeGetTensorImpl(), p);
   nn::configure(model, "", shared, parameters);
+  if (const std::string w = shared->nothing_matched_warning(nn::module_paths(model), false); !w.empty())
+    TORCH_WARN(w);
   return shared;
 }
 }  // namespace qwix

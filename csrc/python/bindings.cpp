@@ -97,7 +97,9 @@ PYBIND11_MODULE(_C, m) {
       .def("decomposes_attention", &qwix::QatProvider::decomposes_attention, py::arg("module_path"))
       .def("unused_rule_indices", &qwix::QatProvider::unused_rule_indices)
       .def("is_used", &qwix::QatProvider::is_used)
-      .def("mark_used", &qwix::QatProvider::mark_used);
+      .def("mark_used", &qwix::QatProvider::mark_used)
+      .def("nothing_matched_warning", &qwix::QatProvider::nothing_matched_warning, py::arg("module_paths"),
+           py::arg("ran_forward"));
 
   // The C++ application of a plan (what the C++ and TorchScript passes run), for tests that
   // check it against the Python pass. stat: (count, sums) or None.

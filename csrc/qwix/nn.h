@@ -95,6 +95,7 @@ class Quantizable {
   // Whether the pass has configured this module, and its dotted path.
   bool is_configured() const { return provider_ != nullptr; }
   const std::string& qat_path() const { return path_; }
+  const std::shared_ptr<QatProvider>& qat_provider() const { return provider_; }
 
  protected:
   // The quantized ops of this forward call: one QatOps per call (op ids count from 0 in it), so

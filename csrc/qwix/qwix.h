@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -173,11 +174,41 @@ class QatProvider {
   bool is_used(int64_t index) const;
   void mark_used(int64_t index);
 
+  // The warning for rules that can quantize nothing ("" when there is none to give): after an example
+  // forward (ran_forward), every rule unused; otherwise no rule's module_path fully matches any of
+  // `module_paths` (op names aside). Almost surely a module_path / op_names typo.
+  std::string nothing_matched_warning(const std::vector<std::string>& module_paths, bool ran_forward) const;
+
  private:
   struct Matchers;  // the compiled module_path regexes (std::regex), immutable and shared by copies
+  // Which rules matched an op: set by every thread that runs a forward (relaxed atomics); a copy
+  // takes a snapshot.
+  class UsageFlags {
+   public:
+    explicit UsageFlags(size_t n = 0) : flags_(n) {}
+    UsageFlags(const UsageFlags& o) : flags_(o.size()) { copy_from(o); }
+    UsageFlags& operator=(const UsageFlags& o) {
+      if (this != &o) {
+        flags_ = std::vector<std::atomic<bool>>(o.size());
+        copy_from(o);
+      }
+      return *this;
+    }
+    UsageFlags(UsageFlags&&) noexcept = default;
+    UsageFlags& operator=(UsageFlags&&) noexcept = default;
+    size_t size() const { return flags_.size(); }
+    bool get(size_t i) const { return flags_[i].load(std::memory_order_relaxed); }
+    void set(size_t i) { flags_[i].store(true, std::memory_order_relaxed); }
+
+   private:
+    void copy_from(const UsageFlags& o) {
+      for (size_t i = 0; i < o.size(); ++i) flags_[i].store(o.get(i), std::memory_order_relaxed);
+    }
+    std::vector<std::atomic<bool>> flags_;
+  };
   std::vector<QuantizationRule> rules_;
   std::shared_ptr<const Matchers> matchers_;
-  std::vector<char> used_;
+  UsageFlags used_;
 };
 
 // ---- Applying a plan (for the C++ frontend and TorchScript passes; the Python

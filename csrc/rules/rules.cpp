@@ -182,7 +182,7 @@ QatProvider::QatProvider(std::vector<QuantizationRule> rules) : rules_(std::move
     matchers->regexes.push_back(rules_internal::compile_module_path(rules_[i].module_path));
   }
   matchers_ = std::move(matchers);
-  used_.assign(rules_.size(), 0);
+  used_ = UsageFlags(rules_.size());
 }
 
 std::optional<int64_t> QatProvider::match_rule(const std::string& module_path, const std::string& op_name) const {
@@ -201,7 +201,7 @@ bool QatProvider::decomposes_attention(const std::string& module_path) const {
 
 std::optional<int64_t> QatProvider::find_rule(const std::string& module_path, const std::string& op_name) {
   auto i = match_rule(module_path, op_name);
-  if (i) used_[*i] = 1;
+  if (i) used_.set(static_cast<size_t>(*i));
   return i;
 }
 
@@ -227,7 +227,7 @@ std::optional<OpPlan> QatProvider::plan(const std::string& module_path, const st
 std::vector<int64_t> QatProvider::unused_rule_indices() const {
   std::vector<int64_t> out;
   for (size_t i = 0; i < used_.size(); ++i)
-    if (!used_[i]) out.push_back(static_cast<int64_t>(i));
+    if (!used_.get(i)) out.push_back(static_cast<int64_t>(i));
   return out;
 }
 
@@ -240,13 +240,32 @@ std::vector<QuantizationRule> QatProvider::get_unused_rules() const {
 bool QatProvider::is_used(int64_t index) const {
   TORCH_CHECK_INDEX(index >= 0 && index < static_cast<int64_t>(used_.size()), "qwix: rule index ", index,
                     " out of range for ", used_.size(), " rules");
-  return used_[index] != 0;
+  return used_.get(static_cast<size_t>(index));
 }
 
 void QatProvider::mark_used(int64_t index) {
   TORCH_CHECK_INDEX(index >= 0 && index < static_cast<int64_t>(used_.size()), "qwix: rule index ", index,
                     " out of range for ", used_.size(), " rules");
-  used_[index] = 1;
+  used_.set(static_cast<size_t>(index));
+}
+
+std::string QatProvider::nothing_matched_warning(const std::vector<std::string>& module_paths,
+                                                 bool ran_forward) const {
+  if (rules_.empty()) return "";
+  if (ran_forward) {
+    if (unused_rule_indices().size() != rules_.size()) return "";
+  } else {
+    for (const auto& re : matchers_->regexes)
+      for (const auto& path : module_paths)
+        if (std::regex_match(path, re)) return "";
+  }
+  std::string shown;
+  for (size_t i = 0; i < module_paths.size() && i < 6; ++i) shown += (i ? ", '" : "'") + module_paths[i] + "'";
+  if (module_paths.size() > 6) shown += ", ...";
+  return std::string("qwix: ") +
+         (ran_forward ? "no rule matched any op of the example forward"
+                      : "no rule's module_path matches any module of this model") +
+         ", so nothing is quantized; module_path is a full match on module paths such as " + shown;
 }
 
 }  // namespace qwix

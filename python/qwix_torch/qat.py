@@ -602,9 +602,12 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
         module.register_forward_hook(functools.partial(_post_hook, state, frame_path), always_call=True)
         module._qwix_state = state  # every module: a model built around one is refused, helpers accept it
         module._qwix_update = True  # set_quant_stats_update (per module, as on the TorchScript path)
-    if example_inputs or example_kwargs:
+    ran = bool(example_inputs or example_kwargs)
+    if ran:
         _example_forward(model, state, example_inputs, example_kwargs)
-        _warn_if_nothing_matched(provider, [p for p, _ in model.named_modules()])
+    warning = provider._cpp.nothing_matched_warning([p for p, _ in model.named_modules()], ran)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     return model
 
 
@@ -615,14 +618,6 @@ def _check_example_kwargs(example_kwargs) -> dict:
     if not isinstance(example_kwargs, collections.abc.Mapping):
         raise TypeError(f"qwix: example_kwargs must be a mapping of keyword inputs, got {type(example_kwargs).__name__}")
     return dict(example_kwargs)
-
-
-def _warn_if_nothing_matched(provider: QatProvider, paths: List[str]) -> None:
-    """Every rule unused after the example forward: almost surely a module_path / op_names typo."""
-    if provider.rules and len(provider.get_unused_rules()) == len(provider.rules):
-        shown = ", ".join(repr(p) for p in paths[:6]) + (", ..." if len(paths) > 6 else "")
-        warnings.warn(f"qwix: no rule matched any op of the example forward, so nothing is quantized; module_path "
-                      f"is a full match on module paths such as {shown}", stacklevel=3)
 
 
 def _example_forward(model: nn.Module, state: _QatState, example_inputs, example_kwargs: dict) -> None:

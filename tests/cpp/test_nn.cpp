@@ -855,6 +855,59 @@ TEST(NnPass, QuantizingTwiceIsAnError) {
   }
 }
 
+// The TORCH_WARN messages of a scope.
+struct CollectWarnings : c10::WarningHandler {
+  std::vector<std::string> messages;
+  c10::WarningUtils::WarningHandlerGuard guard{static_cast<c10::WarningHandler*>(this)};
+  void process(const c10::Warning& w) override { messages.push_back(w.msg()); }
+};
+
+TEST(NnPass, RulesThatMatchNothingWarn) {
+  qwix::QuantizationRule typo = w4a8();
+  typo.module_path = "encoder\\..*";  // Net has fc1, body, body.0 ...
+  {
+    CollectWarnings w;
+    auto net = std::make_shared<Net>();
+    qwix::nn::quantize_model(*net, qwix::QatProvider({typo}));
+    ASSERT_EQ(w.messages.size(), 1u);
+    EXPECT_NE(w.messages[0].find("no rule's module_path matches any module of this model, so nothing is quantized; "
+                                 "module_path is a full match on module paths such as '', 'fc1', 'body', 'body.0'"),
+              std::string::npos)
+        << w.messages[0];
+  }
+  qwix::QuantizationRule only_conv = w4a8();
+  only_conv.module_path = "fc1";
+  only_conv.op_names = {"conv2d"};  // the path matches, no conv2d runs: only the example forward tells
+  CollectWarnings w;
+  auto net = std::make_shared<Net>();
+  auto provider = qwix::nn::quantize_model(*net, qwix::QatProvider({only_conv}));
+  EXPECT_TRUE(w.messages.empty());
+  qwix::nn::create_quant_stats(*net, [&] { net->forward(torch::randn({2, 16})); });
+  ASSERT_EQ(w.messages.size(), 1u);
+  EXPECT_NE(w.messages[0].find("no rule matched any op of the example forward"), std::string::npos) << w.messages[0];
+
+  auto matched = std::make_shared<Net>();  // a rule that quantizes: no warning from either
+  qwix::nn::quantize_model(*matched, qwix::QatProvider({w4a8()}));
+  qwix::nn::create_quant_stats(*matched, [&] { matched->forward(torch::randn({2, 16})); });
+  EXPECT_EQ(w.messages.size(), 1u);
+}
+
+TEST(NnPass, CopiesOfAProviderKeepTheirOwnUsage) {
+  qwix::QuantizationRule a = w4a8(), b = w4a8();
+  a.module_path = "a";
+  b.module_path = "b";
+  qwix::QatProvider p({a, b});
+  p.mark_used(1);
+  qwix::QatProvider copy = p;  // a snapshot
+  copy.mark_used(0);
+  EXPECT_EQ(p.unused_rule_indices(), std::vector<int64_t>{0});
+  EXPECT_TRUE(copy.unused_rule_indices().empty());
+  p = copy;
+  EXPECT_TRUE(p.is_used(0) && p.is_used(1));
+  qwix::QatProvider moved = std::move(copy);
+  EXPECT_TRUE(moved.is_used(0) && moved.is_used(1));
+}
+
 struct TwoOpsImpl : torch::nn::Module, qwix::nn::Quantizable {
   at::Tensor w;
   bool twice = false;      // a second qat_ops() in the same forward: an error

@@ -536,6 +536,17 @@ def test_a_rule_set_that_matches_nothing_warns(script):
         warnings.simplefilter("error")
         qwix.quantize_model(MLP(), QatProvider(rules + [QuantizationRule(module_path="fc1", weight_qtype="int8")]),
                             torch.randn(2, 16))
+    only_conv = [QuantizationRule(module_path="fc1", op_names=["conv2d"], weight_qtype="int8")]
+    with pytest.warns(UserWarning, match=r"no rule matched any op of the example forward"):  # no conv2d ran
+        qwix.quantize_model(torch.jit.script(MLP()) if script else MLP(), QatProvider(only_conv), torch.randn(2, 16))
+    if script:
+        return  # TorchScript needs example inputs
+    # Eager mode without example inputs: the module paths alone show that no rule can match.
+    with pytest.warns(UserWarning, match=r"no rule's module_path matches any module of this model.*'', 'fc1', 'fc2'"):
+        qwix.quantize_model(MLP(), QatProvider(rules))
+    with warnings.catch_warnings():  # a path that matches: only a forward could tell whether its ops run
+        warnings.simplefilter("error")
+        qwix.quantize_model(MLP(), QatProvider(only_conv))
 
 
 def test_unexecuted_op_warns_and_raises_when_it_runs():

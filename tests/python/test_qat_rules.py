@@ -225,7 +225,8 @@ def test_no_rule_is_an_identity():
     torch.manual_seed(0)
     net, x = Net(), torch.randn(2, 8)
     p = QatProvider([QuantizationRule(module_path="nothing", weight_qtype="int8")])
-    q = qwix.quantize_model(net, p, x)
+    with pytest.warns(UserWarning, match="no rule matched any op of the example forward"):
+        q = qwix.quantize_model(net, p, x)
     assert torch.equal(q(x), net(x))
     assert p.get_unused_rules() == list(p.rules)
 
