@@ -40,13 +40,8 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor fake_quant_backward_cuda(const at::Tensor& grad, const at::Tensor& mask) {
   const c10::cuda::CUDAGuard guard(grad.device());
-  check_float_input(grad, "grad");
+  check_backward_args(grad, mask);
   const at::Tensor gd = dense_input(grad);
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.numel() == mask_bytes(gd.numel(), true),
-                    "qwix: mask must be a 1-D uint8 tensor of ceil(numel/8) = ", mask_bytes(gd.numel(), true),
-                    " bytes, got ", mask.scalar_type(), " of shape ", mask.sizes());
-  TORCH_CHECK_VALUE(mask.device() == grad.device(), "qwix: mask is on ", mask.device(), " but grad is on ",
-                    grad.device());
   at::Tensor out = at::empty_like(gd);
   if (gd.numel() == 0) return out;
   const at::Tensor m = mask.contiguous();

@@ -83,18 +83,42 @@ Groups check_scale_args(const at::Tensor& x, const at::Tensor& scale, const c10:
   return g;
 }
 
+void check_device(const at::Tensor& t, const std::string& what, const at::Tensor& ref, const char* ref_what) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "qwix: ", what, " is on ", t.device(), " but ", ref_what, " is on ",
+                    ref.device());
+}
+
+void check_backward_args(const at::Tensor& grad, const at::Tensor& mask) {
+  check_float_input(grad, "grad");
+  const bool symbolic = grad.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+                        mask.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.dim() == 1 &&
+                        (symbolic || mask.numel() == mask_bytes(grad.numel(), true)),
+                    "qwix: mask must be a 1-D uint8 tensor of ceil(numel/8) bytes for a grad of ", grad.sym_numel(),
+                    " elements, got ", mask.scalar_type(), " of shape ", mask.sym_sizes());
+  check_device(mask, "mask", grad, "grad");
+}
+
 void check_count(const at::Tensor& count) {
   TORCH_CHECK_VALUE(count.numel() == 1 && (count.scalar_type() == at::kInt || count.scalar_type() == at::kLong),
                     "qwix: count must be an int32 or int64 scalar tensor, got ", count.scalar_type(), " of shape ",
                     count.sizes());
 }
 
-void check_srq_stats(const at::Tensor& count, at::TensorList sums, const Calibration& calibration,
+void check_srq_stats(const at::Tensor& x, const at::Tensor& count, at::TensorList sums, const DynamicSpec& spec,
                      c10::string_view method) {
-  const size_t want = calibration.symmetric() ? 1 : 2;
+  TORCH_CHECK_VALUE(!spec.qtype.two_level, "qwix: qtype 'nvfp4' has dynamic two-level scales (an fp32 tensor scale "
+                    "times e4m3 block scales); static (SRQ) scales are not supported with it");
+  const size_t want = spec.calibration.symmetric() ? 1 : 2;
   TORCH_CHECK_VALUE(sums.size() == want, "qwix: calibration method '", method, "' keeps ", want,
                     " statistic(s), got ", sums.size());
   check_count(count);
+  if (!(count.device().is_cpu() && count.dim() == 0)) check_device(count, "count", x, "the input");
+  for (size_t i = 0; i < sums.size(); ++i) {
+    TORCH_CHECK_TYPE(sums[i].scalar_type() == at::kFloat, "qwix: statistics are float32, got ",
+                     sums[i].scalar_type(), " for statistic ", i);
+    check_device(sums[i], "statistic " + std::to_string(i), x, "the input");
+  }
 }
 
 void check_calibration_list(at::TensorList calibration, const QType* qtype) {
@@ -102,6 +126,7 @@ void check_calibration_list(at::TensorList calibration, const QType* qtype) {
                     "qwix: a calibration is [absmax] or [min, max], got ", calibration.size(), " tensors");
   for (const auto& t : calibration) {
     TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "qwix: calibration tensors are float32, got ", t.scalar_type());
+    check_device(t, "a calibration tensor", calibration[0], "the first");
   }
   TORCH_CHECK_VALUE(!qtype || !qtype->two_level, "qwix: qtype 'nvfp4' has dynamic two-level scales (an fp32 tensor "
                     "scale times e4m3 block scales); compute_scale / static (SRQ) scales are not supported with it");

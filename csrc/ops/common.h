@@ -41,14 +41,24 @@ DynamicSpec make_dynamic_spec(const at::Tensor& x, const std::string* qtype, con
 Groups check_scale_args(const at::Tensor& x, const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
                         const QType& qtype);
 
+// That tensor `what` is on `ref`'s device (named `ref_what`): a kernel would otherwise read another
+// device's memory (or, with a meta operand, return uninitialized memory).
+void check_device(const at::Tensor& t, const std::string& what, const at::Tensor& ref, const char* ref_what);
+
+// fake_quant_backward: a floating grad and its bit-packed mask (1-D uint8 of ceil(numel/8) bytes, the size
+// checked where it is concrete) on grad's device.
+void check_backward_args(const at::Tensor& grad, const at::Tensor& mask);
+
 // SRQ: a statistics count is an int32 or int64 scalar tensor.
 void check_count(const at::Tensor& count);
 
-// SRQ: count and sums (one per statistic the calibration keeps) for srq_scale.
-void check_srq_stats(const at::Tensor& count, at::TensorList sums, const Calibration& calibration,
+// SRQ: count and sums (one float32 tensor per statistic the calibration keeps) for srq_scale with x;
+// sums on x's device, count there too or a CPU scalar; no static scales for nvfp4.
+void check_srq_stats(const at::Tensor& x, const at::Tensor& count, at::TensorList sums, const DynamicSpec& spec,
                      c10::string_view method);
 
-// Checks a calibration list (1 tensor: absmax; 2: min, max) against a qtype.
+// Checks a calibration list (1 tensor: absmax; 2: min, max; float32, on one device) against a qtype
+// (none: the list alone).
 void check_calibration_list(at::TensorList calibration, const QType* qtype);
 
 // A scale/zero point (calibration-shaped, right-aligned) as a flat float32

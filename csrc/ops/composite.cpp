@@ -25,8 +25,8 @@ at::Tensor fake_quant_with_scale_composite(const at::Tensor& x, const at::Tensor
   return std::get<0>(call_fake_quant_with_scale_forward(x, scale, zero_point, qtype, false));
 }
 
-// The statistic's average, broadcast to x's calibration shape.
-at::Tensor static_range(const at::Tensor& sum, const at::Tensor& count, const Groups& groups) {
+// A statistic broadcasts (right-aligned) to x's calibration shape, whatever the count.
+void check_stat_shape(const at::Tensor& sum, const Groups& groups) {
   TORCH_CHECK_VALUE(sum.dim() <= static_cast<int64_t>(groups.size()), "qwix: statistic of shape ", sum.sizes(),
                     " does not fit the calibration shape ", c10::IntArrayRef(groups));
   for (int64_t i = 0; i < sum.dim(); ++i) {
@@ -34,7 +34,11 @@ at::Tensor static_range(const at::Tensor& sum, const at::Tensor& count, const Gr
     TORCH_CHECK_VALUE(sum.size(i) == 1 || sum.size(i) == g, "qwix: statistic of shape ", sum.sizes(),
                       " does not broadcast to the calibration shape ", c10::IntArrayRef(groups));
   }
-  return (sum.to(at::kFloat) / count.to(at::kFloat)).expand(groups).contiguous();
+}
+
+// The statistic's average, broadcast to x's calibration shape.
+at::Tensor static_range(const at::Tensor& sum, const at::Tensor& count, const Groups& groups) {
+  return (sum / count.to(at::kFloat)).expand(groups).contiguous();
 }
 
 std::vector<at::Tensor> srq_scale_composite(const at::Tensor& x, const at::Tensor& count, at::TensorList sums,
@@ -43,7 +47,8 @@ std::vector<at::Tensor> srq_scale_composite(const at::Tensor& x, const at::Tenso
                                             at::IntArrayRef tile_sizes) {
   const std::string qname(qtype);
   const DynamicSpec spec = make_dynamic_spec(x, &qname, std::string(method), channelwise_axes, tiled_axes, tile_sizes);
-  check_srq_stats(count, sums, spec.calibration, method);
+  check_srq_stats(x, count, sums, spec, method);
+  for (const auto& s : sums) check_stat_shape(s, spec.groups);
   auto dynamic = [&] {
     if (!spec.qtype.is_block_format()) return call_calibrate(x, method, channelwise_axes, tiled_axes, tile_sizes);
     // MX: the qtype's own blocks (every axis but the last kept, the last in blocks), as fake_quant does.
@@ -69,11 +74,17 @@ std::vector<at::Tensor> srq_scale_composite(const at::Tensor& x, const at::Tenso
 
 void update_quant_stat_composite(const at::Tensor& count, at::TensorList sums, at::TensorList calibration,
                                  at::IntArrayRef batch_axes, int64_t count_increment) {
+  TORCH_CHECK_VALUE(calibration.size() == 1 || calibration.size() == 2,
+                    "qwix: a calibration is [absmax] or [min, max], got ", calibration.size(), " tensors");
   TORCH_CHECK_VALUE(sums.size() == calibration.size(), "qwix: update_quant_stat got ", sums.size(), " sums but ",
                     calibration.size(), " calibration tensors");
   check_count(count);
   TORCH_CHECK_VALUE(count_increment >= 1 && count_increment <= std::numeric_limits<int32_t>::max(),
                     "qwix: count_increment must be in [1, 2^31 - 1], got ", count_increment);
+  for (size_t i = 0; i < sums.size(); ++i) {
+    check_device(sums[i], "statistic " + std::to_string(i), count, "count");
+    check_device(calibration[i], "calibration tensor " + std::to_string(i), count, "count");
+  }
   // An empty batch (no tokens for this op) has no statistics: averaging it would add NaN for good.
   for (const auto& c : calibration)
     if (TORCH_GUARD_SIZE_OBLIVIOUS(c.sym_numel().sym_eq(0))) return;
@@ -92,11 +103,15 @@ void update_quant_stat_composite(const at::Tensor& count, at::TensorList sums, a
   }
   // A batch with NaN/Inf in its calibration (an fp16 overflow step that GradScaler will skip) is left out
   // on the device, without a host sync: added, it would make every later scale NaN.
-  at::Tensor finite = at::isfinite(averages[0]).all();
-  for (size_t i = 1; i < averages.size(); ++i) finite = finite.logical_and(at::isfinite(averages[i]).all());
+  // So is a batch that would take count past its dtype's range (the statistics are then averages over
+  // 2^31 - 1 or more samples already): wrapped negative, it would turn SRQ back to dynamic scales.
+  const int64_t count_max = count.scalar_type() == at::kInt ? std::numeric_limits<int32_t>::max()
+                                                            : std::numeric_limits<int64_t>::max();
+  at::Tensor add = count.reshape({}).le(count_max - count_increment);
+  for (const auto& a : averages) add = add.logical_and(at::isfinite(a).all());
   for (size_t i = 0; i < sums.size(); ++i)
-    const_cast<at::Tensor&>(sums[i]).add_(at::where(finite, averages[i], at::zeros_like(averages[i])));
-  const_cast<at::Tensor&>(count).add_(finite.to(count.scalar_type()) * count_increment);
+    const_cast<at::Tensor&>(sums[i]).add_(at::where(add, averages[i], at::zeros_like(averages[i])));
+  const_cast<at::Tensor&>(count).add_(add.to(count.scalar_type()) * count_increment);
 }
 
 }  // namespace

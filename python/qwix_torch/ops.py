@@ -1,6 +1,7 @@
 """Python wrappers of the ``torch.ops.qwix`` operators (numerics: DESIGN section 2)."""
 from __future__ import annotations
 
+import numbers
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,11 +20,16 @@ def resolve_tiled_axes(shape: Sequence[int], tiled_axes: TiledAxes) -> Tuple[Lis
     axes, tiles = [], []
     rank = len(shape)
     for axis, tile in tiled_axes.items():
-        if not isinstance(axis, int) or isinstance(axis, bool) or not -rank <= axis < rank:
-            raise IndexError(f"qwix: tiled axis {axis!r} is out of range for a tensor of rank {rank}")
-        if isinstance(tile, bool) or not isinstance(tile, (int, float)):
+        # Any integral type (numpy integers too: axes often come from shape arithmetic), as torch's dims.
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"qwix: tiled axis {axis!r} must be an int, got {type(axis).__name__}")
+        axis = int(axis)
+        if not -rank <= axis < rank:
+            raise IndexError(f"qwix: tiled axis {axis} is out of range for a tensor of rank {rank}")
+        if isinstance(tile, bool) or not isinstance(tile, numbers.Real):
             raise ValueError(f"qwix: tile {tile!r} for axis {axis} must be an int (elements) or a float (fraction)")
-        if isinstance(tile, float):
+        if not isinstance(tile, numbers.Integral):
+            tile = float(tile)
             if not 0.0 < tile <= 1.0:
                 raise ValueError(f"qwix: fractional tile {tile} for axis {axis} must be in (0, 1]")
             tile = round(shape[axis] * tile)

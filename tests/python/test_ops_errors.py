@@ -108,6 +108,18 @@ def test_tiled_axis_out_of_range(axis):
         qwix.fake_quant(x24(), "int8", tiled_axes={axis: 2})
 
 
+def test_tiled_axes_take_any_integral_type():
+    import numpy as np
+    x = x24()
+    want = qwix.fake_quant(x, "int8", tiled_axes={1: 3})
+    assert torch.equal(qwix.fake_quant(x, "int8", tiled_axes={np.int64(1): np.int32(3)}), want)
+    assert torch.equal(qwix.fake_quant(x, "int8", tiled_axes={1: np.float32(0.5)}), want)
+    with pytest.raises(TypeError, match=r"tiled axis 1\.0 must be an int, got float"):
+        qwix.fake_quant(x, "int8", tiled_axes={1.0: 3})
+    with pytest.raises(IndexError, match=r"tiled axis 2 is out of range for a tensor of rank 2"):
+        qwix.fake_quant(x, "int8", tiled_axes={np.int64(2): 3})
+
+
 @pytest.mark.parametrize("axes,tiles,bad", [((0, 0), None, 0), ((1, -1), None, 1), ((0,), {0: 2}, 0), ((), {1: 2, -1: 3}, 1)])
 def test_repeated_axis(axes, tiles, bad):
     pat = rf"(?si)(repeat|more than once|twice|duplicate|both).*(?<!\d){bad}|(?<!\d){bad}.*(repeat|more than once|twice|duplicate|both)"
@@ -238,6 +250,68 @@ def test_update_quant_stat_checks_everything_before_writing():
             torch.ops.qwix.update_quant_stat(count, [s0], [torch.ones(4, 1)], [0], inc)
     torch.ops.qwix.update_quant_stat(count, [s0], [torch.ones(0, 1)], [0], 1)  # empty: nothing to add
     assert int(count) == 0 and float(s0) == 0.0
+
+
+def test_update_quant_stat_takes_one_or_two_statistics():
+    count = torch.tensor(0, dtype=torch.int32)
+    for n in (0, 3):  # 0 read past an empty list (a segfault)
+        with pytest.raises(ValueError, match=rf"a calibration is \[absmax\] or \[min, max\], got {n} tensors"):
+            torch.ops.qwix.update_quant_stat(count, [torch.zeros(1, 1)] * n, [torch.ones(4, 1)] * n, [0], 1)
+    assert int(count) == 0
+
+
+def test_update_quant_stat_stops_before_count_overflows():
+    # Wrapped negative, count would turn SRQ back to dynamic scales while the sums keep growing.
+    top = 2**31 - 1
+    count, s = torch.tensor(top - 150, dtype=torch.int32), torch.full((1, 1), 5.0)
+    torch.ops.qwix.update_quant_stat(count, [s], [torch.full((4, 1), 3.0)], [0], 100)
+    assert int(count) == top - 50 and float(s) == 8.0
+    torch.ops.qwix.update_quant_stat(count, [s], [torch.full((4, 1), 3.0)], [0], 100)  # would pass 2^31 - 1
+    assert int(count) == top - 50 and float(s) == 8.0
+    torch.ops.qwix.update_quant_stat(count, [s], [torch.full((4, 1), 3.0)], [0], 50)  # reaches it exactly
+    assert int(count) == top and float(s) == 11.0
+    wide = torch.tensor(top, dtype=torch.int64)  # an int64 count goes on
+    torch.ops.qwix.update_quant_stat(wide, [s], [torch.full((4, 1), 3.0)], [0], 100)
+    assert int(wide) == top + 100
+
+
+def test_operands_on_different_devices_are_an_error():
+    # A meta operand among CPU ones picked the meta kernel, which returned uninitialized CPU memory.
+    meta = lambda *shape, **kw: torch.ones(*shape, device="meta", **kw)  # noqa: E731
+    q = torch.ops.qwix
+    with pytest.raises(ValueError, match="mask is on meta but grad is on cpu"):
+        q.fake_quant_backward(torch.ones(64, 8), meta(64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="a calibration tensor is on meta but the first is on cpu"):
+        q.compute_scale([-torch.ones(4, 1), meta(4, 1)], "int8")
+    one = torch.ones((), dtype=torch.int32)
+    with pytest.raises(ValueError, match="statistic 0 is on meta but the input is on cpu"):
+        q.srq_scale(torch.randn(4, 8), one, [meta(1, 1)], "int8", "absmax", [0], [], [])
+    with pytest.raises(ValueError, match="count is on meta but the input is on cpu"):
+        q.srq_scale(torch.randn(4, 8), meta((), dtype=torch.int32), [torch.ones(1, 1)], "int8", "absmax", [0], [], [])
+    # A CPU scalar count with meta statistics is fine, as PyTorch mixes CPU scalars into other devices' ops.
+    assert q.srq_scale(meta(4, 8), one, [meta(1, 1)], "int8", "absmax", [0], [], [])[0].device.type == "meta"
+    count, s = torch.zeros((), dtype=torch.int32), torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="calibration tensor 0 is on meta but count is on cpu"):
+        q.update_quant_stat(count, [s], [meta(4, 1)], [0], 1)
+    with pytest.raises(ValueError, match="statistic 0 is on cpu but count is on meta"):
+        q.update_quant_stat(meta((), dtype=torch.int32), [s], [torch.full((4, 1), 3.0)], [0], 1)
+    assert int(count) == 0 and float(s) == 0.0
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_srq_scale_checks_its_statistics_whatever_the_count(device):
+    # The CPU kernel checked the statistics' shape only when count > 0; the meta kernel always.
+    x = torch.randn(4, 8, device=device)
+    for n in (0, 1):
+        count = torch.tensor(n, dtype=torch.int32, device=device)
+        with pytest.raises(ValueError, match=r"statistic of shape \[1, 3\] does not broadcast"):
+            torch.ops.qwix.srq_scale(x, count, [torch.ones(1, 3, device=device)], "int8", "absmax", [], [], [])
+        with pytest.raises(TypeError, match="statistics are float32, got Half for statistic 0"):
+            torch.ops.qwix.srq_scale(x, count, [torch.ones(1, 1, dtype=torch.half, device=device)], "int8", "absmax",
+                                     [], [], [])
+    with pytest.raises(ValueError, match=r"qtype 'nvfp4' .* static \(SRQ\) scales are not supported"):
+        torch.ops.qwix.srq_scale(torch.randn(4, 16, device=device), torch.ones((), dtype=torch.int32, device=device),
+                                 [torch.ones(1, 1, device=device)], "nvfp4", "absmax", [], [], [])
 
 
 @pytest.mark.parametrize("method", ["absmax,1e39", "fixed,1e39", "fixed,-1e39,1", "absmax,0x10", "fixed,1e-50",

@@ -146,12 +146,8 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_scale_forward_cpu(const at::T
 }
 
 at::Tensor fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& mask) {
-  check_float_input(grad, "grad");
+  check_backward_args(grad, mask);
   const at::Tensor gd = dense_input(grad);
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.numel() == mask_bytes(gd.numel(), true),
-                    "qwix: mask must be a 1-D uint8 tensor of ceil(numel/8) = ", mask_bytes(gd.numel(), true),
-                    " bytes for a grad of ", gd.numel(), " elements, got ", mask.scalar_type(), " of shape ",
-                    mask.sizes());
   at::Tensor out = at::empty_like(gd);
   advise_huge_pages(out);
   const at::Tensor m = mask.contiguous();

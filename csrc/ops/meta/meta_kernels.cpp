@@ -62,9 +62,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_scale_forward_meta(const at::
 }
 
 at::Tensor fake_quant_backward_meta(const at::Tensor& grad, const at::Tensor& mask) {
-  check_float_input(grad, "grad");
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.dim() == 1, "qwix: mask must be a 1-D uint8 tensor, got ",
-                    mask.scalar_type(), " of shape ", mask.sym_sizes());
+  check_backward_args(grad, mask);
   return at::empty_like(dense_input(grad));
 }
 
@@ -93,7 +91,7 @@ std::vector<at::Tensor> srq_scale_meta(const at::Tensor& x, const at::Tensor& co
                                        at::IntArrayRef tiled, at::IntArrayRef tiles) {
   const std::string q(qtype);
   const DynamicSpec spec = meta_spec(x, &q, method, ch, tiled, tiles);
-  check_srq_stats(count, sums, spec.calibration, method);
+  check_srq_stats(x, count, sums, spec, method);
   std::vector<c10::SymInt> shape;
   if (spec.qtype.is_block_format()) {  // MX: the qtype's own blocks, as srq_scale's dynamic branch
     std::vector<int64_t> all_but_last(x.dim() - 1);
