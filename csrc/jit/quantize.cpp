@@ -46,6 +46,7 @@
 
 #include "jit/internal.h"
 #include "qwix/qwix.h"
+#include "rules/internal.h"
 
 namespace qwix::jit {
 namespace {
@@ -682,6 +683,8 @@ class Pass {
       TORCH_INTERNAL_ASSERT(plan.has_value());
       sig += "r" + std::to_string(li.rank) + "," + std::to_string(ri.rank) + "#" +
              (s.indices.size() == 1 ? std::to_string(*s.indices.begin()) : "*");  // SRQ names use the op id
+      check_plan_runs(inst, s, s.lhs_rec, plan->lhs, *plan);
+      check_plan_runs(inst, s, s.rhs_rec, plan->rhs, *plan);
       Value* ql = s.lhs;
       Value* qr = s.rhs;
       if (plan->lhs.quantize && s.lhs_rec.floating) {
@@ -705,6 +708,25 @@ class Pass {
       }
       inst.signature += sig;
       inst.modified = true;
+    }
+  }
+
+  // The ops' own checks (a tile that does not divide, an MX block) on the example operand's shape, on a
+  // meta tensor: now they name the module, op and rule, as the Python path's do, instead of failing the
+  // first forward without them.
+  void check_plan_runs(const Instance& inst, const Site& s, const OperandRecord& rec, const OperandPlan& p,
+                       const OpPlan& plan) const {
+    if (!p.quantize || !rec.floating) return;
+    const at::Tensor meta = at::empty(rec.sizes, at::TensorOptions().dtype(rec.dtype).device(at::kMeta));
+    try {
+      if (p.static_scale) {
+        const QuantStatTensors stat = make_quant_stat(meta, p);
+        qwix::quantize_operand(meta, p, &stat);
+      } else {
+        qwix::quantize_operand(meta, p);
+      }
+    } catch (const c10::ValueError& e) {
+      rules_internal::throw_at_site(e, site_name(inst, s), provider_.rules()[plan.rule_index]);
     }
   }
 

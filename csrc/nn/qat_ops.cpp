@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "qwix/nn.h"
+#include "rules/internal.h"
 
 namespace qwix {
 namespace nn {
@@ -130,8 +131,13 @@ std::pair<at::Tensor, at::Tensor> QatOps::operands(const std::string& op, const 
                                       {rhs.dim(), is_weight(rhs), groups}, einsum_equation);
   if (!plan) return {lhs, rhs};
   const std::string id = op + std::to_string(n);
-  at::Tensor a = operand(id + "_lhs", lhs, plan->lhs);
-  return {a, operand(id + "_rhs", rhs, plan->rhs)};
+  try {
+    at::Tensor a = operand(id + "_lhs", lhs, plan->lhs);
+    return {a, operand(id + "_rhs", rhs, plan->rhs)};
+  } catch (const c10::ValueError& e) {  // the op's own message (a tile that does not divide, ...) + where
+    rules_internal::throw_at_site(e, "module '" + config_.path_ + "', op " + id,
+                                  config_.provider_->rules()[plan->rule_index]);
+  }
 }
 
 at::Tensor QatOps::linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {

@@ -7,12 +7,19 @@
 #include <string>
 #include <vector>
 
+namespace qwix {
+struct QuantizationRule;
+}
+
 namespace qwix::rules_internal {
 
 std::string join(const std::vector<std::string>& parts, const char* sep);
 std::string format_number(double v);
 // A c10::Error's message without its "qwix: " prefix, to nest it in another.
 std::string message(const c10::Error& e);
+// An op's c10::ValueError with where it ran, as the Python path words it:
+// "qwix: <site> (rule <repr>): <message>", site as "module 'fc', op linear0".
+[[noreturn]] void throw_at_site(const c10::ValueError& e, const std::string& site, const QuantizationRule& rule);
 // std::regex (ECMAScript); a c10::ValueError naming the pattern when it does not compile.
 std::regex compile_module_path(const std::string& pattern);
 

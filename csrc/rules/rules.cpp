@@ -44,6 +44,11 @@ std::string message(const c10::Error& e) {
   return m;
 }
 
+void throw_at_site(const c10::ValueError& e, const std::string& site, const QuantizationRule& rule) {
+  TORCH_CHECK_VALUE(false, "qwix: ", site, " (rule ", rule_repr(rule), "): ", message(e));
+  throw;  // unreachable
+}
+
 std::regex compile_module_path(const std::string& pattern) {
   // Valid in both dialects but read differently: Python's anchors \A \Z are literal letters in ECMAScript,
   // and POSIX classes [[:alpha:]] are a plain character set in Python. The Python path validates with `re`

@@ -412,9 +412,9 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
         lhs = _quantize(state, module, path, op_id + "_lhs", lhs, plan.lhs)
         rhs = _quantize(state, module, path, op_id + "_rhs", rhs, plan.rhs)
     except ValueError as e:  # the op's own message (a tile that does not divide, a statistic's shape) + where
-        rule = state.provider.rules[plan.rule_index]
+        rule = state.provider.rules[plan.rule_index]._to_cpp()  # the short repr the C++ paths print
         message = str(e).removeprefix("qwix: ")
-        raise ValueError(f"qwix: module {path!r}, op {op_id} (rule {rule}): {message}") from None
+        raise ValueError(f"qwix: module {path!r}, op {op_id} (rule {rule!r}): {message}") from None
     return _call(func, op, equation, lhs, rhs, rest, kw)
 
 

@@ -219,6 +219,23 @@ struct Typed : torch::nn::Module {
   Typed() { fc = register_module("fc", torch::nn::Linear(4, 4)); }
 };
 
+TEST(NnPass, AnOpErrorNamesTheModuleOpAndRule) {
+  auto net = std::make_shared<Net>();
+  qwix::QuantizationRule r = w4a8();
+  r.tile_size = 3;  // divides neither 16 nor 32
+  qwix::nn::quantize_model(*net, qwix::QatProvider({r}));
+  try {
+    net->forward(torch::randn({2, 16}));
+    FAIL() << "expected c10::ValueError";
+  } catch (const c10::ValueError& e) {
+    const std::string msg = e.what_without_backtrace();
+    EXPECT_EQ(msg.rfind("qwix: module 'fc1', op linear0 (rule " + qwix::rule_repr(r) +
+                            "): tile size 3 does not divide axis 1 of size 16", 0),
+              0u)
+        << msg;
+  }
+}
+
 TEST(NnPass, PlainTypedMembersAreAnErrorOnlyWhenARuleMatches) {
   Typed m;
   try {

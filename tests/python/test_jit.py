@@ -549,6 +549,22 @@ def test_a_rule_set_that_matches_nothing_warns(script):
         qwix.quantize_model(MLP(), QatProvider(only_conv))
 
 
+@pytest.mark.parametrize("rule, needle", [
+    (QuantizationRule(weight_qtype="int8", act_qtype="int8", tile_size=3), "tile size 3 does not divide axis 1 of size 8"),
+    (QuantizationRule(weight_qtype="mxfp4"), "qtype 'mxfp4' quantizes blocks of 32 elements along the last axis"),
+    (QuantizationRule(act_qtype="nvfp4"), "qtype 'nvfp4' quantizes blocks of 16 elements along the last axis"),
+    (QuantizationRule(act_qtype="int8", act_static_scale=True, tile_size=3), "tile size 3 does not divide"),
+])
+def test_a_plan_the_example_operands_cannot_run_is_an_error_at_quantize_time(rule, needle):
+    # Eager mode raised at quantize time, naming module, op and rule; TorchScript returned a module whose first
+    # forward raised the op's bare message.
+    m, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(2, 8)
+    for model in (m, torch.jit.script(m)):  # TorchScript adds where the op is: "op linear0 (<file>:<line>)"
+        with pytest.raises(ValueError, match=r"module '0', op linear0 (\(.*\) )?\(rule QuantizationRule\(") as e:
+            qwix.quantize_model(model, QatProvider([rule]), x)
+        assert needle in str(e.value) and repr(rule._to_cpp()) in str(e.value)
+
+
 def test_unexecuted_op_warns_and_raises_when_it_runs():
     m = Branchy()
     rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8")]
