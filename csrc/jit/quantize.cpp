@@ -424,6 +424,7 @@ class Pass {
     for (Instance& inst : instances_)
       if (inst.candidate) transform(inst);
     warn_unexecuted();
+    warn_python_calls();
     warn_if_nothing_matched(example_ran);
     return finish();
   }
@@ -503,6 +504,11 @@ class Pass {
     std::function<void(Block*)> walk = [&](Block* b) {
       for (Node* n : b->nodes()) {
         if (auto op = intercepted_op(n)) add_site(inst, n, *op);
+        if (n->kind() == c10::prim::PythonOp) {
+          const std::string where = location(n);
+          python_calls_[inst.path].push_back(static_cast<torch::jit::PythonOp*>(n)->name() +
+                                             (where.empty() ? "" : " (" + where + ")"));
+        }
         for (Block* sb : n->blocks()) walk(sb);
       }
     };
@@ -880,6 +886,20 @@ class Pass {
     if (const std::string w = provider_.nothing_matched_warning(paths, ran); !w.empty()) TORCH_WARN(w);
   }
 
+  // A Python function called from TorchScript (@torch.jit.ignore) runs in Python, out of the pass's sight:
+  // its ops stay floating-point, while the Python path, which sees them, quantizes them.
+  void warn_python_calls() const {
+    if (python_calls_.empty()) return;
+    std::string list;
+    for (const auto& [path, calls] : python_calls_) {
+      list += "\n  module " + quote(path) + ": ";
+      for (size_t i = 0; i < calls.size(); ++i) list += (i ? ", " : "") + calls[i];
+    }
+    TORCH_WARN("qwix: TorchScript runs these Python functions (@torch.jit.ignore) in Python, where quantize_model's "
+               "TorchScript pass cannot see their ops, so those stay floating-point (the Python path would quantize "
+               "them); make them scriptable to quantize them:", list);
+  }
+
   void warn_unexecuted() const {
     if (unexecuted_.empty()) return;
     std::string list;
@@ -971,6 +991,7 @@ class Pass {
   std::vector<Node*> probes_;
   std::map<std::string, std::pair<bool, std::vector<std::string>>> unexecuted_;  // path -> (ran, ops)
   size_t unexecuted_count_ = 0;
+  std::map<std::string, std::vector<std::string>> python_calls_;  // path -> "name (file:line)"
   std::unordered_map<const Node*, std::string> where_;  // locations of ops from a decomposed attention
 };
 

@@ -24,7 +24,7 @@ import sys
 import threading
 import types
 import warnings
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -129,31 +129,51 @@ class QuantStat(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
+class _Run:
+    """One running forward of a QAT model: its module frames and what its ops look up. Each thread has its own
+    (torch's mode stack is per thread too), so threads may run forwards of one model at once."""
+
+    __slots__ = ("stack", "entry_frame", "swapped", "swapped_tensors")
+
+    def __init__(self):
+        self.stack: list = []  # (module, path, op counts, mode or None) of the running forwards
+        self.entry_frame = None  # the Python frame that called the outermost running forward
+        # The non-Parameter tensors in the parameter slots for this forward (functional_call): their ids in eager
+        # mode, the tensors themselves while compiling (Dynamo compares them at trace time).
+        self.swapped: frozenset = frozenset()
+        self.swapped_tensors: tuple = ()
+
+
 class _QatState:
-    """Per QAT model: the provider, the plans, flags and the running module stack."""
+    """Per QAT model: the provider, the plans, flags and the running forwards."""
 
     def __init__(self, provider: QatProvider):
         self.provider = provider
         self.plans: dict = {}  # (path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation, groups) -> OpPlan | None
         self.attention: dict = {}  # path -> whether its scaled_dot_product_attention runs decomposed
-        self.stack: list = []  # (module, path, op counts, mode or None) of the running forwards
         self.force_update = False  # calibrate(): update in eval mode too
         self.creating = False  # quantize_model's example forward: create QuantStats, update nothing
-        self.entry_frame = None  # the Python frame that called the outermost running forward
-        self.entry_thread = None  # and its thread
         self.param_dicts: list = []  # every module's _parameters dict
-        # The non-Parameter tensors in them for the running forward (functional_call): their ids in eager mode,
-        # the tensors themselves while compiling (Dynamo compares them at trace time).
-        self.swapped: frozenset = frozenset()
-        self.swapped_tensors: tuple = ()
+        # The forward of the first thread to run one, and the one Dynamo traces (it cannot read thread ids);
+        # a thread that starts a forward while another runs this one gets a _Run of its own.
+        self.main = _Run()
+        self.runs: dict = {}  # thread id -> its running forward (eager mode)
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["stack"] = []
-        d["entry_frame"] = None
-        d["swapped"] = frozenset()
-        d["swapped_tensors"] = ()
+        d["main"] = _Run()
+        d["runs"] = {}
         return d
+
+
+def _run_of_thread(state: _QatState) -> Optional[_Run]:
+    """This thread's running forward (None: it runs none)."""
+    if torch.compiler.is_compiling():
+        return state.main
+    run = state.runs.get(threading.get_ident())
+    if run is None and state.main.stack and all(r is not state.main for r in state.runs.values()):
+        return state.main  # frames a traced (compiled) entry left, no thread's: the eager post-hook pops them
+    return run
 
 
 @torch.compiler.assume_constant_result
@@ -169,40 +189,44 @@ def _decomposes_attention(provider: QatProvider, path: str) -> bool:
 
 
 def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) -> None:
-    if state.stack and not _forward_running(state):
-        _drop_stale_frames(state)
+    run = _run_of_thread(state)
+    if run is not None and run.stack and not _forward_running(run):
+        _drop_stale_frames(run)
     mode = None
-    if not state.stack:
-        mode = _QatMode(state)
+    if run is None or not run.stack:
+        if run is None:  # (eager mode) this thread's first frame: the main run if no other thread has it
+            run = state.main if not state.main.stack else _Run()
+            state.runs[threading.get_ident()] = run
+        mode = _QatMode(state, run)
         mode.__enter__()
         if torch.compiler.is_compiling():
-            state.entry_frame = None
-            state.swapped_tensors = _swapped_parameters(state)
+            run.entry_frame = None
+            run.swapped_tensors = _swapped_parameters(state)
         else:
-            state.entry_frame, state.entry_thread = sys._getframe(1), threading.get_ident()
-            state.swapped = frozenset(id(t) for t in _swapped_parameters(state))
-    state.stack.append((module, path, {}, mode))
+            run.entry_frame = sys._getframe(1)
+            run.swapped = frozenset(id(t) for t in _swapped_parameters(state))
+    run.stack.append((module, path, {}, mode))
 
 
-def _drop_stale_frames(state: _QatState) -> None:
+def _drop_stale_frames(run: _Run) -> None:
     """A forward starts while frames of one that is no longer running remain: it was left by a BaseException
     (KeyboardInterrupt), which skips always_call forward hooks (torch runs them for Exception only). Its
     frames and its mode go now."""
-    mode = state.stack[0][3]
-    state.stack.clear()
-    state.entry_frame = None
+    mode = run.stack[0][3]
+    run.stack.clear()
+    run.entry_frame = None
     stack = torch.overrides._get_current_function_mode_stack()
     if mode is not None and stack and stack[-1] is mode:
         mode.__exit__(None, None, None)
 
 
-def _forward_running(state: _QatState) -> bool:
+def _forward_running(run: _Run) -> bool:
     """Whether the outermost forward is still running: its caller's frame is on the Python stack (a walk of
     about three frames per module level). After a KeyboardInterrupt left the forward (and its mode stayed
     on), ops outside any forward pass through untouched until the next forward drops the stale frames."""
-    entry = state.entry_frame
-    if entry is None or torch.compiler.is_compiling() or threading.get_ident() != state.entry_thread:
-        return True  # (another thread's module call within a forward: not a stale frame; docs: one thread)
+    entry = run.entry_frame
+    if entry is None or torch.compiler.is_compiling():
+        return True
     f = sys._getframe(1)
     while f is not None:
         if f is entry:
@@ -212,14 +236,17 @@ def _forward_running(state: _QatState) -> bool:
 
 
 def _post_hook(state: _QatState, path: Optional[str], module: nn.Module, args, output) -> None:
-    if not state.stack:  # its frames were dropped as stale (an interrupted forward, then threads or compile)
+    run = _run_of_thread(state)
+    if run is None or not run.stack:  # its frames were dropped as stale (an interrupted forward, then compile)
         return
-    frame = state.stack.pop()
+    frame = run.stack.pop()
     if frame[3] is not None:
-        state.entry_frame = None
-        state.swapped = frozenset()
-        state.swapped_tensors = ()
+        run.entry_frame = None
+        run.swapped = frozenset()
+        run.swapped_tensors = ()
         frame[3].__exit__(None, None, None)
+        if not torch.compiler.is_compiling():
+            state.runs.pop(threading.get_ident(), None)
 
 
 def _swapped_parameters(state: _QatState) -> tuple:
@@ -228,7 +255,7 @@ def _swapped_parameters(state: _QatState) -> tuple:
     return tuple(t for d in state.param_dicts for t in d.values() if t is not None and not isinstance(t, nn.Parameter))
 
 
-def _is_weight(state: _QatState, t: torch.Tensor) -> bool:
+def _is_weight(run: _Run, t: torch.Tensor) -> bool:
     """A parameter, or a view of one (``self.w.t()``, ``self.w[None]``, ...), or a tensor in a parameter's slot."""
     if isinstance(t, nn.Parameter):
         return True
@@ -236,10 +263,10 @@ def _is_weight(state: _QatState, t: torch.Tensor) -> bool:
     if base is not None and isinstance(base, nn.Parameter):
         return True
     if torch.compiler.is_compiling():
-        return any(s is t or s is base for s in state.swapped_tensors)
-    if not state.swapped:
+        return any(s is t or s is base for s in run.swapped_tensors)
+    if not run.swapped:
         return False
-    return id(t) in state.swapped or (base is not None and id(base) in state.swapped)
+    return id(t) in run.swapped or (base is not None and id(base) in run.swapped)
 
 
 # The intercepted torch functions and their op names (some are renamed in _intercept).
@@ -289,23 +316,27 @@ _DECOMPOSED_ATTENTION = _load_decomposed_attention()
 
 
 class _QatMode(TorchFunctionMode):
-    def __init__(self, state: _QatState):
+    """The ops of one running forward (its thread's _Run)."""
+
+    def __init__(self, state: _QatState, run: _Run):
         super().__init__()
         self.state = state
+        self.run = run
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if self.state.stack and self.state.stack[-1][1] is not None:  # (None: inside a parametrization)
+        run = self.run
+        if run.stack and run.stack[-1][1] is not None:  # (None: inside a parametrization)
             op = _OP_NAMES.get(func)
             # out= calls are not intercepted: they have no autograd, and inductor's compiled code makes them
             # (extern_kernels.mm/bmm/addmm are torch.mm(..., out=buf)) while this mode is on the stack.
-            if op is not None and "out" not in kwargs and _forward_running(self.state):
-                return _intercept(self.state, op, func, args, kwargs)
+            if op is not None and "out" not in kwargs and _forward_running(run):
+                return _intercept(self.state, run, op, func, args, kwargs)
             body = _COMPOSITES.get(func)
             if body is None and func is F.scaled_dot_product_attention and self._decomposes_attention():
                 body = _DECOMPOSED_ATTENTION  # its q·kᵀ and weights·v become this module's next two matmuls
-            if body is not None and _forward_running(self.state):
+            if body is not None and _forward_running(run):
                 with self:  # this mode is popped while its __torch_function__ runs: the body's ops must see it
                     return body(*args, **kwargs)
         if func is torch.Tensor.unflatten:
@@ -315,7 +346,7 @@ class _QatMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _decomposes_attention(self) -> bool:
-        path = self.state.stack[-1][1]
+        path = self.run.stack[-1][1]
         decomposed = self.state.attention.get(path)
         if decomposed is None:
             decomposed = _decomposes_attention(self.state.provider, path)
@@ -354,7 +385,7 @@ def _bind(names, args, kwargs):
     return values, tuple(args[len(names):]), kwargs
 
 
-def _intercept(state: _QatState, op: str, func, args, kwargs):
+def _intercept(state: _QatState, run: _Run, op: str, func, args, kwargs):
     equation = ""
     kw = kwargs  # what the call gets besides its operands (the original args/kwargs serve the pass-throughs)
     if op == "einsum":
@@ -389,11 +420,11 @@ def _intercept(state: _QatState, op: str, func, args, kwargs):
     if lhs.layout != torch.strided or rhs.layout != torch.strided:
         return func(*args, **kwargs)  # sparse operands (a GNN's adjacency in torch.mm) cannot be fake-quantized
 
-    module, path, counts, _ = state.stack[-1]
+    module, path, counts, _ = run.stack[-1]
     n = counts.get(op, 0)
     counts[op] = n + 1
 
-    lhs_w, rhs_w = _is_weight(state, lhs), _is_weight(state, rhs)
+    lhs_w, rhs_w = _is_weight(run, lhs), _is_weight(run, rhs)
     groups = 1
     if op.startswith("conv_transpose"):  # (input, weight, bias, stride, padding, output_padding, groups, dilation)
         groups = rest[4] if len(rest) > 4 else kw.get("groups", 1)
@@ -595,13 +626,16 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
     # is read, inside a forward or not: its ops are not the model's ops, so its frames quantize nothing.
     inside_parametrization = {id(m) for p in model.modules() if isinstance(p, parametrize.ParametrizationList)
                               for m in p.modules()}
-    state.param_dicts = [m._parameters for m in model.modules()]
-    for path, module in model.named_modules():
+    hooked, scripted = _python_modules(model)
+    state.param_dicts = [m._parameters for _, m in hooked]
+    for path, module in hooked:
         frame_path = None if id(module) in inside_parametrization else path
         module.register_forward_pre_hook(functools.partial(_pre_hook, state, frame_path), prepend=True)
         module.register_forward_hook(functools.partial(_post_hook, state, frame_path), always_call=True)
         module._qwix_state = state  # every module: a model built around one is refused, helpers accept it
         module._qwix_update = True  # set_quant_stats_update (per module, as on the TorchScript path)
+        module.__prepare_scriptable__ = _refuse_scripting  # torch.jit.script calls it first
+    _warn_about_scripted_submodules(model, provider, scripted)
     ran = bool(example_inputs or example_kwargs)
     if ran:
         _example_forward(model, state, example_inputs, example_kwargs)
@@ -609,6 +643,40 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
     if warning:
         warnings.warn(warning, stacklevel=2)
     return model
+
+
+def _python_modules(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], Dict[str, List[str]]]:
+    """The (path, module) pairs the pass hooks, and for each TorchScript submodule (its forward runs in
+    TorchScript, where the pass sees no op; hooks cannot be added to it) the paths of its subtree."""
+    hooked, scripted = [], {}
+    for path, module in model.named_modules():
+        top = next((p for p in scripted if path.startswith(p + ".")), None)
+        if top is not None:
+            scripted[top].append(path)
+        elif isinstance(module, torch.jit.ScriptModule):
+            scripted[path] = [path]
+        else:
+            hooked.append((path, module))
+    return hooked, scripted
+
+
+def _warn_about_scripted_submodules(model: nn.Module, provider: QatProvider, scripted: Dict[str, List[str]]) -> None:
+    from qwix_torch.jit import jit_is_quantized
+
+    for top, paths in scripted.items():
+        if jit_is_quantized(model.get_submodule(top)):  # quantized by the TorchScript pass already
+            continue
+        if not provider._cpp.nothing_matched_warning(paths, False):  # some rule's module_path matches
+            warnings.warn(f"qwix: submodule {top!r} is a TorchScript module: its ops run in TorchScript, where "
+                          "quantize_model's Python pass cannot see them, so they stay floating-point. Quantize that "
+                          "ScriptModule with the TorchScript pass (quantize_model(script_module, provider, example_inputs)) "
+                          "before putting it in the model, or keep it a Python module", stacklevel=3)
+
+
+def _refuse_scripting():
+    raise TypeError("qwix: torch.jit.script of a model quantized by quantize_model's Python pass is not supported "
+                    "(its quantization lives in Python hooks): script the floating-point model and quantize the "
+                    "ScriptModule, quantize_model(torch.jit.script(model), provider, example_inputs)")
 
 
 def _check_example_kwargs(example_kwargs) -> dict:
@@ -670,7 +738,7 @@ def run_batches(model: Any, batches: Iterable[Any], progress: bool) -> None:
     total = len(batches) if hasattr(batches, "__len__") else None
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc="qwix calibrate", disable=not progress, leave=False):
-            if isinstance(batch, dict):
+            if isinstance(batch, collections.abc.Mapping):  # a dict, HF's BatchEncoding (a UserDict), ...
                 model(**batch)
             elif isinstance(batch, (tuple, list)):
                 try:
@@ -688,7 +756,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, progress: bool = True
     under ``torch.no_grad()`` with every module in eval mode (dropout off,
     batch-norm statistics frozen) while the QuantStats update; restores the
     modules' modes afterwards. A batch is passed as ``model(batch)``,
-    ``model(*batch)`` (tuple or list) or ``model(**batch)`` (dict).
+    ``model(*batch)`` (tuple or list) or ``model(**batch)`` (any mapping).
     Shows a tqdm progress bar unless ``progress=False``.
     """
     if isinstance(model, torch.jit.ScriptModule):

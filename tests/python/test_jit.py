@@ -565,6 +565,79 @@ def test_a_plan_the_example_operands_cannot_run_is_an_error_at_quantize_time(rul
         assert needle in str(e.value) and repr(rule._to_cpp()) in str(e.value)
 
 
+class _WithScriptedChild(nn.Module):
+    def __init__(self, child):
+        super().__init__()
+        self.child, self.fc = child, nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.child(x))
+
+
+def test_an_eager_model_with_a_torchscript_submodule():
+    # quantize_model's Python pass cannot hook a ScriptModule (torch raised "register_forward_pre_hook is not
+    # supported on ScriptModules"): it quantizes the rest and says that the scripted child stays float.
+    torch.manual_seed(0)
+    x, rules = torch.randn(2, 8), [QuantizationRule(weight_qtype="int8", act_qtype="int8")]
+    m = _WithScriptedChild(torch.jit.script(nn.Linear(8, 8)))
+
+    def fq_linear(x, fc):
+        return F.linear(qwix.fake_quant(x, "int8", channelwise_axes=(0,)),
+                        qwix.fake_quant(fc.weight, "int8", channelwise_axes=(0,)), fc.bias)
+
+    with pytest.warns(UserWarning, match="submodule 'child' is a TorchScript module: its ops run in TorchScript"):
+        q = qwix.quantize_model(m, QatProvider(rules), x)
+    assert_same(q(x), fq_linear(m.child(x), m.fc), "fc quantized, the scripted child float")
+    child = qwix.quantize_model(m.child, QatProvider(rules), x)  # the TorchScript pass
+    with warnings.catch_warnings():  # rules that match the Python modules only, or a child quantized already
+        warnings.simplefilter("error", UserWarning)
+        qwix.quantize_model(m, QatProvider([QuantizationRule(module_path="fc", weight_qtype="int8", act_qtype="int8")]),
+                            x)
+        both = qwix.quantize_model(_WithScriptedChild(child), QatProvider(rules), x)
+    both.fc.load_state_dict(m.fc.state_dict())
+    assert_same(both(x), fq_linear(fq_linear(x, m.child), m.fc), "both quantized")
+
+
+def test_scripting_a_model_quantized_in_python_says_what_to_do():
+    # It failed inside TorchScript's hook compiler: "'functools.partial' object has no attribute '__name__'".
+    q = qwix.quantize_model(MLP(), QatProvider([QuantizationRule(weight_qtype="int8")]), torch.randn(2, 16))
+    for target in (q, q.fc1):
+        with pytest.raises(TypeError, match=r"torch.jit.script of a model quantized by quantize_model's Python pass "
+                                            r"is not supported .* quantize_model\(torch.jit.script\(model\)"):
+            torch.jit.script(target)
+
+
+class _IgnoredHelper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.w = nn.Linear(8, 8), nn.Parameter(torch.randn(8, 8))
+
+    @torch.jit.ignore
+    def helper(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w)
+
+    def forward(self, x):
+        return self.helper(self.fc(x))
+
+
+def test_python_functions_called_from_torchscript_warn():
+    # Their ops run in Python, unseen by the TorchScript pass (the Python path quantizes them): the two paths
+    # differ, which was silent.
+    torch.manual_seed(0)
+    m, x = _IgnoredHelper(), torch.randn(2, 8)
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8")]
+    with pytest.warns(UserWarning, match=r"TorchScript runs these Python functions .*\n  module '': helper \("
+                                         r".*test_jit.py:\d+\)"):
+        ts = qwix.quantize_model(torch.jit.script(m), QatProvider(rules), x)
+    fq_fc = F.linear(qwix.fake_quant(x, "int8", channelwise_axes=(0,)),
+                     qwix.fake_quant(m.fc.weight, "int8", channelwise_axes=(0,)), m.fc.bias)
+    assert_same(ts(x), F.linear(fq_fc, m.w), "the helper's linear stays float")
+    with warnings.catch_warnings():  # no rule for the module that calls it: nothing to say
+        warnings.simplefilter("error", UserWarning)
+        qwix.quantize_model(torch.jit.script(m), QatProvider([QuantizationRule(module_path="fc", weight_qtype="int8")]),
+                            x)
+
+
 def test_unexecuted_op_warns_and_raises_when_it_runs():
     m = Branchy()
     rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8")]

@@ -5,6 +5,7 @@ bf16 casts and autocast."""
 import copy
 import io
 import math
+import threading
 import warnings
 from typing import Optional
 
@@ -618,6 +619,10 @@ def test_model_to_bfloat16_keeps_fp32_statistics():
     assert_same(d(x16), ref_mlp(m16, x16), "bf16")
 
 
+def _no_running_forward(q) -> bool:
+    return q._qwix_state.main.stack == [] and q._qwix_state.runs == {}
+
+
 def test_autocast_bfloat16():
     torch.manual_seed(0)
     m, x = MLP(), torch.randn(4, 16)
@@ -638,7 +643,7 @@ def test_exceptions_leave_the_model_usable():
     q = qwix.quantize_model(m, _w8a8())
     with pytest.raises(RuntimeError):
         q(torch.randn(4, 7))  # shape error inside fc1
-    assert q._qwix_state.stack == []
+    assert _no_running_forward(q)
     assert_same(q(x), ref_mlp(m, x), "after an error")
     assert not torch.overrides._get_current_function_mode_stack()
 
@@ -673,7 +678,7 @@ def test_keyboard_interrupt_does_not_leave_quantization_on():
     ref = qwix.quantize_model(m, QatProvider(rules), x).train()  # one training forward, not interrupted
     ref(x)
     assert_same(q(x), ref.eval()(x), "the next forward")
-    assert q._qwix_state.stack == [] and not torch.overrides._get_current_function_mode_stack()
+    assert _no_running_forward(q) and not torch.overrides._get_current_function_mode_stack()
 
 
 class _TestTimeAugmented(nn.Module):
@@ -703,7 +708,7 @@ def test_a_root_that_calls_itself_and_a_submodule_called_after_an_interrupt():
         interrupted(x)
     fc = interrupted.fc  # called alone next: its forward drops the stale frames and quantizes
     assert_same(fc(x), F.linear(fq(x, "int8", (0,)), fq(fc.weight, "int8", (0,)), fc.bias), "submodule")
-    assert interrupted._qwix_state.stack == [] and not torch.overrides._get_current_function_mode_stack()
+    assert _no_running_forward(interrupted) and not torch.overrides._get_current_function_mode_stack()
 
 
 class _Threaded(nn.Module):
@@ -719,15 +724,59 @@ class _Threaded(nn.Module):
         return ya + yb
 
 
-def test_submodules_called_from_worker_threads_do_not_break_the_forward():
-    # Documented: one thread per forward (ops run in other threads are not quantized); but another thread's
-    # module call is not a stale frame, so the forward must finish and the model stay usable.
+def _w8a8_linear(x, fc):
+    return F.linear(fq(x, "int8", (0,)), fq(fc.weight, "int8", (0,)), fc.bias)
+
+
+def test_submodules_called_from_worker_threads_are_quantized():
+    # Each thread runs its own forward: a module called on a worker thread within a forward is quantized
+    # there (it ran unquantized when the running forward was one per model).
     torch.manual_seed(0)
     m, x = _Threaded(), torch.randn(2, 8)
     q = qwix.quantize_model(m, _w8a8())
-    assert_same(q(x), m(x), "worker threads: float")
-    assert_same(q.a(x), F.linear(fq(x, "int8", (0,)), fq(m.a.weight, "int8", (0,)), m.a.bias), "afterwards")
-    assert q._qwix_state.stack == [] and not torch.overrides._get_current_function_mode_stack()
+    assert_same(q(x), _w8a8_linear(x, m.a) + _w8a8_linear(x, m.b), "worker threads")
+    assert_same(q.a(x), _w8a8_linear(x, m.a), "afterwards")
+    assert _no_running_forward(q) and not torch.overrides._get_current_function_mode_stack()
+
+
+class _Gate(nn.Module):
+    """Holds the forward of the thread named 'held' until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x):
+        if threading.current_thread().name == "held":
+            self.inside.set()
+            assert self.release.wait(60)
+        return x
+
+
+def test_threads_run_forwards_of_one_model_at_once():
+    # Inference serving: a second thread's forward while the first is inside the model. The second took the
+    # first's frames (its ops were attributed to the first's module, or ran unquantized).
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), _Gate(), nn.Linear(8, 4))
+    x1, x2 = torch.randn(3, 8), torch.randn(5, 8)
+    q = qwix.quantize_model(m, _w8a8(), x1, inplace=True).eval()  # (events do not deep-copy)
+
+    def expected(x):
+        return _w8a8_linear(_w8a8_linear(x, m[0]), m[2])
+
+    out = {}
+    held = threading.Thread(target=lambda: out.setdefault("held", q(x1)), name="held")
+    with torch.no_grad():
+        held.start()
+        try:
+            assert q[1].inside.wait(60)
+            other = q(x2)
+        finally:
+            q[1].release.set()
+            held.join(60)
+    assert_same(other, expected(x2), "the other thread's forward")
+    assert_same(out["held"], expected(x1), "the held forward")
+    assert _no_running_forward(q) and not torch.overrides._get_current_function_mode_stack()
 
 
 class _Symmetric(nn.Module):

@@ -1,6 +1,8 @@
 """SRQ (act_static_scale=True): QuantStat names, shapes and counts, update-before-read, the
 dynamic scale while count is 0, when updates happen, standalone calibrate, asymmetric
 statistics and the straight-through gradient of static scales."""
+import collections
+
 import pytest
 import torch
 import torch.nn as nn
@@ -163,13 +165,14 @@ def test_calibrate():
     exp = sum(ref_calibrate(torch.relu(m.fc1(x)), "absmax", (0,))["absmax"].mean(0, keepdim=True) for x in batches)
     torch.testing.assert_close(q.fc2.linear0_lhs.sum_of_absmax, exp.detach(), rtol=1e-5, atol=0)
     assert all(p.grad is None for p in q.parameters())
-    # Updates are forced on even when disabled; tuples, dicts and generators are accepted.
+    # Updates are forced on even when disabled; tuples, mappings (a dict, HF's BatchEncoding is a UserDict) and
+    # generators are accepted.
     qwix.set_quant_stats_update(q, False)
     qwix.calibrate(q, ((x,) for x in batches[:2]), progress=False)
-    qwix.calibrate(q, [{"x": batches[0]}], progress=True)
-    assert int(q.fc2.linear0_lhs.count) == 8
+    qwix.calibrate(q, [{"x": batches[0]}, collections.UserDict(x=batches[1])], progress=True)
+    assert int(q.fc2.linear0_lhs.count) == 9
     q(batches[0])
-    assert int(q.fc2.linear0_lhs.count) == 8  # disabled again after calibrate
+    assert int(q.fc2.linear0_lhs.count) == 9  # disabled again after calibrate
     with pytest.raises(ValueError, match="quantize_model"):
         qwix.calibrate(MLP(), batches)
 
