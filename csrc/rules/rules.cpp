@@ -61,6 +61,23 @@ std::regex compile_module_path(const std::string& pattern) {
                       "already, so drop the anchor (or use ^ and $)");
     ++i;  // the escaped character
   }
+  // A ']' first in a class ([]a], [^]a]) is a literal in Python and closes an empty class in ECMAScript.
+  bool in_class = false;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    if (pattern[i] == '\\') {
+      ++i;
+    } else if (in_class) {
+      in_class = pattern[i] != ']';
+    } else if (pattern[i] == '[') {
+      in_class = true;
+      size_t first = i + 1;
+      if (first < pattern.size() && pattern[first] == '^') ++first;
+      TORCH_CHECK_VALUE(first >= pattern.size() || pattern[first] != ']', "qwix: QuantizationRule.module_path '",
+                        pattern, "' starts a character class with ']', a literal in Python's re but an empty class "
+                        "in std::regex (ECMAScript); escape it: \\]");
+      i = first - 1;
+    }
+  }
   TORCH_CHECK_VALUE(!std::regex_search(pattern, std::regex(R"(\[:[a-z]+:\])")),
                     "qwix: QuantizationRule.module_path '", pattern, "' looks like a POSIX class ([[:alpha:]]), "
                     "which Python's re does not have; write the characters out ([A-Za-z])");

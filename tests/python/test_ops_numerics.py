@@ -197,6 +197,16 @@ def test_ties_round_half_to_even_dynamic():
     assert_same(y, ref.ref_fake_quant(x, "int8"))
 
 
+@pytest.mark.parametrize("qtype", ["int8", "int4", "float8_e4m3fn", "float4_e2m1fn", "nf4", "mxfp8"])
+def test_a_zero_result_is_positive_zero(qtype):
+    # Documented (README "Numerics"): as torch.fake_quantize_per_tensor_affine; the reference keeps -0.0.
+    x = torch.tensor([[-1e-30, -0.0, 0.0, 1e-30] + [-1000.0] * 28])
+    for y in (run_fake_quant(x, qtype, "absmax", (), None),
+              qwix.fake_quant_with_scale(x, torch.full((), 100.0), qtype) if qtype != "mxfp8" else None):
+        if y is not None:
+            assert y[0, :4].view(torch.int32).tolist() == [0] * 4, (qtype, y[0, :4])
+
+
 def test_hand_cases_scale_one():
     one = torch.ones(())
     cases = [

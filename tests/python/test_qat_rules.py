@@ -59,6 +59,8 @@ def test_frozen_keyword_only_hashable():
         (dict(module_path=r"enc\Z"), ["module_path", "\\Z"]),
         (dict(module_path="[[:alpha:]]+"), ["module_path", "POSIX class"]),  # a class in std::regex, not in re
         (dict(module_path="fc[_[:digit:]]+"), ["module_path", "POSIX class"]),
+        (dict(module_path="fc[]1]"), ["module_path", "fc[]1]", "empty class"]),  # "]" or "1" in re, empty in C++
+        (dict(module_path="x.[^]a]"), ["module_path", "[^]a]", "escape it"]),
         (dict(module_path=3), ["module_path", "3"]),
         (dict(op_names=("dot_general",)), ["dot_general", "linear, conv1d"]),
         (dict(op_names=("linear", 3)), ["op_names", "3"]),
@@ -103,6 +105,12 @@ def test_op_errors_in_a_model_name_the_module_op_and_rule():
         act_qtype="int8", act_static_scale=True)]), torch.randn(2, 3, 8)).train()
     with pytest.raises(ValueError, match=r"module '0', op linear0 .*statistic 0 has shape \[1, 3, 1\]"):
         q(torch.randn(2, 5, 8))
+
+
+def test_brackets_that_both_regex_dialects_read_alike():
+    p = QatProvider([QuantizationRule(module_path=r"fc[\]1]"), QuantizationRule(module_path=r"b[^a\]][0-9]")])
+    assert p.find_rule("fc1", "linear") is p.rules[0] and p.find_rule("fc]", "linear") is p.rules[0]
+    assert p.find_rule("bc5", "linear") is p.rules[1] and p.find_rule("ba5", "linear") is None
 
 
 def test_precedence_fullmatch_and_unused():
