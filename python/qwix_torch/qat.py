@@ -95,6 +95,11 @@ class QuantStat(nn.Module):
         (whose buffers hold uninitialized memory; loading an fp checkpoint keeps the statistics as they are)."""
         self.reset()
 
+    def forward(self, x):
+        """Passes ``x`` through: a module whose forward iterates its children (an ``nn.Sequential`` subclass
+        that runs an op of its own) meets its statistics among them."""
+        return x
+
     def extra_repr(self) -> str:
         names = ["sum_of_absmax"] if self.symmetric else ["sum_of_min", "sum_of_max"]
         shape = tuple(self.sums[0].shape)

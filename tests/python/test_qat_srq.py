@@ -361,3 +361,31 @@ def test_calibrate_with_a_loader_of_pairs_says_what_to_pass():
         qwix.calibrate(q, pairs, progress=False)
     qwix.calibrate(q, (x for x, _ in pairs), progress=False)
     assert int(q.fc1.linear0_lhs.count) == 1
+
+
+class _SequentialWithItsOwnOp(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(8, 8), nn.ReLU())
+        self.w = nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x):
+        return super().forward(x) @ self.w
+
+
+def test_a_sequential_that_runs_its_own_op_passes_through_its_statistics():
+    # Its matmul's QuantStat is its child, so Sequential.forward calls it (it had no forward: an error).
+    torch.manual_seed(0)
+    m, x = _SequentialWithItsOwnOp(), torch.randn(3, 8)
+    q = qwix.quantize_model(m, QatProvider([QuantizationRule(act_qtype="int8", act_static_scale=True)]), x)
+    assert isinstance(q.matmul0_lhs, QuantStat)
+    q.train()
+    y = q(x)
+
+    def static_fq(t):  # after one update-before-read: the batch's mean per-token absmax
+        scale, _ = ref_compute_scale({"absmax": ref_calibrate(t, "absmax", (0,))["absmax"].mean(0, keepdim=True)},
+                                     "int8")
+        return ref_fake_quant_with_scale(t, scale, "int8")
+
+    h = F.relu(F.linear(static_fq(x), m[0].weight, m[0].bias))
+    assert int(q.matmul0_lhs.count) == 1 and int(q[0].linear0_lhs.count) == 1
+    assert_same(y, static_fq(h) @ m.w, "own op after the children")
