@@ -39,8 +39,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor fake_quant_backward_cuda(const at::Tensor& grad, const at::Tensor& mask) {
+  check_backward_args(grad, mask);  // first: a CPU operand fails the guard
   const c10::cuda::CUDAGuard guard(grad.device());
-  check_backward_args(grad, mask);
   const at::Tensor gd = dense_input(grad);
   at::Tensor out = at::empty_like(gd);
   if (gd.numel() == 0) return out;

@@ -41,9 +41,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_forward_cuda(const at::Tensor& x, 
 std::tuple<at::Tensor, at::Tensor> fake_quant_with_scale_forward_cuda(const at::Tensor& x, const at::Tensor& scale,
                                                                       const c10::optional<at::Tensor>& zero_point,
                                                                       c10::string_view qtype, bool with_mask) {
-  const c10::cuda::CUDAGuard guard(x.device());
   const QType qt = parse_qtype(std::string(qtype));
-  const Groups groups = check_scale_args(x, scale, zero_point, qt);
+  const Groups groups = check_scale_args(x, scale, zero_point, qt);  // first: a CPU operand fails the guard
+  const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xd = dense_input(x);
   at::Tensor y = at::empty_like(xd);
   at::Tensor mask = at::empty({mask_bytes(x.numel(), with_mask)}, x.options().dtype(at::kByte));
@@ -69,9 +69,9 @@ std::vector<at::Tensor> calibrate_cuda(const at::Tensor& x, c10::string_view met
 
 std::vector<at::Tensor> compute_scale_cuda(at::TensorList calibration, c10::string_view qtype) {
   TORCH_CHECK_VALUE(!calibration.empty(), "qwix: compute_scale needs 1 (absmax) or 2 (min, max) tensors, got 0");
-  const c10::cuda::CUDAGuard guard(calibration[0].device());
   const QType qt = parse_qtype(std::string(qtype));
-  check_calibration_list(calibration, &qt);
+  check_calibration_list(calibration, &qt);  // first: a CPU operand fails the guard
+  const c10::cuda::CUDAGuard guard(calibration[0].device());
   const at::Tensor a = calibration[0].contiguous();
   const at::Tensor b = calibration.size() == 2 ? calibration[1].contiguous() : at::Tensor();
   const DeviceParams p = device_params(b.defined() ? ParamsFrom::Asymmetric : ParamsFrom::Symmetric, qt.p, a, b);

@@ -112,7 +112,10 @@ std::string quote(const std::string& s) { return "'" + s + "'"; }
 std::string location(const Node* n) {
   if (auto flc = n->sourceRange().file_line_col()) {
     const auto& [file, line, col] = *flc;
-    return file + ":" + std::to_string(line);
+    // An installed package's code (torch's own modules) by its import path: "torch/nn/functional.py:6229".
+    const std::string packages = "/site-packages/";
+    const size_t at = file.rfind(packages);
+    return (at == std::string::npos ? file : file.substr(at + packages.size())) + ":" + std::to_string(line);
   }
   return "";
 }
@@ -504,7 +507,7 @@ class Pass {
     std::function<void(Block*)> walk = [&](Block* b) {
       for (Node* n : b->nodes()) {
         if (auto op = intercepted_op(n)) add_site(inst, n, *op);
-        if (n->kind() == c10::prim::PythonOp) {
+        if (n->kind() == c10::prim::PythonOp && provider_.may_quantize({inst.path})) {
           const std::string where = location(n);
           python_calls_[inst.path].push_back(static_cast<torch::jit::PythonOp*>(n)->name() +
                                              (where.empty() ? "" : " (" + where + ")"));
@@ -717,9 +720,9 @@ class Pass {
     }
   }
 
-  // The ops' own checks (a tile that does not divide, an MX block) on the example operand's shape, on a
-  // meta tensor: now they name the module, op and rule, as the Python path's do, instead of failing the
-  // first forward without them.
+  // The ops' own checks (a tile that does not divide, an MX block) on the example operand's shape (its first
+  // call's), on a meta tensor: now they name the module, op and rule, as the Python path's do, instead of
+  // failing the first forward without them.
   void check_plan_runs(const Instance& inst, const Site& s, const OperandRecord& rec, const OperandPlan& p,
                        const OpPlan& plan) const {
     if (!p.quantize || !rec.floating) return;
@@ -896,8 +899,9 @@ class Pass {
       for (size_t i = 0; i < calls.size(); ++i) list += (i ? ", " : "") + calls[i];
     }
     TORCH_WARN("qwix: TorchScript runs these Python functions (@torch.jit.ignore) in Python, where quantize_model's "
-               "TorchScript pass cannot see their ops, so those stay floating-point (the Python path would quantize "
-               "them); make them scriptable to quantize them:", list);
+               "TorchScript pass cannot see into them: ops they run (linear, matmul, ...) stay floating-point, where "
+               "the Python path would quantize them. Nothing to do if they run none; otherwise make them scriptable:",
+               list);
   }
 
   void warn_unexecuted() const {

@@ -36,9 +36,13 @@ void check_stat_shape(const at::Tensor& sum, const Groups& groups) {
   }
 }
 
-// The statistic's average, broadcast to x's calibration shape.
+// The statistic's average, broadcast to x's calibration shape. The count is a tensor on the sum's device:
+// CUDA divides by a CPU scalar as a multiply by its rounded reciprocal, one ulp off the CPU's quotient.
 at::Tensor static_range(const at::Tensor& sum, const at::Tensor& count, const Groups& groups) {
-  return (sum / count.to(at::kFloat)).expand(groups).contiguous();
+  const at::Tensor n = count.device() == sum.device()
+                           ? count.to(at::kFloat)
+                           : at::scalar_tensor(static_cast<double>(count.item<int64_t>()), sum.options());
+  return (sum / n).expand(groups).contiguous();
 }
 
 std::vector<at::Tensor> srq_scale_composite(const at::Tensor& x, const at::Tensor& count, at::TensorList sums,

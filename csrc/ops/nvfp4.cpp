@@ -20,9 +20,12 @@ std::tuple<at::Tensor, at::Tensor> nvfp4_fake_quant_forward(const at::Tensor& x,
   // The tensor's absmax is the max of its blocks' (exact; a NaN block -- NaN/Inf inside -- stays
   // NaN), so x is read twice in all: once here, once to quantize.
   const at::Tensor tensor_amax = block_amax.amax().reshape(std::vector<int64_t>(rank, 1));
-  const at::Tensor tensor_scale = tensor_amax / (448.0 * 6.0);  // fp32 / fp32, as the reference's div32
+  // fp32 / fp32 divisions as the reference's div32, by tensors on x's device: CUDA divides by a number as a
+  // multiply by its rounded reciprocal, one ulp off the true quotient.
+  auto divided = [](const at::Tensor& t, float d) { return t / at::scalar_tensor(d, t.options()); };
+  const at::Tensor tensor_scale = divided(tensor_amax, 448.0f * 6.0f);
   const at::Tensor block_scale = std::get<0>(
-      call_fake_quant_with_scale_forward(block_amax / 6.0, tensor_scale, c10::nullopt, "float8_e4m3fn", false));
+      call_fake_quant_with_scale_forward(divided(block_amax, 6.0f), tensor_scale, c10::nullopt, "float8_e4m3fn", false));
   auto out = call_fake_quant_with_scale_forward(x, block_scale, c10::nullopt, "float4_e2m1fn", with_mask);
   // A block whose e4m3 scale rounds to 0 (its absmax under 2^-10 of the tensor scale's 6 * 448th) decodes
   // to zeros in nvfp4; the given-scale kernel would guard the 0 to 1, a grid nvfp4 cannot represent. (In

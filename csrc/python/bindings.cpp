@@ -99,7 +99,8 @@ PYBIND11_MODULE(_C, m) {
       .def("is_used", &qwix::QatProvider::is_used)
       .def("mark_used", &qwix::QatProvider::mark_used)
       .def("nothing_matched_warning", &qwix::QatProvider::nothing_matched_warning, py::arg("module_paths"),
-           py::arg("ran_forward"));
+           py::arg("ran_forward"))
+      .def("may_quantize", &qwix::QatProvider::may_quantize, py::arg("module_paths"));
 
   // The C++ application of a plan (what the C++ and TorchScript passes run), for tests that
   // check it against the Python pass. stat: (count, sums) or None.

@@ -178,6 +178,9 @@ class QatProvider {
   // forward (ran_forward), every rule unused; otherwise no rule's module_path fully matches any of
   // `module_paths` (op names aside). Almost surely a module_path / op_names typo.
   std::string nothing_matched_warning(const std::vector<std::string>& module_paths, bool ran_forward) const;
+  // Whether some op of a module at one of `module_paths` may be quantized: for one of them the first rule
+  // whose module_path matches has a qtype (a rule without qtypes and without op_names excludes the module).
+  bool may_quantize(const std::vector<std::string>& module_paths) const;
 
  private:
   struct Matchers;  // the compiled module_path regexes (std::regex), immutable and shared by copies

@@ -271,6 +271,17 @@ void QatProvider::mark_used(int64_t index) {
   used_.set(static_cast<size_t>(index));
 }
 
+bool QatProvider::may_quantize(const std::vector<std::string>& module_paths) const {
+  for (const auto& path : module_paths) {
+    for (size_t i = 0; i < rules_.size(); ++i) {
+      if (!std::regex_match(path, matchers_->regexes[i])) continue;
+      if (rules_[i].weight_qtype || rules_[i].act_qtype) return true;
+      if (rules_[i].op_names.empty()) break;  // excludes every op of this module
+    }
+  }
+  return false;
+}
+
 std::string QatProvider::nothing_matched_warning(const std::vector<std::string>& module_paths,
                                                  bool ran_forward) const {
   if (rules_.empty()) return "";

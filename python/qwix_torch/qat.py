@@ -135,8 +135,7 @@ class QuantStat(nn.Module):
 
 
 class _Run:
-    """One running forward of a QAT model: its module frames and what its ops look up. Each thread has its own
-    (torch's mode stack is per thread too), so threads may run forwards of one model at once."""
+    """The module frames of a running forward and what its ops look up."""
 
     __slots__ = ("stack", "entry_frame", "swapped", "swapped_tensors")
 
@@ -159,25 +158,28 @@ class _QatState:
         self.force_update = False  # calibrate(): update in eval mode too
         self.creating = False  # quantize_model's example forward: create QuantStats, update nothing
         self.param_dicts: list = []  # every module's _parameters dict
-        # The forward of the first thread to run one, and the one Dynamo traces (it cannot read thread ids);
-        # a thread that starts a forward while another runs this one gets a _Run of its own.
-        self.main = _Run()
-        self.runs: dict = {}  # thread id -> its running forward (eager mode)
+        # Eager forwards run per thread (torch's mode stack is per thread too): a thread-local _Run, so threads
+        # may run forwards of one model at once. Traced ones (torch.compile) use `traced`: Dynamo cannot read
+        # thread-locals, and compiled code leaves it as it found it (empty), whatever thread runs it.
+        self.local = threading.local()
+        self.traced = _Run()
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["main"] = _Run()
-        d["runs"] = {}
+        del d["local"]
+        d["traced"] = _Run()
         return d
 
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.local = threading.local()
 
-def _run_of_thread(state: _QatState) -> Optional[_Run]:
-    """This thread's running forward (None: it runs none)."""
-    if torch.compiler.is_compiling():
-        return state.main
-    run = state.runs.get(threading.get_ident())
-    if run is None and state.main.stack and all(r is not state.main for r in state.runs.values()):
-        return state.main  # frames a traced (compiled) entry left, no thread's: the eager post-hook pops them
+
+def _eager_run(state: _QatState) -> _Run:
+    """This thread's run (eager mode)."""
+    run = getattr(state.local, "run", None)
+    if run is None:
+        run = state.local.run = _Run()
     return run
 
 
@@ -194,17 +196,18 @@ def _decomposes_attention(provider: QatProvider, path: str) -> bool:
 
 
 def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) -> None:
-    run = _run_of_thread(state)
-    if run is not None and run.stack and not _forward_running(run):
-        _drop_stale_frames(run)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        run = state.traced
+    else:
+        run = _eager_run(state)
+        if run.stack and not _forward_running(run):
+            _drop_stale_frames(run)
     mode = None
-    if run is None or not run.stack:
-        if run is None:  # (eager mode) this thread's first frame: the main run if no other thread has it
-            run = state.main if not state.main.stack else _Run()
-            state.runs[threading.get_ident()] = run
+    if not run.stack:
         mode = _QatMode(state, run)
         mode.__enter__()
-        if torch.compiler.is_compiling():
+        if compiling:
             run.entry_frame = None
             run.swapped_tensors = _swapped_parameters(state)
         else:
@@ -241,8 +244,13 @@ def _forward_running(run: _Run) -> bool:
 
 
 def _post_hook(state: _QatState, path: Optional[str], module: nn.Module, args, output) -> None:
-    run = _run_of_thread(state)
-    if run is None or not run.stack:  # its frames were dropped as stale (an interrupted forward, then compile)
+    if torch.compiler.is_compiling():
+        run = state.traced
+    else:
+        run = _eager_run(state)
+        if not run.stack:  # a compiled forward's frame, finished eagerly (after a graph break or a failed compile)
+            run = state.traced
+    if not run.stack:  # its frames were dropped as stale (an interrupted forward)
         return
     frame = run.stack.pop()
     if frame[3] is not None:
@@ -250,8 +258,6 @@ def _post_hook(state: _QatState, path: Optional[str], module: nn.Module, args, o
         run.swapped = frozenset()
         run.swapped_tensors = ()
         frame[3].__exit__(None, None, None)
-        if not torch.compiler.is_compiling():
-            state.runs.pop(threading.get_ident(), None)
 
 
 def _swapped_parameters(state: _QatState) -> tuple:
@@ -671,7 +677,7 @@ def _warn_about_scripted_submodules(model: nn.Module, provider: QatProvider, scr
     for top, paths in scripted.items():
         if jit_is_quantized(model.get_submodule(top)):  # quantized by the TorchScript pass already
             continue
-        if not provider._cpp.nothing_matched_warning(paths, False):  # some rule's module_path matches
+        if provider._cpp.may_quantize(paths):
             warnings.warn(f"qwix: submodule {top!r} is a TorchScript module: its ops run in TorchScript, where "
                           "quantize_model's Python pass cannot see them, so they stay floating-point. Quantize that "
                           "ScriptModule with the TorchScript pass (quantize_model(script_module, provider, example_inputs)) "

@@ -222,7 +222,8 @@ def test_parameter_slots_are_forgotten_after_the_forward():
     params = {k: v.detach().clone() for k, v in q.named_parameters()}
     functional_call(q, params, (torch.ones(2, 6),))
     state = q._qwix_state
-    assert state.main.swapped == frozenset() and not state.main.stack and not state.runs
+    run = state.local.run
+    assert run.swapped == frozenset() and not run.stack and not state.traced.stack
 
 
 # ------------------------------------------------------------------------------------------------

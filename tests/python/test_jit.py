@@ -589,10 +589,11 @@ def test_an_eager_model_with_a_torchscript_submodule():
         q = qwix.quantize_model(m, QatProvider(rules), x)
     assert_same(q(x), fq_linear(m.child(x), m.fc), "fc quantized, the scripted child float")
     child = qwix.quantize_model(m.child, QatProvider(rules), x)  # the TorchScript pass
-    with warnings.catch_warnings():  # rules that match the Python modules only, or a child quantized already
+    with warnings.catch_warnings():  # rules that quantize only Python modules, or a child quantized already
         warnings.simplefilter("error", UserWarning)
-        qwix.quantize_model(m, QatProvider([QuantizationRule(module_path="fc", weight_qtype="int8", act_qtype="int8")]),
-                            x)
+        for only_fc in ([QuantizationRule(module_path="fc", weight_qtype="int8", act_qtype="int8")],
+                        [QuantizationRule(module_path="child")] + rules):  # a rule without qtypes excludes it
+            qwix.quantize_model(m, QatProvider(only_fc), x)
         both = qwix.quantize_model(_WithScriptedChild(child), QatProvider(rules), x)
     both.fc.load_state_dict(m.fc.state_dict())
     assert_same(both(x), fq_linear(fq_linear(x, m.child), m.fc), "both quantized")

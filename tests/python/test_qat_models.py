@@ -619,8 +619,9 @@ def test_model_to_bfloat16_keeps_fp32_statistics():
     assert_same(d(x16), ref_mlp(m16, x16), "bf16")
 
 
-def _no_running_forward(q) -> bool:
-    return q._qwix_state.main.stack == [] and q._qwix_state.runs == {}
+def _no_running_forward(q) -> bool:  # (on this thread, and no traced frames)
+    run = getattr(q._qwix_state.local, "run", None)
+    return (run is None or run.stack == []) and q._qwix_state.traced.stack == []
 
 
 def test_autocast_bfloat16():
@@ -747,7 +748,7 @@ class _Gate(nn.Module):
         self.inside, self.release = threading.Event(), threading.Event()
 
     def forward(self, x):
-        if threading.current_thread().name == "held":
+        if not torch.compiler.is_compiling() and threading.current_thread().name == "held":
             self.inside.set()
             assert self.release.wait(60)
         return x
@@ -777,6 +778,50 @@ def test_threads_run_forwards_of_one_model_at_once():
     assert_same(other, expected(x2), "the other thread's forward")
     assert_same(out["held"], expected(x1), "the held forward")
     assert _no_running_forward(q) and not torch.overrides._get_current_function_mode_stack()
+
+    # A compiled forward while another thread's eager forward is inside the model (compiled code guarded on
+    # the frames the eager one had pushed, retraced and ran unquantized).
+    compiled = torch.compile(q, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        compiled(x2)
+        q[1].inside.clear()
+        q[1].release.clear()
+        held = threading.Thread(target=lambda: out.__setitem__("held", q(x1)), name="held")
+        held.start()
+        try:
+            assert q[1].inside.wait(60)
+            other = compiled(x2)
+        finally:
+            q[1].release.set()
+            held.join(60)
+    assert_same(other, expected(x2), "compiled, beside an eager forward")
+    assert_same(out["held"], expected(x1), "the held eager forward")
+
+
+def test_threads_starting_forwards_together():
+    # Two threads entering the model at the same moment both took one shared stack of frames.
+    torch.manual_seed(0)
+    m = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(4)])
+    q = qwix.quantize_model(m, QatProvider([QuantizationRule(weight_qtype="int4", act_qtype="int4")]),
+                            torch.randn(2, 16)).eval()
+    xs = [torch.randn(3, 16) for _ in range(2)]
+    with torch.no_grad():
+        expected = [q(x) for x in xs]
+    start, wrong = threading.Barrier(2), []
+
+    def worker(i):
+        with torch.no_grad():
+            for _ in range(100):
+                start.wait(60)
+                if not torch.equal(q(xs[i]), expected[i]):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert wrong == [] and _no_running_forward(q)
 
 
 class _Symmetric(nn.Module):
