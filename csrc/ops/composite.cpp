@@ -78,8 +78,7 @@ std::vector<at::Tensor> srq_scale_composite(const at::Tensor& x, const at::Tenso
 
 void update_quant_stat_composite(const at::Tensor& count, at::TensorList sums, at::TensorList calibration,
                                  at::IntArrayRef batch_axes, int64_t count_increment) {
-  TORCH_CHECK_VALUE(calibration.size() == 1 || calibration.size() == 2,
-                    "qwix: a calibration is [absmax] or [min, max], got ", calibration.size(), " tensors");
+  check_calibration_list(calibration, nullptr);
   TORCH_CHECK_VALUE(sums.size() == calibration.size(), "qwix: update_quant_stat got ", sums.size(), " sums but ",
                     calibration.size(), " calibration tensors");
   check_count(count);
@@ -96,8 +95,7 @@ void update_quant_stat_composite(const at::Tensor& count, at::TensorList sums, a
   std::vector<at::Tensor> averages;
   for (size_t i = 0; i < sums.size(); ++i) {
     const at::Tensor& c = calibration[i];
-    at::Tensor avg = c.to(at::kFloat);
-    if (!batch_axes.empty()) avg = avg.mean(batch_axes, /*keepdim=*/true);
+    at::Tensor avg = batch_axes.empty() ? c : c.mean(batch_axes, /*keepdim=*/true);
     TORCH_CHECK_VALUE(sums[i].sym_sizes() == avg.sym_sizes(), "qwix: statistic ", i, " has shape ",
                       sums[i].sym_sizes(), " but the calibration of shape ", c.sym_sizes(),
                       " averaged over batch axes ", batch_axes, " has shape ", avg.sym_sizes());
