@@ -13,7 +13,7 @@
 // LibTorch calls a child through its typed holder (`fc1(x)` is
 // `torch::nn::LinearImpl::forward`, not virtual), so no pass can reach a plain
 // torch::nn::Linear held by a member: declare such members as qwix::nn::Linear /
-// qwix::nn::Conv1d/2d/3d (same constructors, options and parameter names). Plain
+// qwix::nn::Conv1d/2d/3d / ConvTranspose1d/2d/3d (same constructors, options and parameter names). Plain
 // modules inside torch::nn::Sequential and torch::nn::ModuleList are replaced by
 // wrappers sharing their parameters. A custom module whose forward calls ops
 // itself (attention: einsum / matmul) derives from qwix::nn::Quantizable and

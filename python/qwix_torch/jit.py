@@ -2,8 +2,9 @@
 
 ``jit_quantize_model(torch.jit.script(model), provider, *example_inputs)`` runs
 the C++ graph pass ``qwix::jit::quantize_model`` (``csrc/jit``): in each
-module's own ``forward`` the ops ``linear``, ``conv1d/2d/3d``, ``matmul`` /
-``@``, ``bmm`` and two-operand ``einsum`` get ``torch.ops.qwix`` fake-quant
+module's own ``forward`` the ops ``linear``, ``conv1d/2d/3d``, ``conv_transpose1d/2d/3d``,
+``matmul`` / ``@`` (and ``mm``, ``addmm``'s product), ``bmm`` (and ``baddbmm``'s product), two-operand
+``einsum`` and the two products of a decomposed ``scaled_dot_product_attention`` get ``torch.ops.qwix`` fake-quant
 nodes as the provider's rules say, with the same plans, op ids and SRQ
 ``QuantStat`` submodules (``<op id>_lhs`` / ``_rhs``) as the Python
 ``nn.Module`` path, so both give the same forward values for the same weights.
