@@ -53,10 +53,17 @@ struct ProbeEvent {
   OperandRecord lhs, rhs;
 };
 
-// While alive (on this thread), the probe operators record into `events`.
+// A probe id names its pass's session (one per quantize_model call) and the probe: the interpreter may
+// resume a forward on another thread (after torch.jit.fork / wait), so probes find their recorder by
+// session, not by thread.
+int64_t new_probe_session();
+inline int64_t probe_id(int64_t session, int64_t index) { return (session << 32) | index; }
+inline int64_t probe_index(int64_t id) { return id & 0xffffffff; }
+
+// While alive, the probe operators of `session` record into `events` (from any thread).
 class ProbeRecorder {
  public:
-  explicit ProbeRecorder(std::unordered_set<const c10::TensorImpl*> parameters);
+  ProbeRecorder(int64_t session, std::unordered_set<const c10::TensorImpl*> parameters);
   ~ProbeRecorder();
   ProbeRecorder(const ProbeRecorder&) = delete;
   ProbeRecorder& operator=(const ProbeRecorder&) = delete;
@@ -65,7 +72,7 @@ class ProbeRecorder {
   std::unordered_set<const c10::TensorImpl*> parameters;
 
  private:
-  ProbeRecorder* previous_;
+  int64_t session_;
 };
 
 // The JIT-only operators the probe inserts (side-effecting, never saved):

@@ -6,12 +6,33 @@
 #include <torch/csrc/jit/runtime/custom_operator.h>
 #include <torch/csrc/jit/runtime/operator.h>
 
+#include <atomic>
+#include <mutex>
+#include <unordered_map>
+
 #include "jit/internal.h"
 
 namespace qwix::jit_internal {
 namespace {
 
-thread_local ProbeRecorder* current = nullptr;
+// The live recorders by session (a quantize_model call's probes may run on several threads).
+std::mutex recorders_mutex;
+std::unordered_map<int64_t, ProbeRecorder*>& recorders() {
+  static std::unordered_map<int64_t, ProbeRecorder*> r;
+  return r;
+}
+
+// Appends the event of probe `id` to its session's recorder, if one is alive.
+template <typename Fill>
+void record(int64_t id, Fill fill) {
+  const std::lock_guard<std::mutex> lock(recorders_mutex);
+  const auto found = recorders().find(id >> 32);
+  if (found == recorders().end()) return;
+  ProbeEvent e;
+  e.id = probe_index(id);
+  fill(e, *found->second);
+  found->second->events.push_back(std::move(e));
+}
 
 OperandRecord describe(const at::Tensor& t, const ProbeRecorder& r) {
   OperandRecord o;
@@ -34,21 +55,15 @@ void probe(torch::jit::Stack& stack) {
   at::Tensor rhs = torch::jit::pop(stack).toTensor();
   at::Tensor lhs = torch::jit::pop(stack).toTensor();
   const int64_t id = torch::jit::pop(stack).toInt();
-  if (current == nullptr) return;
-  ProbeEvent e;
-  e.id = id;
-  e.lhs = describe(lhs, *current);
-  e.rhs = describe(rhs, *current);
-  current->events.push_back(std::move(e));
+  record(id, [&](ProbeEvent& e, const ProbeRecorder& r) {
+    e.lhs = describe(lhs, r);
+    e.rhs = describe(rhs, r);
+  });
 }
 
 void probe_begin(torch::jit::Stack& stack) {
   const int64_t id = torch::jit::pop(stack).toInt();
-  if (current == nullptr) return;
-  ProbeEvent e;
-  e.id = id;
-  e.begin = true;
-  current->events.push_back(std::move(e));
+  record(id, [](ProbeEvent& e, const ProbeRecorder&) { e.begin = true; });
 }
 
 torch::jit::RegisterOperators registry({
@@ -59,12 +74,21 @@ torch::jit::RegisterOperators registry({
 
 }  // namespace
 
-ProbeRecorder::ProbeRecorder(std::unordered_set<const c10::TensorImpl*> params)
-    : parameters(std::move(params)), previous_(current) {
-  current = this;
+int64_t new_probe_session() {
+  static std::atomic<int64_t> next{1};
+  return next.fetch_add(1) & 0x7fffffff;  // (ids stay positive int64 constants)
 }
 
-ProbeRecorder::~ProbeRecorder() { current = previous_; }
+ProbeRecorder::ProbeRecorder(int64_t session, std::unordered_set<const c10::TensorImpl*> params)
+    : parameters(std::move(params)), session_(session) {
+  const std::lock_guard<std::mutex> lock(recorders_mutex);
+  recorders()[session_] = this;
+}
+
+ProbeRecorder::~ProbeRecorder() {
+  const std::lock_guard<std::mutex> lock(recorders_mutex);
+  recorders().erase(session_);
+}
 
 c10::Symbol probe_symbol() {
   static const c10::Symbol s = c10::Symbol::fromQualString("qwix_jit::probe");

@@ -32,6 +32,7 @@
 #include <ATen/Context.h>
 #include <c10/util/Exception.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/ir/constants.h>
@@ -224,6 +225,8 @@ class Inliner {
     while (inline_block(g.block())) {
     }
   }
+  // Whether g or a function it calls runs an intercepted op.
+  bool has_ops(Graph& g) { return block_has_ops(g.block()); }
 
  private:
   bool has_ops(torch::jit::Function* fn) {
@@ -409,6 +412,8 @@ class Pass {
   Pass(QatProvider& provider, bool inplace) : provider_(provider), inplace_(inplace) {}
 
   Module run(const Module& m, std::vector<c10::IValue> inputs) {
+    // Under InferenceMode, copies and statistics would be inference tensors, which training cannot update.
+    const c10::InferenceMode not_inference(false);
     TORCH_CHECK_VALUE(!m.type()->hasAttribute(kQuantizedAttr),
                       "qwix: this TorchScript module is already quantized (quantize_model was applied to it)");
     TORCH_CHECK_VALUE(m.find_method("forward").has_value(),
@@ -427,7 +432,7 @@ class Pass {
     for (Instance& inst : instances_)
       if (inst.candidate) transform(inst);
     warn_unexecuted();
-    warn_python_calls();
+    warn_unseen_calls();
     warn_if_nothing_matched(example_ran);
     return finish();
   }
@@ -507,10 +512,9 @@ class Pass {
     std::function<void(Block*)> walk = [&](Block* b) {
       for (Node* n : b->nodes()) {
         if (auto op = intercepted_op(n)) add_site(inst, n, *op);
-        if (n->kind() == c10::prim::PythonOp && provider_.may_quantize({inst.path})) {
+        if (const std::string call = unseen_call(n); !call.empty() && provider_.may_quantize({inst.path})) {
           const std::string where = location(n);
-          python_calls_[inst.path].push_back(static_cast<torch::jit::PythonOp*>(n)->name() +
-                                             (where.empty() ? "" : " (" + where + ")"));
+          unseen_calls_[inst.path].push_back(call + (where.empty() ? "" : " (" + where + ")"));
         }
         for (Block* sb : n->blocks()) walk(sb);
       }
@@ -520,13 +524,13 @@ class Pass {
 
     Node* begin = g->create(jit_internal::probe_begin_symbol(), 0);
     g->block()->prependNode(begin);
-    add_probe_input(*g, begin, static_cast<int64_t>(targets_.size()));
+    add_probe_input(*g, begin, jit_internal::probe_id(session_, static_cast<int64_t>(targets_.size())));
     targets_.emplace_back(ii, -1);
     for (size_t si = 0; si < inst.sites.size(); ++si) {
       Site& s = inst.sites[si];
       WithInsertPoint ip(s.node);
       Node* p = g->insertNode(g->create(jit_internal::probe_symbol(), 0));
-      add_probe_input(*g, p, static_cast<int64_t>(targets_.size()));
+      add_probe_input(*g, p, jit_internal::probe_id(session_, static_cast<int64_t>(targets_.size())));
       p->addInput(s.lhs);
       p->addInput(s.rhs);
       targets_.emplace_back(ii, static_cast<int64_t>(si));
@@ -614,7 +618,7 @@ class Pass {
     }
     std::unordered_set<const c10::TensorImpl*> params;
     for (const auto& p : work_.parameters()) params.insert(p.unsafeGetTensorImpl());
-    jit_internal::ProbeRecorder recorder(std::move(params));
+    jit_internal::ProbeRecorder recorder(session_, std::move(params));
     {
       at::NoGradGuard no_grad;
       StateRestorer restore(work_);
@@ -889,19 +893,28 @@ class Pass {
     if (const std::string w = provider_.nothing_matched_warning(paths, ran); !w.empty()) TORCH_WARN(w);
   }
 
-  // A Python function called from TorchScript (@torch.jit.ignore) runs in Python, out of the pass's sight:
-  // its ops stay floating-point, while the Python path, which sees them, quantizes them.
-  void warn_python_calls() const {
-    if (python_calls_.empty()) return;
+  // Calls whose ops run outside the module's graph, out of the pass's sight: a Python function
+  // (@torch.jit.ignore, which may run none) and a torch.jit.fork of a function that runs some. Their ops
+  // stay floating-point, where the Python path quantizes them. "" for other nodes.
+  static std::string unseen_call(Node* n) {
+    if (n->kind() == c10::prim::PythonOp) return static_cast<torch::jit::PythonOp*>(n)->name();
+    if (n->kind() == c10::prim::fork && n->hasAttribute(torch::jit::attr::Subgraph) &&
+        Inliner(false).has_ops(*n->g(torch::jit::attr::Subgraph)))
+      return "torch.jit.fork";
+    return "";
+  }
+
+  void warn_unseen_calls() const {
+    if (unseen_calls_.empty()) return;
     std::string list;
-    for (const auto& [path, calls] : python_calls_) {
+    for (const auto& [path, calls] : unseen_calls_) {
       list += "\n  module " + quote(path) + ": ";
       for (size_t i = 0; i < calls.size(); ++i) list += (i ? ", " : "") + calls[i];
     }
-    TORCH_WARN("qwix: TorchScript runs these Python functions (@torch.jit.ignore) in Python, where quantize_model's "
-               "TorchScript pass cannot see into them: ops they run (linear, matmul, ...) stay floating-point, where "
-               "the Python path would quantize them. Nothing to do if they run none; otherwise make them scriptable:",
-               list);
+    TORCH_WARN("qwix: these calls run outside their module's graph, where quantize_model's TorchScript pass cannot "
+               "see into them, so ops they run (linear, matmul, ...) stay floating-point, where the Python path "
+               "quantizes them: Python functions (@torch.jit.ignore; nothing to do if they run none) and functions "
+               "run by torch.jit.fork. Make them scriptable, or call them directly:", list);
   }
 
   void warn_unexecuted() const {
@@ -991,11 +1004,12 @@ class Pass {
   Module work_;
   std::vector<Instance> instances_;
   std::unordered_map<const c10::ivalue::Object*, size_t> index_;  // working-tree object -> instance
+  const int64_t session_ = jit_internal::new_probe_session();      // its probes' ids name it
   std::vector<std::pair<size_t, int64_t>> targets_;               // probe id -> (instance, site or -1: begin)
   std::vector<Node*> probes_;
   std::map<std::string, std::pair<bool, std::vector<std::string>>> unexecuted_;  // path -> (ran, ops)
   size_t unexecuted_count_ = 0;
-  std::map<std::string, std::vector<std::string>> python_calls_;  // path -> "name (file:line)"
+  std::map<std::string, std::vector<std::string>> unseen_calls_;  // path -> "name (file:line)"
   std::unordered_map<const Node*, std::string> where_;  // locations of ops from a decomposed attention
 };
 

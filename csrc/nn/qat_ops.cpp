@@ -1,6 +1,7 @@
 // qwix::nn::QatOps: the ops of a Quantizable module's forward with their
 // operands fake-quantized as the provider plans them (the wrappers use it too).
 #include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -70,6 +71,8 @@ at::Tensor QatOps::operand(const std::string& name, const at::Tensor& x, const O
       stat = std::dynamic_pointer_cast<QuantStatImpl>(*found);
       TORCH_CHECK(stat != nullptr, "qwix: submodule '", name, "' of '", config_.path_, "' is not a QuantStat");
     } else {
+      // Created as normal tensors under InferenceMode too (a first forward in inference): training updates them.
+      const c10::InferenceMode not_inference(false);
       stat = owner_.register_module(name, std::make_shared<QuantStatImpl>(make_quant_stat(x.detach(), plan)));
     }
   }

@@ -170,8 +170,9 @@ void validate_rule(const QuantizationRule& r) {
     const double t = *r.tile_size;
     TORCH_CHECK_VALUE(std::isfinite(t) && t > 0.0, "qwix: QuantizationRule.tile_size must be positive, got ",
                       format_number(t));
-    TORCH_CHECK_VALUE(t < 1.0 || t == std::floor(t), "qwix: QuantizationRule.tile_size ", format_number(t),
-                      " must be an integer number of elements (>= 1) or a fraction of the axis in (0, 1)");
+    TORCH_CHECK_VALUE(t < 1.0 || (t == std::floor(t) && t <= 0x1p62), "qwix: QuantizationRule.tile_size ",
+                      format_number(t), " must be an integer number of elements (>= 1, at most 2^62) or a fraction "
+                      "of the axis in (0, 1)");
   }
 
   TORCH_CHECK_VALUE(!r.act_static_scale || r.act_qtype,

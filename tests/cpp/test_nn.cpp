@@ -834,6 +834,23 @@ TEST(NnPass, ThreadsShareOneModelForInference) {
   EXPECT_EQ(net->fc1->named_children().size(), 1u);  // one statistic, not one per thread
 }
 
+TEST(NnPass, StatisticsMadeUnderInferenceModeTrain) {
+  // A first forward (or create_quant_stats) under InferenceMode made the statistics inference tensors,
+  // which no training step could update afterwards.
+  auto net = std::make_shared<Net>();
+  qwix::QuantizationRule r = w4a8();
+  r.act_static_scale = true;
+  qwix::nn::quantize_model(*net, qwix::QatProvider({r}));
+  net->eval();
+  {
+    c10::InferenceMode inference;
+    net->forward(torch::randn({2, 16}));
+  }
+  net->train();
+  net->forward(torch::randn({2, 16})).sum().backward();
+  EXPECT_EQ(net->fc1->named_buffers()["linear0_lhs.count"].item<int>(), 1);
+}
+
 TEST(NnPass, ToDtypeKeepsTheStatistics) {
   torch::manual_seed(11);
   auto net = std::make_shared<Net>();

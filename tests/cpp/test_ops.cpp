@@ -47,6 +47,51 @@ TEST(FakeQuant, TiledFractionAndErrors) {
   EXPECT_THROW(qwix::fake_quant(x, "float8_e4m3fn", {.calibration_method = "minmax"}), c10::ValueError);
 }
 
+// A message of `fn()`'s c10::ValueError (empty if it throws none).
+template <typename F>
+std::string value_error(F fn) {
+  try {
+    fn();
+  } catch (const c10::ValueError& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+TEST(FakeQuant, HugeTilesAreAnErrorNotAnOverflow) {
+  // static_cast<int64_t> of 1e30 or inf is undefined (it came out as INT64_MIN in the op's message).
+  const auto x = torch::randn({4, 16});
+  for (double tile : {1e30, static_cast<double>(INFINITY), 0x1p63}) {
+    const std::string msg = value_error([&] { qwix::fake_quant(x, "int8", {.tiled_axes = {{1, tile}}}); });
+    EXPECT_NE(msg.find("must be a positive integer (elements, at most 2^62)"), std::string::npos) << msg;
+  }
+  qwix::QuantizationRule r;
+  r.weight_qtype = "int8";
+  r.tile_size = 1e30;
+  const std::string msg = value_error([&] { qwix::QatProvider({r}); });
+  EXPECT_NE(msg.find("tile_size 1e+30 must be an integer number of elements (>= 1, at most 2^62)"), std::string::npos)
+      << msg;
+}
+
+TEST(Api, UndefinedTensorsAreNamed) {
+  const at::Tensor u, x = torch::randn({4, 8});
+  EXPECT_NE(value_error([&] { qwix::fake_quant(u, "int8"); }).find("qwix::fake_quant: x is an undefined tensor"),
+            std::string::npos);
+  EXPECT_NE(value_error([&] { qwix::fake_quant_with_scale(x, torch::ones({}), "int8", u); })
+                .find("qwix::fake_quant_with_scale: zero_point is an undefined tensor"),
+            std::string::npos);
+  EXPECT_NE(value_error([&] { qwix::calibrate(u); }).find("qwix::calibrate: x is an undefined tensor"),
+            std::string::npos);
+  EXPECT_NE(value_error([&] { qwix::compute_scale({u}, "int8"); })
+                .find("qwix::compute_scale: a calibration tensor is an undefined tensor"),
+            std::string::npos);
+  at::Tensor count = torch::zeros({}, torch::kInt);
+  std::vector<at::Tensor> sums{u};
+  EXPECT_NE(value_error([&] { qwix::update_quant_stat(count, sums, {torch::ones({4, 1})}); })
+                .find("qwix::update_quant_stat: a statistic is an undefined tensor"),
+            std::string::npos);
+}
+
 TEST(ComputeScale, AnEmptyCalibrationIsAnError) {
   try {
     qwix::compute_scale({}, "int8");
