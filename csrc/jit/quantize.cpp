@@ -242,6 +242,10 @@ class Inliner {
     for (Node* n : b->nodes()) {
       if (intercepted_op(n) || (attention_ && is_attention(n))) return true;
       if (auto* fn = inlinable_callee(n); fn && has_ops(fn)) return true;
+      // (a fork's function: not quantized, but inlining its caller lets the pass see the fork and warn)
+      if (n->kind() == c10::prim::fork && n->hasAttribute(torch::jit::attr::Subgraph) &&
+          block_has_ops(n->g(torch::jit::attr::Subgraph)->block()))
+        return true;
       for (Block* sb : n->blocks())
         if (block_has_ops(sb)) return true;
     }

@@ -201,7 +201,9 @@ def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) ->
         run = state.traced
     else:
         run = _eager_run(state)
-        if run.stack and not _forward_running(run):
+        if state.traced.stack and _innermost_run(state) is state.traced:
+            run = state.traced  # a compiled forward of this thread runs eager code (a graph break)
+        elif run.stack and not _forward_running(run):
             _drop_stale_frames(run)
     mode = None
     if not run.stack:
@@ -214,6 +216,15 @@ def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) ->
             run.entry_frame = sys._getframe(1)
             run.swapped = frozenset(id(t) for t in _swapped_parameters(state))
     run.stack.append((module, path, {}, mode))
+
+
+def _innermost_run(state: _QatState) -> Optional[_Run]:
+    """The run of this thread's innermost mode of this model (mode stacks are per thread): the traced run
+    while a compiled forward of this thread runs eager code after a graph break."""
+    for m in reversed(torch.overrides._get_current_function_mode_stack()):
+        if isinstance(m, _QatMode) and m.state is state:
+            return m.run
+    return None
 
 
 def _drop_stale_frames(run: _Run) -> None:
@@ -248,8 +259,8 @@ def _post_hook(state: _QatState, path: Optional[str], module: nn.Module, args, o
         run = state.traced
     else:
         run = _eager_run(state)
-        if not run.stack:  # a compiled forward's frame, finished eagerly (after a graph break or a failed compile)
-            run = state.traced
+        if state.traced.stack and (not run.stack or _innermost_run(state) is state.traced):
+            run = state.traced  # a compiled forward's frame, finished eagerly (a graph break, a failed compile)
     if not run.stack:  # its frames were dropped as stale (an interrupted forward)
         return
     frame = run.stack.pop()
@@ -447,7 +458,7 @@ def _intercept(state: _QatState, run: _Run, op: str, func, args, kwargs):
         if not torch.compiler.is_compiling():
             state.plans[key] = plan
     if plan is None:
-        return _call(func, op, equation, lhs, rhs, rest, kw)
+        return _call(func, op, equation, lhs, rhs, rest, kw, run is state.traced)
 
     op_id = f"{op}{n}"
     try:
@@ -457,7 +468,7 @@ def _intercept(state: _QatState, run: _Run, op: str, func, args, kwargs):
         rule = state.provider.rules[plan.rule_index]._to_cpp()  # the short repr the C++ paths print
         message = str(e).removeprefix("qwix: ")
         raise ValueError(f"qwix: module {path!r}, op {op_id} (rule {rule!r}): {message}") from None
-    return _call(func, op, equation, lhs, rhs, rest, kw)
+    return _call(func, op, equation, lhs, rhs, rest, kw, run is state.traced)
 
 
 # Under torch.compile the ops go into the graph as aten overloads: Dynamo runs the graph with this mode
@@ -471,8 +482,10 @@ _ATEN = {"linear": torch.ops.aten.linear, "conv1d": torch.ops.aten.conv1d, "conv
          "bmm": torch.ops.aten.bmm, "baddbmm": torch.ops.aten.baddbmm}
 
 
-def _call(func, op, equation, lhs, rhs, rest, kwargs):
-    compiling = torch.compiler.is_compiling()
+def _call(func, op, equation, lhs, rhs, rest, kwargs, traced_run: bool):
+    # The aten overloads, which no QAT mode intercepts, while compiling, and for a traced run's op in eager
+    # code (a graph break under regional compilation: the eager forward's mode below would quantize it again).
+    compiling = traced_run or torch.compiler.is_compiling()
     if op == "einsum":
         return torch.ops.aten.einsum(equation, [lhs, rhs]) if compiling else func(equation, lhs, rhs)
     if func is torch.Tensor.__rmatmul__:  # b @ a: lhs is b
@@ -625,7 +638,8 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
                              "would fake-quantize its ops twice: quantize the floating-point model instead")
     if not inplace:
         try:
-            model = copy.deepcopy(model)
+            with torch.inference_mode(False):  # (copies made under inference_mode could not be trained)
+                model = copy.deepcopy(model)
         except ValueError as e:
             if "uninitialized" not in str(e):
                 raise

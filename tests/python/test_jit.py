@@ -674,6 +674,22 @@ def test_forward_after_torch_jit_wait_is_quantized_and_forks_with_ops_warn():
         assert_same(ts(x), expected, "fc quantized after the waits")
 
 
+def _forked_in_a_helper(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.jit.wait(torch.jit.fork(_projected, x, w))
+
+
+class _ForkedInAHelper(_Forked):
+    def forward(self, x):
+        return self.fc(_forked_in_a_helper(x, self.w))
+
+
+def test_a_fork_inside_a_called_function_warns_too():
+    m, x = _ForkedInAHelper(), torch.randn(2, 8)
+    with pytest.warns(UserWarning, match=r"these calls run outside their module's graph.*\n  module '': "
+                                         r"torch.jit.fork \("):
+        qwix.quantize_model(torch.jit.script(m), QatProvider([QuantizationRule(weight_qtype="int8")]), x)
+
+
 def test_quantize_under_inference_mode_then_train():
     # Under inference mode the copies and SRQ statistics were inference tensors: training could not update them.
     torch.manual_seed(0)
@@ -684,6 +700,11 @@ def test_quantize_under_inference_mode_then_train():
     ts.train()
     ts(x).sum().backward()
     assert int(ts.fc1.linear0_lhs.count) == 1 and ts.fc1.weight.grad is not None
+    with torch.inference_mode():  # the Python path's copy too
+        q = qwix.quantize_model(MLP(), QatProvider([QuantizationRule(weight_qtype="int8")]), x)
+    assert not any(p.is_inference() for p in q.parameters())
+    with torch.no_grad():
+        q.fc1.weight.add_(1.0)  # (an inference tensor refuses in-place updates outside inference mode)
 
 
 def test_unexecuted_op_warns_and_raises_when_it_runs():
