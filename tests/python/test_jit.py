@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from _helpers import assert_same
 from test_qat_attention import SdpaAttention, _masks
-from test_qat_models import CNN, MLP, Decoder, MmBlock, TorchAttention, TransformerBlock
+from test_qat_models import CNN, MLP, Decoder, MmBlock, TorchAttention, TransformerBlock, _w8a8_linear
 
 import qwix_torch as qwix
 from qwix_torch import QatProvider, QuantizationRule
@@ -581,13 +581,9 @@ def test_an_eager_model_with_a_torchscript_submodule():
     x, rules = torch.randn(2, 8), [QuantizationRule(weight_qtype="int8", act_qtype="int8")]
     m = _WithScriptedChild(torch.jit.script(nn.Linear(8, 8)))
 
-    def fq_linear(x, fc):
-        return F.linear(qwix.fake_quant(x, "int8", channelwise_axes=(0,)),
-                        qwix.fake_quant(fc.weight, "int8", channelwise_axes=(0,)), fc.bias)
-
     with pytest.warns(UserWarning, match="submodule 'child' is a TorchScript module: its ops run in TorchScript"):
         q = qwix.quantize_model(m, QatProvider(rules), x)
-    assert_same(q(x), fq_linear(m.child(x), m.fc), "fc quantized, the scripted child float")
+    assert_same(q(x), _w8a8_linear(m.child(x), m.fc), "fc quantized, the scripted child float")
     child = qwix.quantize_model(m.child, QatProvider(rules), x)  # the TorchScript pass
     with warnings.catch_warnings():  # rules that quantize only Python modules, or a child quantized already
         warnings.simplefilter("error", UserWarning)
@@ -596,7 +592,7 @@ def test_an_eager_model_with_a_torchscript_submodule():
             qwix.quantize_model(m, QatProvider(only_fc), x)
         both = qwix.quantize_model(_WithScriptedChild(child), QatProvider(rules), x)
     both.fc.load_state_dict(m.fc.state_dict())
-    assert_same(both(x), fq_linear(fq_linear(x, m.child), m.fc), "both quantized")
+    assert_same(both(x), _w8a8_linear(_w8a8_linear(x, m.child), m.fc), "both quantized")
 
 
 def test_scripting_a_model_quantized_in_python_says_what_to_do():
@@ -630,9 +626,7 @@ def test_python_functions_called_from_torchscript_warn():
     with pytest.warns(UserWarning, match=r"these calls run outside their module's graph.*\n  module '': helper \("
                                          r".*test_jit.py:\d+\)"):
         ts = qwix.quantize_model(torch.jit.script(m), QatProvider(rules), x)
-    fq_fc = F.linear(qwix.fake_quant(x, "int8", channelwise_axes=(0,)),
-                     qwix.fake_quant(m.fc.weight, "int8", channelwise_axes=(0,)), m.fc.bias)
-    assert_same(ts(x), F.linear(fq_fc, m.w), "the helper's linear stays float")
+    assert_same(ts(x), F.linear(_w8a8_linear(x, m.fc), m.w), "the helper's linear stays float")
     with warnings.catch_warnings():  # no rule for the module that calls it: nothing to say
         warnings.simplefilter("error", UserWarning)
         qwix.quantize_model(torch.jit.script(m), QatProvider([QuantizationRule(module_path="fc", weight_qtype="int8")]),
@@ -667,9 +661,7 @@ def test_forward_after_torch_jit_wait_is_quantized_and_forks_with_ops_warn():
     with pytest.warns(UserWarning, match=r"these calls run outside their module's graph.*\n  module '': "
                                          r"torch.jit.fork \(.*test_jit.py:\d+\)( \(Triggered|$)"):
         ts = qwix.quantize_model(torch.jit.script(m), QatProvider(rules), x)
-    y = F.linear(2 * x, m.w)
-    expected = F.linear(qwix.fake_quant(y, "int8", channelwise_axes=(0,)),
-                        qwix.fake_quant(m.fc.weight, "int8", channelwise_axes=(0,)), m.fc.bias)
+    expected = _w8a8_linear(F.linear(2 * x, m.w), m.fc)
     for _ in range(3):  # (each forward may resume on another thread)
         assert_same(ts(x), expected, "fc quantized after the waits")
 

@@ -765,18 +765,9 @@ def test_threads_run_forwards_of_one_model_at_once():
     def expected(x):
         return _w8a8_linear(_w8a8_linear(x, m[0]), m[2])
 
-    out = {}
-    held = threading.Thread(target=lambda: out.setdefault("held", q(x1)), name="held")
-    with torch.no_grad():
-        held.start()
-        try:
-            assert q[1].inside.wait(60)
-            other = q(x2)
-        finally:
-            q[1].release.set()
-            held.join(60)
+    other, held = _beside_a_held_forward(q, x1, lambda: q(x2))
     assert_same(other, expected(x2), "the other thread's forward")
-    assert_same(out["held"], expected(x1), "the held forward")
+    assert_same(held, expected(x1), "the held forward")
     assert _no_running_forward(q) and not torch.overrides._get_current_function_mode_stack()
 
     # A compiled forward while another thread's eager forward is inside the model (compiled code guarded on
@@ -784,18 +775,26 @@ def test_threads_run_forwards_of_one_model_at_once():
     compiled = torch.compile(q, fullgraph=True, backend="eager")
     with torch.no_grad():
         compiled(x2)
-        q[1].inside.clear()
-        q[1].release.clear()
-        held = threading.Thread(target=lambda: out.__setitem__("held", q(x1)), name="held")
+    other, held = _beside_a_held_forward(q, x1, lambda: compiled(x2))
+    assert_same(other, expected(x2), "compiled, beside an eager forward")
+    assert_same(held, expected(x1), "the held eager forward")
+
+
+def _beside_a_held_forward(q, x, call):
+    """(call(), q(x)): q(x) runs on a thread named 'held' and waits inside q's _Gate q[1] while call() runs."""
+    gate, out = q[1], {}
+    gate.inside.clear()
+    gate.release.clear()
+    held = threading.Thread(target=lambda: out.setdefault("held", q(x)), name="held")
+    with torch.no_grad():
         held.start()
         try:
-            assert q[1].inside.wait(60)
-            other = compiled(x2)
+            assert gate.inside.wait(60)
+            other = call()
         finally:
-            q[1].release.set()
+            gate.release.set()
             held.join(60)
-    assert_same(other, expected(x2), "compiled, beside an eager forward")
-    assert_same(out["held"], expected(x1), "the held eager forward")
+    return other, out["held"]
 
 
 def test_threads_starting_forwards_together():
