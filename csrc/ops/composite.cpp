@@ -1,6 +1,7 @@
 // Backend-generic kernels (CompositeExplicitAutograd): the public ops forward to
 // their *_forward kernels; SRQ helpers are compositions of qwix and ATen ops.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -40,7 +41,7 @@ void check_stat_shape(const at::Tensor& sum, const Groups& groups) {
 // CUDA divides by a CPU scalar as a multiply by its rounded reciprocal, one ulp off the CPU's quotient.
 at::Tensor static_range(const at::Tensor& sum, const at::Tensor& count, const Groups& groups) {
   const at::Tensor n = count.device() == sum.device()
-                           ? count.to(at::kFloat)
+                           ? count.reshape({}).to(at::kFloat)  // (a count of shape [1, 1, 1] broadcast sum's rank up)
                            : at::scalar_tensor(static_cast<double>(count.item<int64_t>()), sum.options());
   return (sum / n).expand(groups).contiguous();
 }
@@ -92,8 +93,14 @@ void update_quant_stat_composite(const at::Tensor& count, at::TensorList sums, a
   for (const auto& c : calibration)
     if (TORCH_GUARD_SIZE_OBLIVIOUS(c.sym_numel().sym_eq(0))) return;
   // Everything is checked before anything is written: a bad entry leaves every statistic as it was.
+  auto check_writable = [](const at::Tensor& t, const std::string& what) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, "qwix: ", what, " has elements that "
+                      "share memory (an expanded view, stride 0) and cannot be updated in place; pass a tensor of "
+                      "its own, e.g. .clone()");
+  };
   std::vector<at::Tensor> averages;
   for (size_t i = 0; i < sums.size(); ++i) {
+    check_writable(sums[i], "statistic " + std::to_string(i));
     const at::Tensor& c = calibration[i];
     at::Tensor avg = batch_axes.empty() ? c : c.mean(batch_axes, /*keepdim=*/true);
     TORCH_CHECK_VALUE(sums[i].sym_sizes() == avg.sym_sizes(), "qwix: statistic ", i, " has shape ",

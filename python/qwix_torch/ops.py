@@ -15,8 +15,10 @@ def resolve_tiled_axes(shape: Sequence[int], tiled_axes: TiledAxes) -> Tuple[Lis
     An ``int`` tile counts elements; a ``float`` tile is a fraction of the axis
     (``tile = round(dim * f)``), as in Qwix.
     """
-    if not tiled_axes:
+    if tiled_axes is None:
         return [], []
+    if not isinstance(tiled_axes, Mapping):
+        raise TypeError(f"qwix: tiled_axes must be a mapping {{axis: tile}} (or None), got {tiled_axes!r}")
     axes, tiles = [], []
     rank = len(shape)
     for axis, tile in tiled_axes.items():
@@ -30,14 +32,27 @@ def resolve_tiled_axes(shape: Sequence[int], tiled_axes: TiledAxes) -> Tuple[Lis
             raise ValueError(f"qwix: tile {tile!r} for axis {axis} must be an int (elements) or a float (fraction)")
         if not isinstance(tile, numbers.Integral):
             tile = float(tile)
-            if not 0.0 < tile <= 1.0:
-                raise ValueError(f"qwix: fractional tile {tile} for axis {axis} must be in (0, 1]")
+            if not 0.0 < tile < 1.0:  # (as in rules and the C++ API, where 1.0 is one element)
+                raise ValueError(f"qwix: fractional tile {tile} for axis {axis} must be in (0, 1); use an int to "
+                                 "count elements")
             tile = round(shape[axis] * tile)
             if tile == 0:
                 raise ValueError(f"qwix: fractional tile for axis {axis} of size {shape[axis]} rounds to 0 elements")
         axes.append(axis)
         tiles.append(int(tile))
     return axes, tiles
+
+
+def _axes(axes: Sequence[int], name: str) -> List[int]:
+    """A list of ints, or a TypeError naming the argument (``channelwise_axes=0`` said "'int' object is not
+    iterable")."""
+    try:
+        out = list(axes)
+    except TypeError:
+        out = None
+    if out is None or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in out):
+        raise TypeError(f"qwix: {name} must be a sequence of ints, got {axes!r}")
+    return [int(a) for a in out]
 
 
 def fake_quant(
@@ -58,7 +73,8 @@ def fake_quant(
     with ``s < 1``, ``rms``, ``fixed``) or when ``clip_gradient=True``.
     """
     axes, tiles = resolve_tiled_axes(x.shape, tiled_axes)
-    return torch.ops.qwix.fake_quant(x, qtype, calibration_method, list(channelwise_axes), axes, tiles, clip_gradient)
+    ch = _axes(channelwise_axes, "channelwise_axes")
+    return torch.ops.qwix.fake_quant(x, qtype, calibration_method, ch, axes, tiles, clip_gradient)
 
 
 def fake_quant_with_scale(
@@ -88,7 +104,7 @@ def compute_calibration(
     """Calibrates ``x``: ``{'absmax': t}`` or ``{'min': t, 'max': t}``, float32, keepdim shapes
     (tiled axes have one entry per tile). The method's scale factor is applied."""
     axes, tiles = resolve_tiled_axes(x.shape, tiled_axes)
-    out = torch.ops.qwix.calibrate(x, calibration_method, list(channelwise_axes), axes, tiles)
+    out = torch.ops.qwix.calibrate(x, calibration_method, _axes(channelwise_axes, "channelwise_axes"), axes, tiles)
     return {"absmax": out[0]} if len(out) == 1 else {"min": out[0], "max": out[1]}
 
 
@@ -114,7 +130,8 @@ def update_quant_stat_(
     count_increment: int = 1,
 ) -> None:
     """In place: ``count += count_increment``; each sum += its calibration averaged over ``batch_axes``."""
-    torch.ops.qwix.update_quant_stat(count, list(sums), _calibration_list(calibration), list(batch_axes), count_increment)
+    torch.ops.qwix.update_quant_stat(count, list(sums), _calibration_list(calibration), _axes(batch_axes, "batch_axes"),
+                                     count_increment)
 
 
 def srq_scale(
@@ -131,5 +148,6 @@ def srq_scale(
 
     Shaped like ``x``'s calibration (no host sync: the choice happens in the kernel)."""
     axes, tiles = resolve_tiled_axes(x.shape, tiled_axes)
-    out = torch.ops.qwix.srq_scale(x, count, list(sums), qtype, calibration_method, list(channelwise_axes), axes, tiles)
+    ch = _axes(channelwise_axes, "channelwise_axes")
+    out = torch.ops.qwix.srq_scale(x, count, list(sums), qtype, calibration_method, ch, axes, tiles)
     return out[0], (out[1] if len(out) == 2 else None)

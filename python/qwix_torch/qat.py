@@ -20,10 +20,12 @@ from __future__ import annotations
 import collections.abc
 import copy
 import functools
+import itertools
 import sys
 import threading
 import types
 import warnings
+import weakref
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -153,11 +155,11 @@ class _QatState:
 
     def __init__(self, provider: QatProvider):
         self.provider = provider
+        self.provider_key = _register_provider(provider)
         self.plans: dict = {}  # (path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation, groups) -> OpPlan | None
         self.attention: dict = {}  # path -> whether its scaled_dot_product_attention runs decomposed
         self.force_update = False  # calibrate(): update in eval mode too
         self.creating = False  # quantize_model's example forward: create QuantStats, update nothing
-        self.param_dicts: list = []  # every module's _parameters dict
         # Eager forwards run per thread (torch's mode stack is per thread too): a thread-local _Run, so threads
         # may run forwards of one model at once. Traced ones (torch.compile) use `traced`: Dynamo cannot read
         # thread-locals, and compiled code leaves it as it found it (empty), whatever thread runs it.
@@ -173,6 +175,49 @@ class _QatState:
     def __setstate__(self, d):
         self.__dict__.update(d)
         self.local = threading.local()
+        self.provider_key = _register_provider(self.provider)  # (the copy's provider is a new object)
+
+
+# The providers by a key of their own: the functions that Dynamo runs at trace time take the key, a constant
+# (torch 2.11's Dynamo cannot pass a QatProvider to an assume_constant_result function: "not a constant").
+_PROVIDERS: "weakref.WeakValueDictionary[int, QatProvider]" = weakref.WeakValueDictionary()
+_PROVIDER_KEYS = itertools.count(1)
+
+
+def _register_provider(provider: QatProvider) -> int:
+    key = next(_PROVIDER_KEYS)
+    _PROVIDERS[key] = provider
+    return key
+
+
+# The QAT modes of this thread's running eager forwards, outermost first. A QAT model called inside another
+# one's forward (a distillation teacher kept out of the student's modules) runs as it does alone: while its
+# forward runs, the outer model's mode lets every op through (it would see the inner one's quantized ops).
+_ACTIVE = threading.local()
+
+
+def _active_modes() -> list:
+    modes = getattr(_ACTIVE, "modes", None)
+    if modes is None:
+        modes = _ACTIVE.modes = []
+    return modes
+
+
+def _forget_mode(mode) -> None:
+    modes = _active_modes()
+    for i in range(len(modes) - 1, -1, -1):
+        if modes[i] is mode:
+            del modes[i]
+            return
+
+
+def _inside_another_model(mode) -> bool:
+    """Whether the op comes from the running forward of another QAT model called inside this mode's."""
+    modes = getattr(_ACTIVE, "modes", None)
+    if not modes or modes[-1] is mode:
+        return False
+    inner = modes[-1]
+    return inner.state is not mode.state and bool(inner.run.stack) and _forward_running(inner.run)
 
 
 def _eager_run(state: _QatState) -> _Run:
@@ -184,19 +229,23 @@ def _eager_run(state: _QatState) -> _Run:
 
 
 @torch.compiler.assume_constant_result
-def _make_plan(provider: QatProvider, path: str, op: str, lhs_rank: int, lhs_w: bool, rhs_rank: int, rhs_w: bool,
+def _make_plan(provider_key: int, path: str, op: str, lhs_rank: int, lhs_w: bool, rhs_rank: int, rhs_w: bool,
                equation: str, groups: int) -> Optional[OpPlan]:
     # Under torch.compile this runs at trace time and its result is a constant of the graph.
-    return provider.plan(path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation, groups)
+    return _PROVIDERS[provider_key].plan(path, op, lhs_rank, lhs_w, rhs_rank, rhs_w, equation, groups)
 
 
 @torch.compiler.assume_constant_result
-def _decomposes_attention(provider: QatProvider, path: str) -> bool:
-    return provider.decomposes_attention(path)
+def _decomposes_attention(provider_key: int, path: str) -> bool:
+    return _PROVIDERS[provider_key].decomposes_attention(path)
 
 
-def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) -> None:
+def _pre_hook(state: _QatState, path: Optional[str], param_dicts: list, module: nn.Module, args) -> None:
+    # param_dicts: the _parameters dicts of the module's subtree (where functional_call swaps tensors in). Each
+    # module's hook holds its own subtree's, so a copy or pickle of a submodule holds only that submodule.
     compiling = torch.compiler.is_compiling()
+    if not compiling and torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        _refuse_fx_tracing()  # a module inside the traced one (the root's name refused already)
     if compiling:
         run = state.traced
     else:
@@ -211,10 +260,11 @@ def _pre_hook(state: _QatState, path: Optional[str], module: nn.Module, args) ->
         mode.__enter__()
         if compiling:
             run.entry_frame = None
-            run.swapped_tensors = _swapped_parameters(state)
+            run.swapped_tensors = _swapped_parameters(param_dicts)
         else:
             run.entry_frame = sys._getframe(1)
-            run.swapped = frozenset(id(t) for t in _swapped_parameters(state))
+            run.swapped = frozenset(id(t) for t in _swapped_parameters(param_dicts))
+            _active_modes().append(mode)
     run.stack.append((module, path, {}, mode))
 
 
@@ -234,6 +284,7 @@ def _drop_stale_frames(run: _Run) -> None:
     mode = run.stack[0][3]
     run.stack.clear()
     run.entry_frame = None
+    _forget_mode(mode)
     stack = torch.overrides._get_current_function_mode_stack()
     if mode is not None and stack and stack[-1] is mode:
         mode.__exit__(None, None, None)
@@ -268,13 +319,15 @@ def _post_hook(state: _QatState, path: Optional[str], module: nn.Module, args, o
         run.entry_frame = None
         run.swapped = frozenset()
         run.swapped_tensors = ()
+        if not torch.compiler.is_compiling():
+            _forget_mode(frame[3])
         frame[3].__exit__(None, None, None)
 
 
-def _swapped_parameters(state: _QatState) -> tuple:
+def _swapped_parameters(param_dicts: list) -> tuple:
     """The plain tensors that stand in parameters' slots for this forward: ``torch.func.functional_call`` (and
     ``torch.nn.utils.stateless``) put the tensors it is given there, and ``torch.func.grad`` wraps them."""
-    return tuple(t for d in state.param_dicts for t in d.values() if t is not None and not isinstance(t, nn.Parameter))
+    return tuple(t for d in param_dicts for t in d.values() if t is not None and not isinstance(t, nn.Parameter))
 
 
 def _is_weight(run: _Run, t: torch.Tensor) -> bool:
@@ -351,11 +404,14 @@ class _QatMode(TorchFunctionMode):
         run = self.run
         if run.stack and run.stack[-1][1] is not None:  # (None: inside a parametrization)
             op = _OP_NAMES.get(func)
+            body = _COMPOSITES.get(func)
+            if (op is not None or body is not None or func is F.scaled_dot_product_attention) and \
+                    not torch.compiler.is_compiling() and _inside_another_model(self):
+                return func(*args, **kwargs)
             # out= calls are not intercepted: they have no autograd, and inductor's compiled code makes them
             # (extern_kernels.mm/bmm/addmm are torch.mm(..., out=buf)) while this mode is on the stack.
             if op is not None and "out" not in kwargs and _forward_running(run):
                 return _intercept(self.state, run, op, func, args, kwargs)
-            body = _COMPOSITES.get(func)
             if body is None and func is F.scaled_dot_product_attention and self._decomposes_attention():
                 body = _DECOMPOSED_ATTENTION  # its q·kᵀ and weights·v become this module's next two matmuls
             if body is not None and _forward_running(run):
@@ -371,7 +427,7 @@ class _QatMode(TorchFunctionMode):
         path = self.run.stack[-1][1]
         decomposed = self.state.attention.get(path)
         if decomposed is None:
-            decomposed = _decomposes_attention(self.state.provider, path)
+            decomposed = _decomposes_attention(self.state.provider_key, path)
             if not torch.compiler.is_compiling():
                 self.state.attention[path] = decomposed
         return decomposed
@@ -454,7 +510,7 @@ def _intercept(state: _QatState, run: _Run, op: str, func, args, kwargs):
     if key in state.plans:
         plan = state.plans[key]
     else:
-        plan = _make_plan(state.provider, path, op, lhs.dim(), lhs_w, rhs.dim(), rhs_w, equation, groups)
+        plan = _make_plan(state.provider_key, path, op, lhs.dim(), lhs_w, rhs.dim(), rhs_w, equation, groups)
         if not torch.compiler.is_compiling():
             state.plans[key] = plan
     if plan is None:
@@ -652,14 +708,16 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
     inside_parametrization = {id(m) for p in model.modules() if isinstance(p, parametrize.ParametrizationList)
                               for m in p.modules()}
     hooked, scripted = _python_modules(model)
-    state.param_dicts = [m._parameters for _, m in hooked]
+    hooked_ids = {id(m) for _, m in hooked}
     for path, module in hooked:
         frame_path = None if id(module) in inside_parametrization else path
-        module.register_forward_pre_hook(functools.partial(_pre_hook, state, frame_path), prepend=True)
+        subtree = [m._parameters for m in module.modules() if id(m) in hooked_ids]
+        module.register_forward_pre_hook(functools.partial(_pre_hook, state, frame_path, subtree), prepend=True)
         module.register_forward_hook(functools.partial(_post_hook, state, frame_path), always_call=True)
         module._qwix_state = state  # every module: a model built around one is refused, helpers accept it
         module._qwix_update = True  # set_quant_stats_update (per module, as on the TorchScript path)
         module.__prepare_scriptable__ = _refuse_scripting  # torch.jit.script calls it first
+        module._get_name = _NameRefusingFxTracing(type(module).__name__)  # torch.fx's Tracer.trace calls it first
     _warn_about_scripted_submodules(model, provider, scripted)
     ran = bool(example_inputs or example_kwargs)
     if ran:
@@ -702,6 +760,29 @@ def _refuse_scripting():
     raise TypeError("qwix: torch.jit.script of a model quantized by quantize_model's Python pass is not supported "
                     "(its quantization lives in Python hooks): script the floating-point model and quantize the "
                     "ScriptModule, quantize_model(torch.jit.script(model), provider, example_inputs)")
+
+
+_FX_TRACE_CODE = torch.fx.Tracer.trace.__code__
+
+
+class _NameRefusingFxTracing:
+    """A QAT module's ``_get_name``: its class name, except for torch.fx's ``Tracer.trace``, which asks its
+    root first. fx calls the root's forward without hooks, so its ops would be graph nodes that run
+    unquantized (torch.fx.symbolic_trace, torchvision's create_feature_extractor)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self) -> str:
+        if sys._getframe(1).f_code is _FX_TRACE_CODE:
+            _refuse_fx_tracing()
+        return self.name
+
+
+def _refuse_fx_tracing():
+    raise TypeError("qwix: torch.fx.symbolic_trace cannot trace a QAT model (the GraphModule would run its modules' "
+                    "own ops unquantized); trace the floating-point model, then quantize the GraphModule with "
+                    "quantize_model")
 
 
 def _check_example_kwargs(example_kwargs) -> dict:

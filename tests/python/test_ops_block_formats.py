@@ -231,3 +231,22 @@ def test_nvfp4_qat_weights():
     h = torch.relu(torch.nn.functional.linear(x, ref_nvfp4(fp.fc1.weight), fp.fc1.bias))
     want = torch.nn.functional.linear(h, ref_nvfp4(fp.fc2.weight), fp.fc2.bias)
     torch.testing.assert_close(qm(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_nvfp4_clip_gradient_masks_to_each_blocks_grid():
+    # docs/ops.md: the mask is 6 x the rounded e4m3 block scale, not the calibrated range.
+    x = torch.zeros(1, 48)
+    x[0, 0] = 1.0  # tensor absmax 1: tensor scale 1/2688
+    x[0, 16] = 17.0 / 448.0  # its block's absmax * 448 = 17, an e4m3 tie: the block scale rounds down to 16
+    x[0, 17] = 16.0 / 448.0  # on that block's grid edge: kept
+    x[0, 32] = 1e-9  # a block whose e4m3 scale rounds to 0: decodes to zeros, passes every gradient
+    x.requires_grad_()
+    y = qwix.fake_quant(x, "nvfp4", clip_gradient=True)
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(x))
+    assert float(y[0, 16]) == float(y[0, 17]) == float(torch.tensor(16.0) / 448.0)  # 17/448 saturated
+    assert float(y[0, 32]) == 0.0
+    expected = torch.ones_like(x)
+    expected[0, 16] = 0.0
+    assert torch.equal(g, expected)
+    (g_plain,) = torch.autograd.grad(qwix.fake_quant(x, "nvfp4"), x, torch.ones_like(x))
+    assert torch.equal(g_plain, torch.ones_like(x))  # plain absmax: the identity

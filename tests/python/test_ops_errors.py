@@ -252,6 +252,54 @@ def test_update_quant_stat_checks_everything_before_writing():
     assert int(count) == 0 and float(s0) == 0.0
 
 
+def test_update_quant_stat_refuses_statistics_it_cannot_update_in_place():
+    # An expanded (stride-0) statistic: sum_of_min was written, then add_ on sum_of_max raised ATen's error.
+    count, lo = torch.tensor(0, dtype=torch.int32), torch.zeros(1, 4)
+    hi = torch.zeros(1, 1).expand(1, 4)
+    cal = [torch.full((2, 4), -1.0), torch.ones(2, 4)]
+    with pytest.raises(ValueError, match=r"statistic 1 has elements that share memory .*\.clone\(\)"):
+        torch.ops.qwix.update_quant_stat(count, [lo, hi], cal, [0], 1)
+    assert int(count) == 0 and torch.equal(lo, torch.zeros(1, 4))  # nothing written
+    # A statistic that requires grad: torch's own in-place ops refuse such a leaf; under no_grad both write.
+    s = torch.zeros(1, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="statistic 0 in place without autograd, but it requires grad"):
+        qwix.update_quant_stat_(count, [s], {"absmax": torch.ones(2, 4)})
+    assert int(count) == 0 and torch.equal(s.detach(), torch.zeros(1, 4))
+    with torch.no_grad():
+        qwix.update_quant_stat_(count, [s], {"absmax": torch.ones(2, 4)})
+    assert int(count) == 1 and torch.equal(s.detach(), torch.ones(1, 4))
+
+
+def test_a_count_of_one_element_and_any_rank_is_a_scalar():
+    # srq_scale divided by a [1, 1, 1] count and broadcast the scale to rank 3 (an expand error, CPU only).
+    x, s = torch.randn(4, 8), torch.full((1, 1), 254.0)
+    want = torch.ops.qwix.srq_scale(x, torch.tensor(2, dtype=torch.int32), [s], "int8", "absmax", [], [], [])
+    for shape in ((1,), (1, 1, 1)):
+        count = torch.full(shape, 2, dtype=torch.int32)
+        got = torch.ops.qwix.srq_scale(x, count, [s], "int8", "absmax", [], [], [])
+        assert got[0].shape == (1, 1) and torch.equal(got[0], want[0])
+        assert float(got[0]) == float(torch.tensor(127.0) / 127.5)  # the average 127 over the int8 bound
+
+
+def test_python_wrappers_name_malformed_axes_and_tiles():
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match=r"tiled_axes must be a mapping \{axis: tile\} \(or None\), got \[\(1, 4\)\]"):
+        qwix.fake_quant(x, "int8", tiled_axes=[(1, 4)])
+    for bad in (0, "0", [0.5], [True]):
+        with pytest.raises(TypeError, match=f"channelwise_axes must be a sequence of ints, got {re.escape(repr(bad))}"):
+            qwix.fake_quant(x, "int8", channelwise_axes=bad)
+        with pytest.raises(TypeError, match="channelwise_axes must be a sequence of ints"):
+            qwix.compute_calibration(x, channelwise_axes=bad)
+    with pytest.raises(TypeError, match="batch_axes must be a sequence of ints, got 0"):
+        qwix.update_quant_stat_(torch.tensor(0), [torch.zeros(1, 8)], {"absmax": torch.ones(4, 8)}, batch_axes=0)
+    # A float tile is a fraction in (0, 1) everywhere: rules and the C++ API (where 1.0 is one element) agree.
+    with pytest.raises(ValueError, match=r"fractional tile 1.0 for axis 1 must be in \(0, 1\); use an int"):
+        qwix.fake_quant(x, "int8", tiled_axes={1: 1.0})
+    assert torch.equal(qwix.fake_quant(x, "int8", tiled_axes={1: 0.5}), qwix.fake_quant(x, "int8", tiled_axes={1: 4}))
+    assert torch.equal(qwix.fake_quant(x, "int8", channelwise_axes=range(1)), qwix.fake_quant(x, "int8",
+                                                                                              channelwise_axes=[0]))
+
+
 def test_update_quant_stat_takes_one_or_two_statistics():
     count = torch.tensor(0, dtype=torch.int32)
     for n in (0, 3):  # 0 read past an empty list (a segfault)

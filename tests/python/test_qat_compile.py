@@ -56,22 +56,31 @@ def test_srq_training_under_compile_matches_eager():
     assert int(compiled_model.attn.matmul0_rhs.count) == 3
 
 
-def test_inductor_fullgraph_training_step():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_fullgraph_training_step(backend):
     torch.manual_seed(0)
     m, x = TransformerBlock(), torch.randn(2, 6, 16)
     q = qwix.quantize_model(m, QatProvider(_srq_rules()), x)
     ref = copy.deepcopy(q)
     q.train()
     ref.train()
-    compiled = torch.compile(q, fullgraph=True)
+    compiled = torch.compile(q, fullgraph=True, backend=backend)
     y = compiled(x)
     y.sum().backward()
     y_ref = ref(x)
     y_ref.sum().backward()
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(q.fc1.weight.grad, ref.fc1.weight.grad, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(q.attn.einsum0_lhs.sum_of_absmax, ref.attn.einsum0_lhs.sum_of_absmax)
     assert int(q.attn.einsum0_lhs.count) == 1
+    if backend == "aot_eager":  # the captured forward and backward graphs on eager kernels: bit-exact
+        assert torch.equal(y, y_ref) and torch.equal(q.fc1.weight.grad, ref.fc1.weight.grad)
+        for (name, b), b_ref in zip(q.named_buffers(), ref.buffers()):
+            assert torch.equal(b, b_ref), name
+        return
+    # inductor fuses the layer norm and the softmax, whose last bits differ from eager's; a fake quant then
+    # lands one grid step away now and then (torch 2.11: 14 of 192 outputs, by up to 2.2e-3; 2.13: none).
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-2)
+    assert ((y - y_ref).abs() > 1e-4).float().mean() < 0.2
+    torch.testing.assert_close(q.fc1.weight.grad, ref.fc1.weight.grad, rtol=0, atol=0.05)
+    torch.testing.assert_close(q.attn.einsum0_lhs.sum_of_absmax, ref.attn.einsum0_lhs.sum_of_absmax)
 
 
 def test_plans_made_at_trace_time_and_rules_marked_used():

@@ -602,6 +602,101 @@ def test_deepcopy_and_pickle():
     assert c._qwix_state is not q._qwix_state
 
 
+def test_a_copy_of_a_submodule_holds_only_that_submodule():
+    # Each hook holds its own subtree's parameter dicts (functional_call's swaps): a copy or pickle of a submodule
+    # used to carry every parameter of the model (torch.save(q.head) 4 MB for a 2.7 kB head).
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 8)
+            self.body = nn.Linear(300, 300)
+
+        def forward(self, x):
+            return self.head(x)
+
+    torch.manual_seed(0)
+    fp, x = Model(), torch.randn(2, 8)
+    q = qwix.quantize_model(fp, _w8a8(), x)
+
+    def saved(obj) -> int:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.tell()
+
+    assert saved(q.head) < saved(fp.head) + 4000 < saved(fp.body)  # (the provider and plans: ~1 kB)
+    head = copy.deepcopy(q.head)
+    assert_same(head(x), q(x), "a copied submodule")
+    assert_same(head(x), F.linear(fq(x, "int8", (0,)), fq(fp.head.weight, "int8", (0,)), fp.head.bias), "reference")
+    # functional_call still finds the swapped tensors, on the model and on the copy.
+    w = fp.head.weight.detach() * 2
+    for m in (q, head):
+        prefix = "head." if m is q else ""
+        y = torch.func.functional_call(m, {prefix + "weight": w}, (x,))
+        assert_same(y, F.linear(fq(x, "int8", (0,)), fq(w, "int8", (0,)), fp.head.bias), "functional_call")
+
+
+def test_a_qat_model_called_inside_another_runs_as_alone():
+    # Distillation: a separately quantized teacher, kept out of the student's modules, called in its forward. The
+    # student's mode quantized the teacher's (already quantized) ops again as the student root's op.
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    teacher_fp = nn.Linear(8, 8)
+    teacher = qwix.quantize_model(teacher_fp, _w8a8(), x)
+
+    class Student(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.outside = [teacher]  # not a submodule
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h, self.outside[0](x), h @ self.fc.weight  # the root's own matmul, after the teacher returned
+
+    int4_srq = QuantizationRule(weight_qtype="int4", act_qtype="int4", act_static_scale=True)
+    s = qwix.quantize_model(Student(), QatProvider([int4_srq]), x)
+    expected = F.linear(fq(x, "int8", (0,)), fq(teacher_fp.weight, "int8", (0,)), teacher_fp.bias)
+    s.train()
+    h, t, r = s(x)
+    assert_same(t, expected, "the teacher inside the student")
+    assert_same(t, teacher(x), "the teacher alone")
+    # The student's own ops are quantized: its fc, and its root's matmul (one op: the teacher's is not counted).
+    assert sorted(n for n, c in s.named_modules() if isinstance(c, qwix.QuantStat)) == ["fc.linear0_lhs",
+                                                                                        "matmul0_lhs"]
+    assert int(s.matmul0_lhs.count) == 1 and not torch.equal(h, s.fc.__class__.forward(s.fc, x))
+
+
+def test_fx_symbolic_trace_of_a_qat_model_is_refused():
+    # fx calls the root's forward without hooks: the GraphModule ran `fc(x) @ self.w` unquantized (off by 0.4).
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.w = nn.Parameter(torch.randn(8, 4))
+
+        def forward(self, x):
+            return self.fc(x) @ self.w
+
+    class Wrapper(nn.Module):  # a float model around a QAT one: its matched ops are refused where they run
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 1
+
+    x = torch.randn(3, 8)
+    fp = Net()
+    q = qwix.quantize_model(fp, _w8a8(), x)
+    for model in (q, Wrapper(q)):
+        with pytest.raises(TypeError, match="symbolic_trace cannot trace a QAT model.*floating-point model"):
+            torch.fx.symbolic_trace(model)
+    assert repr(q).startswith("Net(") and q._get_name() == "Net"
+    # The recipe: trace the float model, then quantize the GraphModule.
+    gm = qwix.quantize_model(torch.fx.symbolic_trace(fp), _w8a8(), x)
+    assert_same(gm(x), q(x), "the quantized GraphModule")
+
+
 def test_model_to_bfloat16_keeps_fp32_statistics():
     m, q, x = _srq_mlp()
     m16 = copy.deepcopy(m).to(torch.bfloat16)

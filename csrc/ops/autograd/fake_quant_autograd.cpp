@@ -209,6 +209,14 @@ void update_quant_stat_autograd(const at::Tensor& count, at::TensorList sums, at
   static auto h = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("qwix::update_quant_stat", "")
                       .typed<void(const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, int64_t)>();
+  // The update has no derivative: a statistic that requires grad would leave autograd's graph wrong (torch's own
+  // in-place ops refuse a leaf that requires grad, as here).
+  if (at::GradMode::is_enabled()) {
+    for (size_t i = 0; i < sums.size(); ++i)
+      TORCH_CHECK_VALUE(!sums[i].requires_grad(), "qwix: update_quant_stat updates statistic ", i, " in place "
+                        "without autograd, but it requires grad: statistics are buffers (requires_grad=False)");
+    TORCH_CHECK_VALUE(!count.requires_grad(), "qwix: update_quant_stat got a count that requires grad");
+  }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     h.call(count, sums, calibration, batch_axes, count_increment);
