@@ -49,6 +49,6 @@ setup(
     # QWIX_NO_EXT=1: install the package only (the Makefile builds the extension in place first).
     ext_modules=[] if os.environ.get("QWIX_NO_EXT") == "1" else [ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.4", "tqdm"],
+    install_requires=["torch>=2.11", "tqdm"],
     python_requires=">=3.10",
 )
