@@ -54,11 +54,15 @@ std::mutex& stat_mutex() {
 }  // namespace
 
 bool QatOps::is_weight(const at::Tensor& t) const {
-  // A parameter of the model, or a view of one: the Python path's nn.Parameter test.
+  // A parameter of the model (those quantize_model found) or of this module (one registered since counts too), or
+  // a view of one: the Python path's nn.Parameter test.
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const c10::TensorImpl* base = t.is_view() ? t._base().unsafeGetTensorImpl() : nullptr;
+  for (const auto& p : owner_.parameters(/*recurse=*/false))
+    if (p.unsafeGetTensorImpl() == impl || p.unsafeGetTensorImpl() == base) return true;
   if (!config_.model_parameters_) return false;
   const auto& params = *config_.model_parameters_;
-  return params.count(t.unsafeGetTensorImpl()) > 0 ||
-         (t.is_view() && params.count(t._base().unsafeGetTensorImpl()) > 0);
+  return params.count(impl) > 0 || (base && params.count(base) > 0);
 }
 
 at::Tensor QatOps::operand(const std::string& name, const at::Tensor& x, const OperandPlan& plan) {

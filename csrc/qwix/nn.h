@@ -76,7 +76,16 @@ class Quantizable {
   // one, is a weight -- the Python path's nn.Parameter test, over the whole model.
   using ParameterSet = std::unordered_map<const c10::TensorImpl*, at::Tensor>;
 
+  Quantizable() = default;
   virtual ~Quantizable() = default;
+  // LibTorch's clone() (torch::nn::Cloneable) copies a module: a copy of a configured one would keep the
+  // original model's parameter set, so its own weights would count as activations. Copy the float model, then
+  // quantize the copy. (An unconfigured one copies.)
+  Quantizable(const Quantizable& other) { check_copyable(other); }
+  Quantizable& operator=(const Quantizable& other) {
+    check_copyable(other);
+    return *this;
+  }
   // Attaches the provider, this module's dotted path and the model's parameters (the pass calls it).
   void configure(std::shared_ptr<QatProvider> provider, std::string path,
                  std::shared_ptr<const ParameterSet> parameters) {
@@ -105,6 +114,12 @@ class Quantizable {
 
  private:
   friend class QatOps;
+  static void check_copyable(const Quantizable& other) {
+    TORCH_CHECK(!other.is_configured(), "qwix: copying (clone()) the quantized module ",
+                other.qat_path().empty() ? std::string("(the model's root)") : "'" + other.qat_path() + "'",
+                " would drop its quantization (the copy's weights are not the model's parameters): clone the float "
+                "model, then run qwix::quantize_model on the copy");
+  }
   std::shared_ptr<QatProvider> provider_;
   std::string path_;
   std::shared_ptr<const ParameterSet> model_parameters_;

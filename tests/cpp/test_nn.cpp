@@ -979,3 +979,132 @@ TEST(NnPass, OneQatOpsPerForwardCallOnEachThread) {
 }
 
 }  // namespace
+
+namespace {
+
+// The same plain Linear twice in a Sequential / ModuleList: one wrapper for both entries (the second entry ran
+// a wrapper that was never configured, in float).
+TEST(NnPass, AModuleInTwoEntriesIsOneWrapper) {
+  torch::manual_seed(0);
+  torch::nn::Linear l(8, 8);
+  auto seq = torch::nn::Sequential(l, torch::nn::ReLU(), l);
+  torch::nn::ModuleList list(l, l);
+  qwix::nn::quantize_model(*seq, qwix::QatProvider({w4a8()}));
+  qwix::nn::quantize_model(*list, qwix::QatProvider({w4a8()}));
+  for (auto* m : std::vector<torch::nn::Module*>{seq.get(), list.get()}) {
+    const auto children = m->children();
+    ASSERT_GE(children.size(), 2u);
+    auto* w = dynamic_cast<qwix::nn::LinearImpl*>(children.front().get());
+    ASSERT_TRUE(w != nullptr && w->is_configured());
+    EXPECT_EQ(children.back().get(), children.front().get());
+    EXPECT_TRUE(w->weight.is_same(l->weight));
+  }
+  EXPECT_EQ(seq->ptr(0).get(), seq->ptr(2).get());
+  EXPECT_EQ(list[0].get(), list[1].get());
+  const auto x = torch::randn({3, 8});
+  const auto want = fq_linear(torch::relu(fq_linear(x, l->weight, l->bias)), l->weight, l->bias);
+  EXPECT_TRUE(torch::equal(seq->forward(x), want));
+}
+
+// Wrappers keep the plain module's train/eval mode (in eval, SRQ statistics never update), and making them leaves
+// the CPU generator as it was (LibTorch's constructors initialize throw-away parameters).
+TEST(NnPass, SwappingKeepsTheModeAndTheGenerator) {
+  torch::manual_seed(1);
+  auto seq = torch::nn::Sequential(torch::nn::Linear(8, 8), torch::nn::Conv1d(2, 2, 3));
+  seq->eval();
+  qwix::QuantizationRule srq = w4a8();
+  srq.act_static_scale = true;
+  torch::manual_seed(2);
+  const auto expected = torch::rand({3});
+  torch::manual_seed(2);
+  qwix::nn::quantize_model(*seq, qwix::QatProvider({srq}));
+  EXPECT_TRUE(torch::equal(torch::rand({3}), expected));
+  auto* w = dynamic_cast<qwix::nn::LinearImpl*>(seq->ptr(0).get());
+  ASSERT_TRUE(w != nullptr);
+  EXPECT_FALSE(w->is_training());
+  for (int i = 0; i < 3; ++i) w->forward(torch::randn({4, 8}));
+  EXPECT_EQ(w->named_buffers()["linear0_lhs.count"].item<int64_t>(), 0);
+}
+
+// A module registered under two parents takes the first path, as named_modules() gives it (it took the last, so
+// a rule for the first path matched nothing).
+TEST(NnPass, AModuleWithTwoPathsTakesTheFirst) {
+  struct Holder : torch::nn::Module {
+    explicit Holder(const qwix::nn::Linear& fc) { register_module("fc", fc); }
+  };
+  struct Root : torch::nn::Module {
+    Root() {
+      qwix::nn::Linear fc(8, 8);
+      register_module("enc", std::make_shared<Holder>(fc));
+      register_module("dec", std::make_shared<Holder>(fc));
+      shared = fc;
+    }
+    qwix::nn::Linear shared{nullptr};
+  } root;
+  qwix::QuantizationRule enc = w4a8();
+  enc.module_path = "enc\\..*";
+  qwix::nn::quantize_model(root, qwix::QatProvider({enc}));
+  EXPECT_EQ(root.shared->qat_path(), "enc.fc");
+  const auto x = torch::randn({2, 8});
+  EXPECT_TRUE(torch::equal(root.shared(x), fq_linear(x, root.shared->weight, root.shared->bias)));
+}
+
+// A custom Quantizable (torch::nn::Cloneable) copied by clone() kept the original model's parameter set: its own
+// weights counted as activations. A configured one refuses; an unconfigured one copies.
+struct ProjImpl : torch::nn::Cloneable<ProjImpl>, qwix::nn::Quantizable {
+  at::Tensor w;
+  ProjImpl() { reset(); }
+  void reset() override { w = register_parameter("w", torch::randn({8, 8})); }
+  at::Tensor forward(const at::Tensor& x) { return qat_ops().matmul(x, w); }
+};
+TORCH_MODULE(Proj);
+
+TEST(NnPass, CloneOfAConfiguredCustomModuleRefuses) {
+  Proj p;
+  auto copy = std::dynamic_pointer_cast<ProjImpl>(p->clone());
+  ASSERT_TRUE(copy != nullptr && !copy->is_configured());
+  qwix::nn::quantize_model(*p, qwix::QatProvider({w4a8()}));
+  try {
+    p->clone();
+    ADD_FAILURE() << "clone() of a configured Quantizable must fail";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("(the model's root) would drop its quantization"), std::string::npos)
+        << e.what();
+  }
+}
+
+// A parameter a module registers after quantize_model is a weight too (the pass snapshots the model's).
+TEST(NnPass, AParameterRegisteredLaterIsAWeight) {
+  torch::manual_seed(0);
+  Proj p;
+  qwix::QuantizationRule weights_only;
+  weights_only.weight_qtype = "int8";
+  qwix::nn::quantize_model(*p, qwix::QatProvider({weights_only}));
+  p->w = p->register_parameter("adapter", torch::randn({8, 8}));
+  const auto x = torch::randn({2, 8});
+  const auto want = torch::matmul(x, qwix::fake_quant(p->w, "int8", {.channelwise_axes = {1}}));
+  EXPECT_TRUE(torch::equal(p->forward(x), want));
+}
+
+// LibTorch's MultiheadAttention / Transformer layers call their Linear children through typed members (or read
+// out_proj's weight): a catch-all rule warns that they stay float (it raised an error whose fix was impossible).
+TEST(NnPass, LinearsInsideLibTorchsTransformerBlocksWarn) {
+  torch::nn::TransformerEncoderLayer layer(torch::nn::TransformerEncoderLayerOptions(8, 2).dim_feedforward(16));
+  CollectWarnings w;
+  qwix::nn::quantize_model(*layer, qwix::QatProvider({w4a8()}));
+  ASSERT_EQ(w.messages.size(), 1u);
+  EXPECT_NE(w.messages[0].find("they stay floating point: 'self_attn.out_proj' (linear), 'linear1' (linear), "
+                               "'linear2' (linear)"),
+            std::string::npos)
+      << w.messages[0];
+  const auto x = torch::randn({3, 2, 8});
+  EXPECT_EQ(layer->forward(x).sizes(), x.sizes());
+  // A rule without qtypes for them, first, keeps them float without a warning.
+  qwix::QuantizationRule keep;
+  keep.module_path = "self_attn.*|linear.";
+  torch::nn::TransformerEncoderLayer other(torch::nn::TransformerEncoderLayerOptions(8, 2).dim_feedforward(16));
+  qwix::nn::quantize_model(*other, qwix::QatProvider({keep, w4a8()}));
+  EXPECT_EQ(w.messages.size(), 1u);
+}
+
+}  // namespace
