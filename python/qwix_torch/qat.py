@@ -240,9 +240,11 @@ def _decomposes_attention(provider_key: int, path: str) -> bool:
     return _PROVIDERS[provider_key].decomposes_attention(path)
 
 
-def _pre_hook(state: _QatState, path: Optional[str], param_dicts: list, module: nn.Module, args) -> None:
+def _pre_hook(state: _QatState, path: Optional[str], param_dicts: list, module: nn.Module, args=None) -> None:
     # param_dicts: the _parameters dicts of the module's subtree (where functional_call swaps tensors in). Each
     # module's hook holds its own subtree's, so a copy or pickle of a submodule holds only that submodule.
+    if args is None:  # a model pickled before 2026-11-28: (state, path) hooks, the model's dicts in the state
+        param_dicts, module, args = state.__dict__.get("param_dicts", []), param_dicts, module
     compiling = torch.compiler.is_compiling()
     if not compiling and torch.fx._symbolic_trace.is_fx_symbolic_tracing():
         _refuse_fx_tracing()  # a module inside the traced one (the root's name refused already)

@@ -3,6 +3,7 @@ hand-built reference (tests/python/reference.py, plain PyTorch) for the same wei
 lowers the loss; weights are parameters or views of them; state_dict, deepcopy, pickle,
 bf16 casts and autocast."""
 import copy
+import functools
 import io
 import math
 import threading
@@ -633,6 +634,34 @@ def test_a_copy_of_a_submodule_holds_only_that_submodule():
         prefix = "head." if m is q else ""
         y = torch.func.functional_call(m, {prefix + "weight": w}, (x,))
         assert_same(y, F.linear(fq(x, "int8", (0,)), fq(w, "int8", (0,)), fp.head.bias), "functional_call")
+
+
+def test_a_model_pickled_with_the_earlier_hooks_loads_and_runs():
+    # Before 2026-11-28 the pre-hooks were partial(_pre_hook, state, path) and the state held every module's
+    # parameter dicts: such a pickle is rebuilt here and must load and run (functional_call included).
+    from qwix_torch import qat as qat_impl
+
+    m, q, x = _srq_mlp()
+    q.eval()
+    y = q(x)
+    state = q._qwix_state
+    state.param_dicts = [mod._parameters for mod in q.modules() if "_qwix_state" in mod.__dict__]
+    for path, mod in q.named_modules():
+        if "_qwix_state" not in mod.__dict__:
+            continue
+        (key, hook), = [(k, h) for k, h in mod._forward_pre_hooks.items() if getattr(h, "func", None) is
+                        qat_impl._pre_hook]
+        mod._forward_pre_hooks[key] = functools.partial(qat_impl._pre_hook, state, hook.args[1])
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    old = torch.load(buf, weights_only=False)
+    assert_same(old(x), y, "an earlier pickle")
+    w = {"fc1.weight": q.fc1.weight.detach() * 2}
+    assert_same(torch.func.functional_call(old, w, (x,)), torch.func.functional_call(q, w, (x,)), "functional_call")
+    old.train()
+    old(x)
+    assert int(old.fc1.linear0_lhs.count) == 4
 
 
 def test_a_qat_model_called_inside_another_runs_as_alone():
