@@ -15,7 +15,7 @@ def resolve_tiled_axes(shape: Sequence[int], tiled_axes: TiledAxes) -> Tuple[Lis
     An ``int`` tile counts elements; a ``float`` tile is a fraction of the axis
     (``tile = round(dim * f)``), as in Qwix.
     """
-    if tiled_axes is None:
+    if tiled_axes is None or (isinstance(tiled_axes, (Mapping, list, tuple)) and len(tiled_axes) == 0):
         return [], []
     if not isinstance(tiled_axes, Mapping):
         raise TypeError(f"qwix: tiled_axes must be a mapping {{axis: tile}} (or None), got {tiled_axes!r}")

@@ -246,8 +246,9 @@ def _pre_hook(state: _QatState, path: Optional[str], param_dicts: list, module: 
     if args is None:  # a model pickled before 2026-11-28: (state, path) hooks, the model's dicts in the state
         param_dicts, module, args = state.__dict__.get("param_dicts", []), param_dicts, module
     compiling = torch.compiler.is_compiling()
-    if not compiling and torch.fx._symbolic_trace.is_fx_symbolic_tracing():
-        _refuse_fx_tracing()  # a module inside the traced one (the root's name refused already)
+    if not compiling and torch.fx._symbolic_trace.is_fx_symbolic_tracing() and \
+            any(isinstance(a, torch.fx.Proxy) for a in args):
+        _refuse_fx_tracing()  # a module inside the traced one (the root's name refused already); make_fx passes
     if compiling:
         run = state.traced
     else:
@@ -287,9 +288,16 @@ def _drop_stale_frames(run: _Run) -> None:
     run.stack.clear()
     run.entry_frame = None
     _forget_mode(mode)
-    stack = torch.overrides._get_current_function_mode_stack()
-    if mode is not None and stack and stack[-1] is mode:
-        mode.__exit__(None, None, None)
+    if mode is not None and any(m is mode for m in torch.overrides._get_current_function_mode_stack()):
+        # wherever it sits: a nested QAT model's interrupted forward left its own mode above it
+        above = []
+        while True:
+            top = torch._C._pop_torch_function_stack()
+            if top is mode:
+                break
+            above.append(top)
+        for m in reversed(above):
+            torch._C._push_on_torch_function_stack(m)
 
 
 def _forward_running(run: _Run) -> bool:
@@ -404,6 +412,8 @@ class _QatMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         run = self.run
+        if run.stack and run.stack[0][3] is not self and not torch.compiler.is_compiling():
+            return func(*args, **kwargs)  # a stale mode (an interrupted forward's) beside its run's current one
         if run.stack and run.stack[-1][1] is not None:  # (None: inside a parametrization)
             op = _OP_NAMES.get(func)
             body = _COMPOSITES.get(func)
@@ -419,6 +429,10 @@ class _QatMode(TorchFunctionMode):
             if body is not None and _forward_running(run):
                 with self:  # this mode is popped while its __torch_function__ runs: the body's ops must see it
                     return body(*args, **kwargs)
+            if func is F.scaled_dot_product_attention and run is self.state.traced:
+                # passed on as the aten overload, as _call does: under torch.compile the thread check above is off,
+                # and the mode of a QAT model calling this one would decompose it with its own rules
+                return torch.ops.aten.scaled_dot_product_attention(*args, **kwargs)
         if func is torch.Tensor.unflatten:
             # Python ending in super().unflatten(...), which Dynamo (torch 2.13) cannot trace when a mode
             # dispatched the call (pytorch/pytorch#179853): call torch.unflatten, the same op.
@@ -719,7 +733,7 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
         module._qwix_state = state  # every module: a model built around one is refused, helpers accept it
         module._qwix_update = True  # set_quant_stats_update (per module, as on the TorchScript path)
         module.__prepare_scriptable__ = _refuse_scripting  # torch.jit.script calls it first
-        module._get_name = _NameRefusingFxTracing(type(module).__name__)  # torch.fx's Tracer.trace calls it first
+        module._get_name = _NameRefusingFxTracing(module)  # torch.fx's Tracer.trace calls it first
     _warn_about_scripted_submodules(model, provider, scripted)
     ran = bool(example_inputs or example_kwargs)
     if ran:
@@ -727,6 +741,12 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
     warning = provider._cpp.nothing_matched_warning([p for p, _ in model.named_modules()], ran)
     if warning:
         warnings.warn(warning, stacklevel=2)
+    if isinstance(model, torch.fx.GraphModule) and (not ran or any(
+            k[0] == "" and plan is not None for k, plan in state.plans.items())):
+        warnings.warn("qwix: ops that rules quantize in a GraphModule's own graph (not inside a submodule) lose their "
+                      "quantization on copy.deepcopy, pickling and torch.export (GraphModule rebuilds its root without "
+                      "the QAT hooks and statistics): train and save (state_dict) this object itself, or quantize the "
+                      "original nn.Module", stacklevel=2)
     return model
 
 
@@ -765,26 +785,38 @@ def _refuse_scripting():
 
 
 _FX_TRACE_CODE = torch.fx.Tracer.trace.__code__
+_FX_CODE_ONLY = torch.fx.graph_module._CodeOnlyModule
 
 
 class _NameRefusingFxTracing:
-    """A QAT module's ``_get_name``: its class name, except for torch.fx's ``Tracer.trace``, which asks its
+    """A QAT module's ``_get_name``: the module's own, except for torch.fx's ``Tracer.trace``, which asks its
     root first. fx calls the root's forward without hooks, so its ops would be graph nodes that run
-    unquantized (torch.fx.symbolic_trace, torchvision's create_feature_extractor)."""
+    unquantized (torch.fx.symbolic_trace, torchvision's create_feature_extractor). fx's re-trace of an
+    unpickled GraphModule's code (a ``_CodeOnlyModule`` root carrying this attribute) is not refused."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, module: nn.Module):
+        self.module_ref = weakref.ref(module)  # (the module holds this object: no cycle)
+        self.name = type(module).__name__
 
     def __call__(self) -> str:
-        if sys._getframe(1).f_code is _FX_TRACE_CODE:
+        frame = sys._getframe(1)
+        if frame.f_code is _FX_TRACE_CODE and not isinstance(frame.f_locals.get("root"), _FX_CODE_ONLY):
             _refuse_fx_tracing()
-        return self.name
+        module = self.module_ref()
+        return self.name if module is None else type(module)._get_name(module)
+
+    def __getstate__(self):
+        return {"name": self.name}
+
+    def __setstate__(self, d):
+        self.name = d["name"]
+        self.module_ref = lambda: None
 
 
 def _refuse_fx_tracing():
     raise TypeError("qwix: torch.fx.symbolic_trace cannot trace a QAT model (the GraphModule would run its modules' "
-                    "own ops unquantized); trace the floating-point model, then quantize the GraphModule with "
-                    "quantize_model")
+                    "own ops unquantized); quantize the floating-point model itself, or use torch.export / "
+                    "torch.compile on the QAT model")
 
 
 def _check_example_kwargs(example_kwargs) -> dict:

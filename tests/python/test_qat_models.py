@@ -695,6 +695,74 @@ def test_a_qat_model_called_inside_another_runs_as_alone():
     assert int(s.matmul0_lhs.count) == 1 and not torch.equal(h, s.fc.__class__.forward(s.fc, x))
 
 
+class _Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class _Student(nn.Module):
+    def __init__(self, teacher):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.outside = [teacher]  # not a submodule
+
+    def forward(self, x):
+        return self.fc(x) + self.outside[0](x)
+
+
+def test_a_qat_model_called_inside_a_compiled_one_runs_as_alone():
+    # The teacher's rules leave its attention fused; the student's (matmul activations) decompose attention. Under
+    # torch.compile the student's mode decomposed and quantized the teacher's attention (off by 0.17 of 1.18).
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8)
+    teacher = qwix.quantize_model(_Attn(), QatProvider([QuantizationRule(op_names=["linear"], weight_qtype="int8")]),
+                                  x).eval()
+    s = qwix.quantize_model(_Student(teacher), QatProvider([QuantizationRule(weight_qtype="int4", act_qtype="int4")]),
+                            x, inplace=True).eval()
+    alone = teacher(x)
+    eager = s(x)
+    with torch.no_grad():
+        compiled = torch.compile(s, fullgraph=True, backend="aot_eager")(x)
+        student_part = s.fc(x)
+    assert torch.equal(compiled, eager)
+    torch.testing.assert_close(compiled - student_part, alone, rtol=0, atol=1e-6)
+
+
+def test_an_interrupted_nested_forward_leaves_nothing_behind():
+    # A KeyboardInterrupt inside a teacher running in a student's forward skips both models' always_call hooks:
+    # the student's stale mode sat under the teacher's, was never removed, and quantized every later forward twice.
+    class Teacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.interrupt = False
+
+        def forward(self, x):
+            h = self.fc(x)
+            if self.interrupt:
+                raise KeyboardInterrupt
+            return h
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    teacher = qwix.quantize_model(Teacher(), _w8a8(), x)
+    s = qwix.quantize_model(_Student(teacher), QatProvider([QuantizationRule(weight_qtype="int4", act_qtype="int4")]),
+                            x, inplace=True).eval()
+    before = s(x)
+    teacher.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        s(x)
+    assert len(torch.overrides._get_current_function_mode_stack()) == 2  # both modes were left behind
+    teacher.interrupt = False
+    assert torch.equal(s(x), before)
+    assert torch.overrides._get_current_function_mode_stack() == []
+
+
 def test_fx_symbolic_trace_of_a_qat_model_is_refused():
     # fx calls the root's forward without hooks: the GraphModule ran `fc(x) @ self.w` unquantized (off by 0.4).
     class Net(nn.Module):
@@ -718,12 +786,41 @@ def test_fx_symbolic_trace_of_a_qat_model_is_refused():
     fp = Net()
     q = qwix.quantize_model(fp, _w8a8(), x)
     for model in (q, Wrapper(q)):
-        with pytest.raises(TypeError, match="symbolic_trace cannot trace a QAT model.*floating-point model"):
+        with pytest.raises(TypeError, match="symbolic_trace cannot trace a QAT model.*floating-point model itself"):
             torch.fx.symbolic_trace(model)
     assert repr(q).startswith("Net(") and q._get_name() == "Net"
-    # The recipe: trace the float model, then quantize the GraphModule.
-    gm = qwix.quantize_model(torch.fx.symbolic_trace(fp), _w8a8(), x)
+    # make_fx (an fx Tracer too) traces the QAT forward: its graph holds the qwix ops.
+    from torch.fx.experimental.proxy_tensor import make_fx
+    g = make_fx(lambda t: q(t))(x)
+    assert_same(g(x), q(x), "make_fx")
+    assert any("qwix" in str(n.target) for n in g.graph.nodes)
+    # A quantized GraphModule works, but its copies lose the quantization of its own graph's ops: a warning.
+    gm_fp = torch.fx.symbolic_trace(fp)
+    with pytest.warns(UserWarning, match="in a GraphModule's own graph .* lose their quantization on copy.deepcopy"):
+        gm = qwix.quantize_model(gm_fp, _w8a8(), x)
     assert_same(gm(x), q(x), "the quantized GraphModule")
+    # One whose graph only calls (leaf) modules keeps everything, and a pickle of it loads (fx re-traces its code
+    # on loading, which is not refused).
+    leafy = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gq = qwix.quantize_model(leafy, _w8a8(), x)
+    buf = io.BytesIO()
+    torch.save(gq, buf)
+    buf.seek(0)
+    assert_same(torch.load(buf, weights_only=False)(x), gq(x), "a pickled quantized GraphModule")
+    assert_same(copy.deepcopy(gq)(x), gq(x), "a deep-copied quantized GraphModule")
+
+
+def test_a_qat_module_keeps_its_own_name():
+    class Named(nn.Linear):
+        def _get_name(self):
+            return "Custom"
+
+    q = qwix.quantize_model(nn.Sequential(nn.LazyLinear(4), Named(4, 4)), _w8a8())
+    q(torch.randn(2, 8))  # LazyLinear becomes a Linear
+    assert repr(q).splitlines()[1:3] == ["  (0): Linear(in_features=8, out_features=4, bias=True)",
+                                         "  (1): Custom(in_features=4, out_features=4, bias=True)"]
 
 
 def test_model_to_bfloat16_keeps_fp32_statistics():
