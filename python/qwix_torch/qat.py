@@ -246,8 +246,7 @@ def _pre_hook(state: _QatState, path: Optional[str], param_dicts: list, module: 
     if args is None:  # a model pickled before 2026-11-28: (state, path) hooks, the model's dicts in the state
         param_dicts, module, args = state.__dict__.get("param_dicts", []), param_dicts, module
     compiling = torch.compiler.is_compiling()
-    if not compiling and torch.fx._symbolic_trace.is_fx_symbolic_tracing() and \
-            any(isinstance(a, torch.fx.Proxy) for a in args):
+    if not compiling and _FX_SYMBOLIC_TRACE._is_fx_tracing_flag and any(isinstance(a, torch.fx.Proxy) for a in args):
         _refuse_fx_tracing()  # a module inside the traced one (the root's name refused already); make_fx passes
     if compiling:
         run = state.traced
@@ -785,6 +784,7 @@ def _refuse_scripting():
 
 
 _FX_TRACE_CODE = torch.fx.Tracer.trace.__code__
+_FX_SYMBOLIC_TRACE = torch.fx._symbolic_trace  # (its _is_fx_tracing_flag: is_fx_symbolic_tracing() without a call)
 _FX_CODE_ONLY = torch.fx.graph_module._CodeOnlyModule
 
 
