@@ -736,21 +736,9 @@ def test_a_qat_model_called_inside_a_compiled_one_runs_as_alone():
 def test_an_interrupted_nested_forward_leaves_nothing_behind():
     # A KeyboardInterrupt inside a teacher running in a student's forward skips both models' always_call hooks:
     # the student's stale mode sat under the teacher's, was never removed, and quantized every later forward twice.
-    class Teacher(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-            self.interrupt = False
-
-        def forward(self, x):
-            h = self.fc(x)
-            if self.interrupt:
-                raise KeyboardInterrupt
-            return h
-
     torch.manual_seed(0)
     x = torch.randn(3, 8)
-    teacher = qwix.quantize_model(Teacher(), _w8a8(), x)
+    teacher = qwix.quantize_model(_Interruptible(), _w8a8(), x)
     s = qwix.quantize_model(_Student(teacher), QatProvider([QuantizationRule(weight_qtype="int4", act_qtype="int4")]),
                             x, inplace=True).eval()
     before = s(x)
