@@ -9,7 +9,7 @@ CMAKE_BUILD := build/cmake
 CMAKE := $(VENV)/bin/cmake
 LOCK := flock /tmp/qwix-torch-build.lock
 
-.PHONY: all build venv ext cmake cpp-example test test-cpp test-python demo bench sass-cost cuda-check clean
+.PHONY: all build venv ext cmake cpp-example test test-cpp test-python demo bench sass-cost cuda-check cuda-emu test-cuda-emu clean
 
 all: build
 
@@ -55,7 +55,7 @@ test-cpp: cmake
 	cd $(CMAKE_BUILD) && ../../$(VENV)/bin/ctest --output-on-failure
 
 test-python: ext
-	$(PY) -m pytest tests/python -q -x -p no:cacheprovider
+	$(PY) -m pytest tests/python -q -x -p no:cacheprovider --ignore=tests/python/test_cuda_emulated.py
 
 # CI has nvcc but no GPU: compile every .cu file for sm_80 and sm_90 against torch's headers, in
 # C++17 -- the GPU machine's torch (2.11) builds extensions with C++17, this machine's (2.13) with
@@ -64,6 +64,7 @@ test-python: ext
 NVCC ?= nvcc
 CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 TORCH_INC = $(shell $(PY) -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
+TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 PY_INC = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 CU_OBJS := $(patsubst cuda/%.cu,build/cuda-check/%.o,$(wildcard cuda/*.cu))
 CXX17_OKS := $(patsubst csrc/%.cpp,build/cxx17-check/%.ok,$(wildcard csrc/*/*.cpp csrc/*/*/*.cpp))
@@ -78,7 +79,43 @@ build/cxx17-check/%.ok: csrc/%.cpp $(wildcard csrc/*/*.h) $(wildcard csrc/qwix/*
 	@mkdir -p $(@D)
 	@$(CXX) -std=c++17 -fsyntax-only -w -Icsrc -I. $(TORCH_INC) -I$(PY_INC) $< && touch $@
 
-test: build cuda-check test-cpp cpp-example test-python
+# CI has no GPU either: the CUDA kernels also run on the CPU under a small CUDA emulator
+# (tests/cuda_emu: fibers for threads, real barriers for __syncthreads and shuffles), built with
+# AddressSanitizer and UBSan as a library of qwix_cuda_emu ops that test_cuda_emulated.py compares
+# with the CPU ops.
+EMU := build/cuda-emu
+EMU_FLAGS := -std=c++20 -O1 -g -fPIC -fno-math-errno -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+  -fno-omit-frame-pointer -Wall -Wno-unknown-pragmas -Wno-unused-function
+EMU_HEADERS := $(wildcard tests/cuda_emu/include/*.h tests/cuda_emu/include/c10/cuda/*.h cuda/*.cuh cuda/*.h \
+  csrc/numerics/*.h csrc/ops/*.h)
+EMU_OBJS := $(patsubst cuda/%.cu,$(EMU)/cuda/%.o,$(wildcard cuda/*.cu)) $(EMU)/selftest.o $(EMU)/runtime.o \
+  $(patsubst csrc/%.cpp,$(EMU)/csrc/%.o,$(wildcard csrc/numerics/*.cpp) csrc/ops/common.cpp csrc/ops/nvfp4.cpp)
+EMU_CXX = $(CXX) $(EMU_FLAGS) -Itests/cuda_emu/include -Icsrc -I. $(TORCH_INC)
+$(EMU)/cuda/%.cpp: cuda/%.cu tests/cuda_emu/translate.py
+	@mkdir -p $(@D) && $(PY) tests/cuda_emu/translate.py $< $@
+$(EMU)/selftest.cpp: tests/cuda_emu/selftest.cu tests/cuda_emu/translate.py
+	@mkdir -p $(@D) && $(PY) tests/cuda_emu/translate.py $< $@
+$(EMU)/%.o: $(EMU)/%.cpp $(EMU_HEADERS)
+	@$(EMU_CXX) -c $< -o $@ 2> $@.log || { cat $@.log; exit 1; }
+$(EMU)/runtime.o: tests/cuda_emu/runtime.cpp $(EMU_HEADERS)
+	@mkdir -p $(@D) && $(EMU_CXX) -c $< -o $@ 2> $@.log || { cat $@.log; exit 1; }
+$(EMU)/csrc/%.o: csrc/%.cpp $(EMU_HEADERS)
+	@mkdir -p $(@D) && $(EMU_CXX) -c $< -o $@ 2> $@.log || { cat $@.log; exit 1; }
+$(EMU)/libqwix_cuda_emu.so: $(EMU_OBJS)
+	@$(CXX) $(EMU_FLAGS) -shared $^ -o $@ -L$(TORCH_LIB) -lc10 -ltorch_cpu
+.PRECIOUS: $(EMU)/cuda/%.cpp $(EMU)/selftest.cpp
+cuda-emu: venv
+	@echo "building the emulated CUDA kernels $(EMU)/libqwix_cuda_emu.so"
+	@$(MAKE) --no-print-directory -j $(JOBS) $(EMU)/libqwix_cuda_emu.so
+# The ASan and UBSan runtimes go first (the instrumented library is loaded into python).
+test-cuda-emu: ext cuda-emu
+	@for lib in libasan.so libubsan.so; do [ -f "$$($(CXX) -print-file-name=$$lib)" ] || \
+	  { echo "error: $(CXX) has no $$lib (Debian: libasan8, libubsan1), needed by test-cuda-emu"; exit 1; }; done
+	QWIX_CUDA_EMU_LIB=$(EMU)/libqwix_cuda_emu.so ASAN_OPTIONS=detect_leaks=0 \
+	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
+	  $(PY) -m pytest tests/python/test_cuda_emulated.py -q -x -p no:cacheprovider --capture=sys
+
+test: build cuda-check test-cpp cpp-example test-python test-cuda-emu
 
 demo: build
 	$(PY) examples/qat_digits.py

@@ -1,0 +1,222 @@
+"""The CUDA kernels (cuda/*.cu) run on the CPU under the CUDA emulator
+(tests/cuda_emu) against the CPU kernels: bit-exact for every dtype, the same
+cases as test_ops_cuda.py runs on a GPU. CI has no GPU; this is where it runs
+the kernels' indexing, row/column/tile choices, reductions, tails and masks.
+The library is built with AddressSanitizer and UBSan (out-of-bounds accesses
+and misaligned vector loads abort), so `make test-cuda-emu` runs this module
+with their runtimes preloaded; a plain pytest run skips it.
+
+The emulated ops are `torch.ops.qwix_cuda_emu.*`: the CUDA entry points
+themselves, taking CPU tensors. The emulator does not run the numerics'
+device-only branches (`__CUDA_ARCH__`: NaN-propagating min/max, fmaf
+intrinsics), nor nvcc's code generation; the GPU run checks those."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qwix_torch as qwix
+from _helpers import assert_same, make_input
+from test_ops_cuda import SHAPES_AXES, VALID
+
+LIB = os.environ.get("QWIX_CUDA_EMU_LIB")
+pytestmark = pytest.mark.skipif(
+    not LIB, reason="runs under `make test-cuda-emu` (needs the ASan runtime preloaded)")
+if LIB:
+    torch.ops.load_library(LIB)
+
+Q = torch.ops.qwix
+E = torch.ops.qwix_cuda_emu if LIB else None
+
+
+def _forward_both(x, qtype, method, ch, tiled, tiles, with_mask=True):
+    want = Q.fake_quant_forward(x, qtype, method, ch, tiled, tiles, with_mask)
+    got = E.fake_quant_forward(x, qtype, method, ch, tiled, tiles, with_mask)
+    return got, want
+
+
+def _assert_forward_same(x, qtype, method, ch, tiled=(), tiles=(), what=""):
+    (y, m), (yw, mw) = _forward_both(x, qtype, method, list(ch), list(tiled), list(tiles))
+    if method.startswith("rms"):  # float64 sums in another order: the scale may differ in the last bit
+        torch.testing.assert_close(y, yw, rtol=0, atol=float(yw.abs().max()) * 1e-2)
+    else:
+        assert_same(y, yw, what)
+    assert torch.equal(m, mw), f"{what}: masks differ"
+
+
+# ------------------------------------------------------------------ the emulator itself
+def test_emulator_shuffles_and_barriers_give_cudas_results():
+    x = torch.randint(-1000, 1000, (256,), dtype=torch.long)
+    for width in (8, 32):
+        want = x.view(-1, width).sum(1, keepdim=True).expand(-1, width).reshape(-1)
+        assert torch.equal(torch.ops.qwix_cuda_emu_selftest.lanes_sum(x, width), want)
+    assert torch.equal(torch.ops.qwix_cuda_emu_selftest.block_reverse(x), x.view(-1, 256).flip(1).reshape(-1))
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("early_exit", r"deadlock in block \(0,0,0\).*63 waiting, 1 exited; e.g. thread \(0,0,0\) exited"),
+    ("partial_warp", r"shuffle mask 0xffffffff of thread \(32,0,0\) names lanes its warp does not have \(16 lanes\)"),
+    ("empty_grid", r"invalid grid \(0, 1, 1\)"),
+    ("big_block", r"invalid block \(2048, 1, 1\)"),
+])
+def test_emulator_reports_gpu_faults(fault, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.qwix_cuda_emu_selftest.launch_fault(fault)
+
+
+def test_emulator_catches_out_of_bounds_reads():
+    """AddressSanitizer sees a kernel's read past the end of a tensor (in a child: it aborts)."""
+    code = f"import torch; torch.ops.load_library({LIB!r}); torch.ops.qwix_cuda_emu_selftest.launch_fault('out_of_bounds')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "heap-buffer-overflow" in r.stderr and "out_of_bounds_kernel" in r.stderr, r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ the qwix kernels
+@pytest.mark.parametrize("shape,axes", SHAPES_AXES)
+@pytest.mark.parametrize("qtype,method", VALID)
+def test_emulated_cuda_matches_cpu_fp32(shape, axes, qtype, method):
+    x = make_input(shape)
+    tiled, tiles = qwix.resolve_tiled_axes(x.shape, axes.get("tiled_axes"))
+    _assert_forward_same(x, qtype, method, axes.get("channelwise_axes", ()), tiled, tiles, f"{shape} {qtype} {method}")
+    (y, m), _ = _forward_both(x, qtype, method, list(axes.get("channelwise_axes", ())), tiled, tiles, False)
+    assert m.numel() == 0
+    assert_same(y, Q.fake_quant_forward(x, qtype, method, list(axes.get("channelwise_axes", ())), tiled, tiles,
+                                        False)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,axes", SHAPES_AXES)
+def test_emulated_cuda_half_types_match_cpu(dtype, shape, axes):
+    x = make_input(shape, dtype=dtype)
+    tiled, tiles = qwix.resolve_tiled_axes(x.shape, axes.get("tiled_axes"))
+    for qtype, method in [("int8", "absmax"), ("float8_e4m3fn", "absmax,0.7"), ("uint8", "minmax"),
+                          ("nf4", "absmax"), ("int4", "rms,3"), ("float8_e5m2", "fixed,2")]:
+        _assert_forward_same(x, qtype, method, axes.get("channelwise_axes", ()), tiled, tiles,
+                             f"{dtype} {shape} {qtype} {method}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_cuda_unaligned_and_strided_inputs(dtype):
+    """A storage offset that breaks 16-byte alignment, a transposed and a channels_last tensor."""
+    base = make_input((64 * 256 + 1,), dtype=dtype)
+    cases = [base[1:].view(64, 256), make_input((256, 64), dtype=dtype).t(),
+             make_input((4, 8, 6, 6), dtype=dtype).to(memory_format=torch.channels_last)]
+    for x in cases:
+        for ch in [(0,), (), (1,)]:
+            for qtype, method in [("int8", "absmax"), ("int4", "absmax,0.9"), ("uint8", "minmax")]:
+                _assert_forward_same(x, qtype, method, ch, what=f"{x.shape} {x.stride()} {ch} {qtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_emulated_cuda_backward_matches_cpu(dtype):
+    """Masked backward from the bit-packed mask: odd sizes, aligned and not (a storage offset)."""
+    for shape in [(64, 256), (7, 13), (5, 1000), (3, 8)]:
+        x, g = make_input(shape, dtype=dtype), make_input(shape, seed=1, dtype=dtype)
+        _, mask = Q.fake_quant_forward(x, "int8", "absmax,0.6", [0], [], [], True)
+        assert_same(E.fake_quant_backward(g, mask), Q.fake_quant_backward(g, mask), f"{shape}")
+        offset = make_input((g.numel() + 1,), seed=2, dtype=dtype)[1:].view(shape)
+        assert_same(E.fake_quant_backward(offset, mask), Q.fake_quant_backward(offset, mask), f"{shape} offset")
+        assert (E.fake_quant_backward(g, mask) == 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_cuda_calibrate_and_compute_scale_match_cpu(dtype):
+    """calibrate (the row-statistics kernel per row length, columns, per-tensor, generic), compute_scale."""
+    for shape, axes in SHAPES_AXES:
+        x = make_input(shape, dtype=dtype)
+        x.view(-1)[5] = float("inf")  # one non-finite group
+        tiled, tiles = qwix.resolve_tiled_axes(x.shape, axes.get("tiled_axes"))
+        ch = list(axes.get("channelwise_axes", ()))
+        for method in ["absmax", "absmax,0.8", "minmax", "rms,3", "fixed,2"]:
+            want = Q.calibrate(x, method, ch, tiled, tiles)
+            got = E.calibrate(x, method, ch, tiled, tiles)
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                if method.startswith("rms"):  # float64 sums in another order
+                    torch.testing.assert_close(g, w, rtol=1e-6, atol=0, equal_nan=True)
+                else:
+                    assert_same(g, w, f"{shape} {dtype} {method}")
+            for qtype in (["uint8", "int4"] if method == "minmax" else ["int8", "float8_e4m3fn", "nf4"]):
+                cal = [t.nan_to_num(posinf=7.0) for t in want]
+                for g, w in zip(E.compute_scale(cal, qtype), Q.compute_scale(cal, qtype)):
+                    assert_same(g, w, f"{shape} {method} {qtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_emulated_cuda_with_scale_matches_cpu(dtype):
+    """Static scales: per-tensor, per-channel of the last axis (the columns kernel), per-token runs
+    (one lookup per chunk when E % 8 == 0), a kept middle axis (generic walk), with zero points."""
+    cases = [((64, 256), (1, 256)), ((64, 256), (64, 1)), ((64, 256), ()), ((4, 6, 64), (1, 6, 1)),
+             ((3, 5, 40), (1, 5, 1)), ((2, 9, 12), (1, 9, 1)), ((6, 70, 24), (6, 1, 24)), ((90, 12), (1, 12))]
+    for shape, sshape in cases:
+        x = make_input(shape, dtype=dtype)
+        s = torch.rand(sshape) * 0.05 + 0.01
+        z = torch.randint(0, 255, sshape).float()
+        for qtype, zp in [("int8", None), ("uint8", z), ("float8_e4m3fn", None), ("int4", None), ("nf4", None)]:
+            y, m = Q.fake_quant_with_scale_forward(x, s, zp, qtype, True)
+            ye, me = E.fake_quant_with_scale_forward(x, s, zp, qtype, True)
+            assert_same(ye, y, f"{shape} {sshape} {dtype} {qtype}")
+            assert torch.equal(me, m) and 0 < int(m.sum()), f"{shape} {sshape} {qtype}"
+
+
+@pytest.mark.parametrize("qtype,method", [("int8", "absmax"), ("nf4", "absmax"), ("int4", "minmax"),
+                                          ("float4_e2m1fn", "absmax"), ("float8_e4m3fn", "absmax,0.5")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_cuda_special_values_match_cpu(qtype, method, dtype):
+    """NaN/Inf groups, values near FLT_MAX (huge scales), subnormals and -0: the fast reciprocal path
+    falls back to the checked division."""
+    x = make_input((16, 256))
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3, 7] = -float("inf")
+    x[4] = torch.linspace(-3.0e38, 3.0e38, 256)
+    x[5, :8] = -0.0
+    x[6] = x[6] * 1e-42
+    x[7, 100:] = 0.0
+    x = x.to(dtype)
+    for ch, tiled, tiles in [([0], [], []), ([], [], []), ([1], [], []), ([0], [1], [128])]:
+        _assert_forward_same(x, qtype, method, ch, tiled, tiles, f"{ch} {tiled}")
+
+
+def test_emulated_cuda_static_scale_overflowing_quotients_match_cpu():
+    x = make_input((8, 64)) * 1e25
+    x[0, 0] = float("nan")
+    for scale in [torch.tensor(1e-19), torch.tensor(2e-20), torch.full((8, 1), 1e-12), torch.full((1, 64), 1e-12)]:
+        for qtype in ["int8", "float8_e4m3fn", "nf4"]:
+            y, m = Q.fake_quant_with_scale_forward(x, scale, None, qtype, True)
+            ye, me = E.fake_quant_with_scale_forward(x, scale, None, qtype, True)
+            assert_same(ye, y, f"{qtype} {scale.shape}")
+            assert torch.equal(me, m)
+
+
+@pytest.mark.parametrize("qtype", ["mxfp8", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_cuda_mx_blocks_match_cpu(qtype, dtype):
+    """MX blocks of 32 along the last axis: the fused row kernel with 4 or 8 threads per block."""
+    for shape in [(64, 256), (3, 5, 96), (4, 8192)]:
+        x = make_input(shape, dtype=dtype)
+        for method in ["absmax", "absmax,0.8", "fixed,2"]:
+            _assert_forward_same(x, qtype, method, [], what=f"{qtype} {shape} {method}")
+
+
+def test_emulated_cuda_many_rows_and_long_rows():
+    """Row counts that leave a block partly idle, and rows past the register cache (re-read)."""
+    for shape in [(1, 8), (5, 8), (33, 16), (257, 64), (2, 40000), (1, 16392)]:
+        x = make_input(shape)
+        for qtype, method in [("int8", "absmax"), ("uint8", "minmax"), ("int4", "rms,3")]:
+            _assert_forward_same(x, qtype, method, [0], what=f"{shape} {qtype} {method}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_cuda_issue3_bar_configurations(dtype):
+    """The benchmark's kernels on a few rows of 8192: per-token (256 threads x 4 cached chunks per row)
+    and per-tile(128) (4 or 8 threads per tile), int8 and float8_e4m3fn, forward and backward."""
+    x, g = make_input((6, 8192), dtype=dtype), make_input((6, 8192), seed=1, dtype=dtype)
+    for tiled, tiles in [([], []), ([1], [128])]:
+        for qtype in ["int8", "float8_e4m3fn"]:
+            _assert_forward_same(x, qtype, "absmax", [0], tiled, tiles, f"{tiles} {qtype}")
+            _, mask = Q.fake_quant_forward(x, qtype, "absmax,0.5", [0], tiled, tiles, True)
+            assert_same(E.fake_quant_backward(g, mask), Q.fake_quant_backward(g, mask), f"{tiles} {qtype}")
