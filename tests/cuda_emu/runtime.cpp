@@ -20,6 +20,7 @@
 #include <ucontext.h>
 #endif
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -156,6 +157,18 @@ void thread_entry() {
   __builtin_trap();  // a finished fiber is never resumed
 }
 
+// A finished fiber's last frames (thread_entry, to_scheduler) never return, so
+// their ASan redzones stay in the shadow memory: clear them (near the top of the
+// stack; deeper frames returned) before the stack is reused.
+void clear_stack_shadow(Fiber& f) {
+#if defined(__SANITIZE_ADDRESS__)
+  constexpr size_t kTop = 16 << 10;
+  ASAN_UNPOISON_MEMORY_REGION(f.stack + kStackBytes - kTop, kTop);
+#else
+  (void)f;
+#endif
+}
+
 #if defined(__x86_64__)
 void start_fiber(Fiber& f) {
   // The initial frame qwix_emu_switch_stack pops: six registers, then the return
@@ -221,7 +234,12 @@ struct Stacks {
     TORCH_CHECK(p != MAP_FAILED, "qwix CUDA emulator: cannot map ", bytes, " bytes of fiber stacks");
     base = static_cast<char*>(p);
   }
-  ~Stacks() { munmap(base, bytes); }
+  ~Stacks() {
+#if defined(__SANITIZE_ADDRESS__)
+    ASAN_UNPOISON_MEMORY_REGION(base, bytes);  // the next mapping at these addresses starts clean
+#endif
+    munmap(base, bytes);
+  }
 };
 
 }  // namespace
@@ -301,6 +319,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& thread_body) {
           Fiber& f = b.fibers[t];
           f = Fiber{};
           f.stack = stacks.base + size_t(t) * kStackBytes;
+          clear_stack_shadow(f);
           start_fiber(f);
         }
         for (unsigned live = b.n; live > 0;) {
