@@ -335,3 +335,39 @@ def test_cuda_func_transforms_match_cpu():
     """torch.func on CUDA (vmap rules, the straight-through node, forward-mode AD): as on the CPU, bit for bit."""
     for i, (a, b) in enumerate(zip(_func_transform_results("cpu"), _func_transform_results("cuda"))):
         assert_same(b.cpu(), a, f"result {i}")
+
+
+def test_cuda_ops_and_a_qat_training_step_never_sync_with_the_host():
+    """Issue 3's "no host syncs anywhere": every op, its backward and a QAT training step (dynamic and
+    SRQ statistics, an SGD step) run with torch's sync debug mode set to raise on any synchronization."""
+    torch.manual_seed(0)
+    fp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16)).cuda()
+    rules = [qwix.QuantizationRule(module_path="0", weight_qtype="int8", act_qtype="int8", act_static_scale=True),
+             qwix.QuantizationRule(weight_qtype="int4", act_qtype="float8_e4m3fn", tile_size=32)]
+    x = make_input((32, 64)).cuda()
+    model = qwix.quantize_model(fp, qwix.QatProvider(rules), x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    xs = make_input((64, 256)).cuda().requires_grad_()
+    count = torch.zeros((), dtype=torch.int32, device="cuda")
+    sums = [torch.zeros(64, 1, device="cuda")]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kw in [dict(channelwise_axes=(0,)), dict(), dict(channelwise_axes=(1,)),
+                   dict(channelwise_axes=(0,), tiled_axes={1: 128})]:
+            qwix.fake_quant(xs, "int8", calibration_method="absmax,0.8", **kw).sum().backward()
+        for qtype in ["nvfp4", "mxfp8"]:
+            torch.ops.qwix.fake_quant_forward(xs.detach(), qtype, "absmax", [], [], [], True)
+        cal = qwix.compute_calibration(xs.detach(), "minmax", channelwise_axes=(0,))
+        s, z = qwix.compute_scale(cal, "uint8")
+        qwix.fake_quant_with_scale(xs, s, "uint8", zero_point=z).sum().backward()
+        for _ in range(2):
+            qwix.srq_scale(xs.detach(), count, sums, "int8", channelwise_axes=(0,))
+            qwix.update_quant_stat_(count, sums, qwix.compute_calibration(xs.detach(), channelwise_axes=(0,)), ())
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(count) == 2 and xs.grad is not None
