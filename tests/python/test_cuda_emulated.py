@@ -31,6 +31,18 @@ Q = torch.ops.qwix
 E = torch.ops.qwix_cuda_emu if LIB else None
 
 
+@pytest.fixture(autouse=True)
+def _uninitialized_memory_is_nan():
+    """Fresh tensors (at::empty) come filled with NaN (integers: their max), as garbage on a GPU
+    would be anything: an output element a kernel never writes cannot pass as a zero."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.utils.deterministic.fill_uninitialized_memory = before[1]
+
+
 def _forward_both(x, qtype, method, ch, tiled, tiles, with_mask=True):
     want = Q.fake_quant_forward(x, qtype, method, ch, tiled, tiles, with_mask)
     got = E.fake_quant_forward(x, qtype, method, ch, tiled, tiles, with_mask)
