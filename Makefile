@@ -88,22 +88,26 @@ EMU_FLAGS := -std=c++20 -O1 -g -fPIC -fno-math-errno -fsanitize=address,undefine
   -fno-omit-frame-pointer -Wall -Wno-unknown-pragmas -Wno-unused-function
 EMU_HEADERS := $(wildcard tests/cuda_emu/include/*.h tests/cuda_emu/include/c10/cuda/*.h cuda/*.cuh cuda/*.h \
   csrc/numerics/*.h csrc/ops/*.h)
-EMU_OBJS := $(patsubst cuda/%.cu,$(EMU)/cuda/%.o,$(wildcard cuda/*.cu)) $(EMU)/selftest.o $(EMU)/runtime.o \
-  $(patsubst csrc/%.cpp,$(EMU)/csrc/%.o,$(wildcard csrc/numerics/*.cpp) csrc/ops/common.cpp csrc/ops/nvfp4.cpp)
-EMU_CXX = $(CXX) $(EMU_FLAGS) -Itests/cuda_emu/include -Icsrc -I. $(TORCH_INC)
+EMU_CUH := $(patsubst cuda/%,$(EMU)/cuda/%,$(wildcard cuda/*.cuh))
+EMU_GEN := $(patsubst cuda/%.cu,$(EMU)/cuda/%.cpp,$(wildcard cuda/*.cu)) $(EMU)/selftest.cpp
+EMU_CSRC_OBJS := $(patsubst csrc/%.cpp,$(EMU)/csrc/%.o,$(wildcard csrc/numerics/*.cpp) csrc/ops/common.cpp csrc/ops/nvfp4.cpp)
+EMU_OBJS := $(EMU_GEN:.cpp=.o) $(EMU)/runtime.o $(EMU_CSRC_OBJS)
+EMU_CXX = $(CXX) $(EMU_FLAGS) -Itests/cuda_emu/include -I$(EMU) -Icsrc -I. $(TORCH_INC)
 $(EMU)/cuda/%.cpp: cuda/%.cu tests/cuda_emu/translate.py
+	@mkdir -p $(@D) && $(PY) tests/cuda_emu/translate.py $< $@
+$(EMU_CUH): $(EMU)/cuda/%.cuh: cuda/%.cuh tests/cuda_emu/translate.py
 	@mkdir -p $(@D) && $(PY) tests/cuda_emu/translate.py $< $@
 $(EMU)/selftest.cpp: tests/cuda_emu/selftest.cu tests/cuda_emu/translate.py
 	@mkdir -p $(@D) && $(PY) tests/cuda_emu/translate.py $< $@
-$(EMU)/%.o: $(EMU)/%.cpp $(EMU_HEADERS)
+$(EMU_GEN:.cpp=.o): %.o: %.cpp $(EMU_HEADERS) $(EMU_CUH)
 	@$(EMU_CXX) -c $< -o $@ 2> $@.log || { cat $@.log; exit 1; }
 $(EMU)/runtime.o: tests/cuda_emu/runtime.cpp $(EMU_HEADERS)
 	@mkdir -p $(@D) && $(EMU_CXX) -c $< -o $@ 2> $@.log || { cat $@.log; exit 1; }
-$(EMU)/csrc/%.o: csrc/%.cpp $(EMU_HEADERS)
+$(EMU_CSRC_OBJS): $(EMU)/csrc/%.o: csrc/%.cpp $(EMU_HEADERS)
 	@mkdir -p $(@D) && $(EMU_CXX) -c $< -o $@ 2> $@.log || { cat $@.log; exit 1; }
 $(EMU)/libqwix_cuda_emu.so: $(EMU_OBJS)
 	@$(CXX) $(EMU_FLAGS) -shared $^ -o $@ -L$(TORCH_LIB) -lc10 -ltorch_cpu
-.PRECIOUS: $(EMU)/cuda/%.cpp $(EMU)/selftest.cpp
+.PRECIOUS: $(EMU_GEN) $(EMU_CUH)
 cuda-emu: venv
 	@echo "building the emulated CUDA kernels $(EMU)/libqwix_cuda_emu.so"
 	@$(MAKE) --no-print-directory -j $(JOBS) $(EMU)/libqwix_cuda_emu.so

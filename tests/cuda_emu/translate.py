@@ -1,52 +1,122 @@
-"""Rewrites a qwix .cu file as C++ for the CUDA emulator (include/cuda_runtime.h):
-each `kernel<...><<<config>>>(args)` launch becomes
-`qwix_emu::launch(qwix_emu::Config(config), kernel<...>, args)`, and the CUDA
-registrations `TORCH_LIBRARY_IMPL(qwix, CUDA, m) { m.impl(...) }` become ops of
-the `qwix_cuda_emu` namespace (schemas inferred), callable on CPU tensors.
+"""Rewrites a qwix CUDA source (.cu or .cuh) as C++ for the CUDA emulator
+(include/cuda_runtime.h), keeping every line on its line (sanitizer reports
+and __LINE__ name the original):
+- `kernel<...><<<config>>>(args)` -> `qwix_emu::launch(qwix_emu::Config(config), kernel<...>, args)`;
+- `__launch_bounds__(N) kernel(...) {` gets `qwix_emu::check_launch_bounds(N);` at the body's start;
+- `__shared__ T name[...];` gets `qwix_emu::shared_garbage(&name, sizeof(name));` (garbage per block);
+- `TORCH_LIBRARY_IMPL(qwix, CUDA, m) { m.impl(...) }` -> ops of the `qwix_cuda_emu` namespace
+  (schemas inferred), callable on CPU tensors.
+Comments and string literals are never rewritten.
 
-usage: translate.py IN.cu OUT.cpp
+usage: translate.py IN OUT
 """
 import re
 import sys
 
 
-def _kernel_start(src, end):
-    """Start of the kernel expression that ends at `end` (just before `<<<`):
-    an identifier with optional, possibly nested, template arguments."""
+def _fail(msg):
+    raise SystemExit(f"translate.py: {msg}")
+
+
+def _code_only(src):
+    """src with comments and string/char literals blanked (same length, newlines kept)."""
+    out, i, n = list(src), 0, len(src)
+    while i < n:
+        two = src[i:i + 2]
+        if two in ("//", "/*"):
+            end = src.find("\n" if two == "//" else "*/", i + 2)
+            end = n if end < 0 else end + (0 if two == "//" else 2)
+        elif src[i] in "\"'":
+            end = i + 1
+            while end < n and src[end] != src[i]:
+                end += 2 if src[end] == "\\" else 1
+            end += 1
+        else:
+            i += 1
+            continue
+        for k in range(i, min(end, n)):
+            if out[k] != "\n":
+                out[k] = " "
+        i = end
+    return "".join(out)
+
+
+def _balanced_end(code, open_at, pair="()"):
+    """Index just past the bracket matching the one at open_at."""
+    depth = 0
+    for k in range(open_at, len(code)):
+        depth += {pair[0]: 1, pair[1]: -1}.get(code[k], 0)
+        if depth == 0:
+            return k + 1
+    _fail(f"unbalanced {pair} from offset {open_at}")
+
+
+def _kernel_start(code, end):
+    """Start of the kernel expression ending at `end` (before `<<<`): an
+    identifier with optional, possibly nested, template arguments."""
     i = end
-    if src[i - 1] == ">":
+    if code[i - 1] == ">":
         depth = 0
         while True:
             i -= 1
-            depth += {">": 1, "<": -1}.get(src[i], 0)
+            if i < 0:
+                _fail(f"cannot find the kernel name before the launch at offset {end}")
+            depth += {">": 1, "<": -1}.get(code[i], 0)
             if depth == 0:
                 break
-    while i > 0 and (src[i - 1].isalnum() or src[i - 1] in "_:"):
+    while i > 0 and (code[i - 1].isalnum() or code[i - 1] in "_:"):
         i -= 1
+    if i == end:
+        _fail(f"no kernel name before the launch at offset {end}")
     return i
 
 
-def translate(src):
-    out, pos = [], 0
-    for m in re.finditer(r"<<<", src):
+def _edits(code):
+    """(start, end, replacement) edits, from the code-only text."""
+    edits = []
+    for m in re.finditer(r"<<<", code):
         end = m.start()
-        while src[end - 1].isspace():
+        while code[end - 1].isspace():
             end -= 1
-        start = _kernel_start(src, end)
-        close = src.index(">>>", m.end())
-        paren = src.index("(", close)
-        if src[close + 3:paren].strip():
-            raise SystemExit(f"translate.py: unexpected text between >>> and ( at offset {close}")
-        kernel, config = src[start:end], src[m.end():close]
-        out.append(src[pos:start])
-        out.append(f"::qwix_emu::launch(::qwix_emu::Config({config}), {kernel}, ")
-        pos = paren + 1
+        start = _kernel_start(code, end)
+        close = code.find(">>>", m.end())
+        paren = code.find("(", close)
+        if close < 0 or paren < 0 or code[close + 3:paren].strip():
+            _fail(f"expected `>>>(` after the launch configuration at offset {m.start()}")
+        kernel, config = code[start:end], code[m.end():close]
+        removed = code[end:m.end()] + code[close:paren + 1]
+        edits.append((start, paren + 1, f"::qwix_emu::launch(::qwix_emu::Config({config}), {kernel}, "
+                      + "\n" * removed.count("\n")))
+    for m in re.finditer(r"__launch_bounds__\s*\(", code):
+        args_end = _balanced_end(code, m.end() - 1)
+        first_arg = re.split(r",(?![^()]*\))", code[m.end():args_end - 1])[0]
+        body = code.find("{", args_end)
+        edits.append((body + 1, body + 1, f" ::qwix_emu::check_launch_bounds(({first_arg}));"))
+    for m in re.finditer(r"\b(extern\s+)?__shared__\b[^;{}()]*?(\w+)\s*(\[[^;]*\])?\s*;", code):
+        if m.group(1):
+            _fail("extern (dynamic) __shared__ memory is not emulated")
+        name = m.group(2)
+        edits.append((m.end(), m.end(), f" ::qwix_emu::shared_garbage(&{name}, sizeof({name}));"))
+    return sorted(edits)
+
+
+def translate(src):
+    code = _code_only(src)
+    out, pos = [], 0
+    for start, end, text in _edits(code):
+        if start < pos:
+            _fail(f"overlapping rewrites at offset {start}")
+        out += [src[pos:start], text]
+        pos = end
     out.append(src[pos:])
     text = "".join(out)
-    registrations = text.count("TORCH_LIBRARY_IMPL(qwix, CUDA, m)")
-    text = text.replace("TORCH_LIBRARY_IMPL(qwix, CUDA, m)", "TORCH_LIBRARY_FRAGMENT(qwix_cuda_emu, m)")
-    if registrations:
+    if "TORCH_LIBRARY_IMPL(qwix, CUDA, m)" in text:
+        if text.count("TORCH_LIBRARY_IMPL") != 1:
+            _fail("one TORCH_LIBRARY_IMPL block per file (its m.impl calls become m.def)")
+        text = text.replace("TORCH_LIBRARY_IMPL(qwix, CUDA, m)", "TORCH_LIBRARY_FRAGMENT(qwix_cuda_emu, m)")
         text = text.replace("m.impl(", "m.def(")
+    if text.count("\n") != src.count("\n"):
+        _fail("the rewrite moved lines")
     return text
 
 

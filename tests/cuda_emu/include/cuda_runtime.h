@@ -3,13 +3,18 @@
 // (cuda/*.cu, rewritten by tests/cuda_emu/translate.py) without a GPU, so CI
 // exercises their indexing, reductions, tails and layout choices. Each CUDA
 // thread is a fiber; a block's threads run interleaved on one OS thread and
-// meet at __syncthreads and warp shuffles, which are real barriers here. A
-// barrier that can never complete (a thread exits or diverges before it), a
-// full-mask shuffle with a missing lane, and an invalid launch configuration
-// are errors, as they are faults (or undefined) on a GPU. Blocks run one after
-// another, so __shared__ is a function-local static and atomics are plain
-// read-modify-writes. Not emulated: the device-only branches of the numerics
-// (`__CUDA_ARCH__`), nvcc's FMA contraction, memory-model races.
+// meet at __syncthreads and warp shuffles, which are real barriers here
+// (a shuffle's among the non-exited lanes of its mask). Each warp runs ahead
+// until it blocks before the next one starts, in alternating order from block
+// to block, so a missing barrier shows as wrong results; no data race is
+// detected as such. Errors (a GPU would hang, refuse or return undefined
+// values): a __syncthreads some threads never reach, a shuffle reading a lane
+// that does not take part, a launch exceeding the grid limits or the kernel's
+// __launch_bounds__. __shared__ arrays start each block as garbage (0xA5
+// bytes; translate.py adds the fill). Blocks run one after another and fibers
+// are never preempted, so atomics are plain read-modify-writes. Not emulated:
+// the numerics' device-only branches (`__CUDA_ARCH__`), nvcc's FMA
+// contraction, speed.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -22,7 +27,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
+#define __launch_bounds__(...)  // translate.py checks the bound at the kernel's entry
 #define __shared__ static
 
 struct dim3 {
@@ -35,12 +40,19 @@ extern dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace qwix_emu {
 
-// The kernel body every thread of the grid runs.
+// Runs the kernel body on every thread of the grid. An invalid configuration or a
+// fault is kept as the launch's error, raised by C10_CUDA_KERNEL_LAUNCH_CHECK.
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& thread_body);
-// Lane exchange of a warp shuffle: publishes `mine`, returns lane `src`'s value
-// (of the calling thread's warp). A barrier of the warp's lanes.
+void check_last_launch();
+// A shuffle: publishes `mine` to the lanes of `mask`, returns lane `src`'s value
+// (lanes of the caller's warp; a barrier of the mask's non-exited lanes).
 uint64_t warp_exchange(unsigned mask, uint64_t mine, unsigned src);
 void block_barrier();
+void check_launch_bounds(long long max_threads);
+// A fault of the running thread: ends the launch with this error.
+[[noreturn]] void fault(const char* what);
+// Fills a __shared__ variable with garbage once per block (the first thread to declare it).
+void shared_garbage(void* p, size_t bytes);
 
 struct Config {
   dim3 grid, block;
@@ -55,6 +67,9 @@ void launch(const Config& c, void (*kernel)(P...), A&&... args) {
   run_grid(c.grid, c.block, [&] { std::apply(kernel, params); });
 }
 
+// The calling thread's lane: CUDA numbers a block's threads x fastest, then y, then z.
+inline unsigned lane_id() { return ((threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x) % 32; }
+
 }  // namespace qwix_emu
 
 inline void __syncthreads() { qwix_emu::block_barrier(); }
@@ -62,8 +77,11 @@ inline void __syncthreads() { qwix_emu::block_barrier(); }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffles move up to 8 bytes");
-  const unsigned lane = threadIdx.x % 32, src = lane ^ static_cast<unsigned>(lane_mask);
-  // A source lane in a later group of `width` lanes returns the caller's own value.
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
+    qwix_emu::fault("__shfl_xor_sync: the width must be a power of two in [1, 32]");
+  }
+  const unsigned lane = qwix_emu::lane_id(), src = lane ^ (static_cast<unsigned>(lane_mask) & 31u);
+  // A source lane in a later group of `width` lanes returns the caller's own value (PTX shfl.bfly).
   const bool own = src / width > lane / width;
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
@@ -73,7 +91,7 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return r;
 }
 
-// Blocks run one at a time, so atomics are plain read-modify-writes.
+// Fibers are never preempted and blocks run one at a time: atomics are plain read-modify-writes.
 inline unsigned atomicMax(unsigned* p, unsigned v) {
   const unsigned o = *p;
   *p = v > o ? v : o;
