@@ -56,12 +56,14 @@ def _kernel_start(code, end):
     identifier with optional, possibly nested, template arguments."""
     i = end
     if code[i - 1] == ">":
-        depth = 0
+        depth = parens = 0  # angle brackets count outside parentheses only: `k<(3 > 2)>`
         while True:
             i -= 1
             if i < 0:
                 _fail(f"cannot find the kernel name before the launch at offset {end}")
-            depth += {">": 1, "<": -1}.get(code[i], 0)
+            parens += {")": 1, "(": -1}.get(code[i], 0)
+            if parens == 0:
+                depth += {">": 1, "<": -1}.get(code[i], 0)
             if depth == 0:
                 break
     while i > 0 and (code[i - 1].isalnum() or code[i - 1] in "_:"):
