@@ -285,3 +285,48 @@ def test_emulated_cuda_issue3_bar_configurations(dtype):
             _assert_forward_same(x, qtype, "absmax", [0], tiled, tiles, f"{tiles} {qtype}")
             _, mask = Q.fake_quant_forward(x, qtype, "absmax,0.5", [0], tiled, tiles, True)
             assert_same(E.fake_quant_backward(g, mask), Q.fake_quant_backward(g, mask), f"{tiles} {qtype}")
+
+
+def _random_case(rng):
+    """A random layout: rank 1-5, a random subset of channelwise axes, maybe a tile of one other axis,
+    a permuted / offset (misaligned) / strided / expanded view, any dtype, any valid qtype and method."""
+    rank = rng.randint(1, 5)
+    shape = [rng.choice([1, 2, 3, 5, 8, 12, 16, 24, 40, 64, 96, 128, 136, 256]) for _ in range(rank)]
+    if rng.random() < 0.5:
+        shape[-1] = rng.choice([8, 16, 64, 128, 520, 1032, 2056, 4104, 16392])
+    while torch.Size(shape).numel() > 60_000:
+        shape[shape.index(max(shape))] //= 2
+    ch = sorted(rng.sample(range(rank), rng.randint(0, rank)))
+    tiled, tiles = [], []
+    others = [a for a in range(rank) if a not in ch and shape[a] % 2 == 0]
+    if others and rng.random() < 0.3:
+        a = rng.choice(others)
+        tiled, tiles = [a], [rng.choice([t for t in (2, 4, 8, 16, 32, 128) if shape[a] % t == 0] or [shape[a]])]
+    dtype = rng.choice([torch.float32, torch.float32, torch.float16, torch.bfloat16])
+    view = rng.choice(["contiguous", "permute", "offset", "step", "expand"])
+    if view == "permute":
+        perm = rng.sample(range(rank), rank)
+        x = make_input([shape[p] for p in perm], dtype=dtype).permute([perm.index(a) for a in range(rank)])
+    elif view == "offset":
+        x = make_input([torch.Size(shape).numel() + 3], dtype=dtype)[3:].view(shape)
+    elif view == "step":
+        x = make_input(shape[:-1] + [shape[-1] * 2], dtype=dtype)[..., ::2]
+    elif view == "expand":
+        x = make_input([1] + shape[1:], dtype=dtype).expand(shape)
+    else:
+        x = make_input(shape, dtype=dtype)
+    qtype, method = rng.choice(VALID)
+    return x, qtype, method, ch, tiled, tiles, f"{shape} {view} {dtype} ch={ch} tiles={tiled}{tiles} {qtype} {method}"
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_emulated_cuda_random_layouts_match_cpu(seed):
+    """Seeded random layouts (40 per seed; a 40-minute run of a larger fuzzer, 54k cases, found no
+    difference): every layout the kernels pick between -- fused rows, columns, per-tensor, the
+    generic walk -- on views of every kind, against the CPU kernels."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(40):
+        x, qtype, method, ch, tiled, tiles, what = _random_case(rng)
+        _assert_forward_same(x, qtype, method, ch, tiled, tiles, what)
