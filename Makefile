@@ -89,6 +89,8 @@ EMU_FLAGS := -std=c++20 -O1 -g -fPIC -fno-math-errno -fsanitize=address,undefine
 # nvcc fuses a * b + c into an FMA by default; so does the emulated build where the CPU has FMA (the
 # CPU kernels it is compared with do not), so a result that depends on contraction shows here too.
 EMU_FLAGS += $(if $(shell grep -qw fma /proc/cpuinfo 2> /dev/null && echo y),-mfma -ffp-contract=fast)
+# Layouts of more than 8192 elements take the kernels' 64-bit index path (>= 2^31 elements on a GPU).
+EMU_FLAGS += -DQWIX_CUDA_INDEX32_MAX=8192
 EMU_HEADERS := $(wildcard tests/cuda_emu/include/*.h tests/cuda_emu/include/c10/cuda/*.h cuda/*.cuh cuda/*.h \
   csrc/numerics/*.h csrc/ops/*.h)
 EMU_CUH := $(patsubst cuda/%,$(EMU)/cuda/%,$(wildcard cuda/*.cuh))

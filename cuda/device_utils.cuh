@@ -194,7 +194,7 @@ __device__ __forceinline__ uint8_t quantize_group_chunk(const Chunk<T>& v, Chunk
 constexpr int kMaxSegments = 16;
 struct DeviceLayout {
   int nseg;
-  bool small;  // numel < 2^32: 32-bit index math
+  bool small;  // numel <= QWIX_CUDA_INDEX32_MAX (2^31 - 1): 32-bit index math
   int64_t size[kMaxSegments];  // innermost first
   at::cuda::detail::IntDivider<unsigned int> div32[kMaxSegments];
   bool kept[kMaxSegments];

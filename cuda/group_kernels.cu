@@ -250,12 +250,18 @@ dim3 columns_grid(const Columns& cs) {
               static_cast<unsigned>((cs.rows + kRowSpan - 1) / kRowSpan), static_cast<unsigned>(cs.outer));
 }
 
+// Tensors of up to this many elements take 32-bit index math in group_of (the CUDA emulator's build
+// lowers it, so its tests run the 64-bit path too).
+#ifndef QWIX_CUDA_INDEX32_MAX
+#define QWIX_CUDA_INDEX32_MAX 2147483647LL
+#endif
+
 DeviceLayout device_layout(const Layout& l) {
   TORCH_CHECK(static_cast<int>(l.seg_size.size()) <= kMaxSegments, "qwix: layout with ", l.seg_size.size(),
               " segments exceeds the CUDA kernels' limit of ", kMaxSegments);
   DeviceLayout d{};
   d.nseg = static_cast<int>(l.seg_size.size());
-  d.small = l.numel <= std::numeric_limits<int32_t>::max();
+  d.small = l.numel <= QWIX_CUDA_INDEX32_MAX;
   for (int s = 0; s < d.nseg; ++s) {  // innermost first
     d.size[s] = l.seg_size[d.nseg - 1 - s];
     d.kept[s] = l.seg_kept[d.nseg - 1 - s];
