@@ -330,3 +330,95 @@ def test_emulated_cuda_random_layouts_match_cpu(seed):
     for _ in range(40):
         x, qtype, method, ch, tiled, tiles, what = _random_case(rng)
         _assert_forward_same(x, qtype, method, ch, tiled, tiles, what)
+
+
+class _EmulatedCudaKernels:
+    """Routes the qwix ops' CPU kernels to the emulated CUDA entry points for a while, so a whole QAT
+    model (its Python rules, the SRQ statistics, the composite ops, nvfp4's composition) runs on the
+    CUDA kernels while every other op stays the same CPU op."""
+
+    OPS = ["fake_quant_forward", "fake_quant_with_scale_forward", "calibrate", "compute_scale",
+           "fake_quant_backward"]
+
+    def __enter__(self):
+        import warnings
+
+        self.calls = {name: 0 for name in self.OPS}
+        self.lib = torch.library.Library("qwix", "IMPL")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            for name in self.OPS:
+                self.lib.impl(name, self._positional(name), "CPU")
+        return self
+
+    def _positional(self, name):
+        """The emulated op takes its arguments by position (its schema's names are inferred: _0, _1, ...)."""
+        params = getattr(Q, name).default._schema.arguments
+        emulated = getattr(E, name)
+
+        def call(*args, **kwargs):
+            self.calls[name] += 1
+            return emulated(*args, *[kwargs.get(a.name, a.default_value) for a in params[len(args):]])
+
+        return call
+
+    def __exit__(self, *exc):
+        self.lib._destroy()  # the CPU kernels are back
+
+
+def _qat_run(model_fn, rules, inputs, steps=2):
+    torch.manual_seed(0)
+    model = qwix.quantize_model(model_fn(), qwix.QatProvider(rules), *inputs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    outs = []
+    for _ in range(steps):
+        opt.zero_grad()
+        y = model(*inputs)
+        y.square().mean().backward()
+        opt.step()
+        outs.append(y.detach())
+    return outs, [p.grad for p in model.parameters()], model.state_dict()
+
+
+def test_a_qat_model_on_the_emulated_cuda_kernels_matches_the_cpu():
+    """Dynamic per-token / per-tile / nvfp4 and SRQ rules, trained two steps: outputs, gradients,
+    weights and SRQ statistics bit-equal to the CPU kernels' run."""
+    def model_fn():
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
+                                   torch.nn.ReLU(), torch.nn.Linear(128, 16))
+
+    rules = [qwix.QuantizationRule(module_path="0", weight_qtype="int8", act_qtype="int8", act_static_scale=True),
+             qwix.QuantizationRule(module_path="2", weight_qtype="nvfp4", act_qtype="float8_e4m3fn",
+                                   act_calibration_method="absmax,0.9"),
+             qwix.QuantizationRule(weight_qtype="int4", act_qtype="uint8", act_calibration_method="minmax",
+                                   tile_size=32)]
+    inputs = (make_input((32, 64)),)
+    want = _qat_run(model_fn, rules, inputs)
+    with _EmulatedCudaKernels() as emulated:
+        got = _qat_run(model_fn, rules, inputs)
+    assert all(emulated.calls.values()), emulated.calls  # every op ran on the emulated kernels
+    calls = dict(emulated.calls)
+    _qat_run(model_fn, rules, inputs, steps=1)
+    assert emulated.calls == calls  # and the CPU kernels are back
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert_same(a, b)
+    assert got[2].keys() == want[2].keys() and any("sum_of" in k for k in want[2])
+    for k in want[2]:
+        assert_same(got[2][k], want[2][k], k)
+
+
+def test_decomposed_attention_on_the_emulated_cuda_kernels_matches_the_cpu():
+    """F.scaled_dot_product_attention decomposed and quantized (SRQ on both matmuls' operands)."""
+    from test_qat_attention import SdpaAttention, _masks
+
+    rules = [qwix.QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    inputs = (make_input((2, 6, 16)), _masks(6)["bool"])
+    want = _qat_run(SdpaAttention, rules, inputs)
+    with _EmulatedCudaKernels() as emulated:
+        got = _qat_run(SdpaAttention, rules, inputs)
+    assert emulated.calls["fake_quant_forward"] and emulated.calls["calibrate"]
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert_same(a, b)
+    assert "matmul1_rhs.sum_of_absmax" in want[2]
+    for k in want[2]:
+        assert_same(got[2][k], want[2][k], k)
