@@ -7,10 +7,11 @@ and misaligned vector loads abort), so `make test-cuda-emu` runs this module
 with their runtimes preloaded; a plain pytest run skips it.
 
 The emulated ops are `torch.ops.qwix_cuda_emu.*`: the CUDA entry points
-themselves, taking CPU tensors. nvfp4 is composed through the dispatcher (CPU
-kernels for CPU tensors), so the emulator cannot cover it. Nor does it run the
-numerics' device-only branches (`__CUDA_ARCH__`: NaN-propagating min/max,
-fmaf intrinsics) or nvcc's code generation; the GPU run checks those."""
+themselves, taking CPU tensors. nvfp4 composes qwix ops through the
+dispatcher, so it runs on the emulated kernels only where the qwix ops' CPU
+kernels are routed to them (the QAT model tests at the end). The emulator does
+not run the numerics' device-only branches (`__CUDA_ARCH__`: NaN-propagating
+min/max, fmaf intrinsics) or nvcc's code generation; the GPU run checks those."""
 import os
 import subprocess
 import sys
