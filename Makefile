@@ -9,7 +9,7 @@ CMAKE_BUILD := build/cmake
 CMAKE := $(VENV)/bin/cmake
 LOCK := flock /tmp/qwix-torch-build.lock
 
-.PHONY: all build venv ext cmake cpp-example test test-cpp test-python demo bench sass-cost cuda-check cuda-emu test-cuda-emu clean
+.PHONY: all build venv ext cmake cpp-example test test-cpp test-python demo bench sass-cost cuda-check cuda-emu test-cuda-emu clean FORCE
 
 all: build
 
@@ -88,7 +88,8 @@ EMU_FLAGS := -std=c++20 -O1 -g -fPIC -fno-math-errno -fsanitize=address,undefine
   -fno-omit-frame-pointer -Wall -Wno-unknown-pragmas -Wno-unused-function
 # nvcc fuses a * b + c into an FMA by default; so does the emulated build where the CPU has FMA (the
 # CPU kernels it is compared with do not), so a result that depends on contraction shows here too.
-EMU_FLAGS += $(if $(shell grep -qw fma /proc/cpuinfo 2> /dev/null && echo y),-mfma -ffp-contract=fast)
+# (GCC contracts only with -fexpensive-optimizations, which -O1 leaves off.)
+EMU_FLAGS += $(if $(shell grep -qw fma /proc/cpuinfo 2> /dev/null && echo y),-mfma -ffp-contract=fast -fexpensive-optimizations)
 # Layouts of more than 8192 elements take the kernels' 64-bit index path (>= 2^31 elements on a GPU).
 EMU_FLAGS += -DQWIX_CUDA_INDEX32_MAX=8192
 EMU_HEADERS := $(wildcard tests/cuda_emu/include/*.h tests/cuda_emu/include/c10/cuda/*.h cuda/*.cuh cuda/*.h \
@@ -104,11 +105,14 @@ $(EMU_CUH): $(EMU)/cuda/%.cuh: cuda/%.cuh tests/cuda_emu/translate.py
 	@mkdir -p $(@D) && $(PY) tests/cuda_emu/translate.py $< $@
 $(EMU)/selftest.cpp: tests/cuda_emu/selftest.cu tests/cuda_emu/translate.py
 	@mkdir -p $(@D) && $(PY) tests/cuda_emu/translate.py $< $@
-$(EMU_GEN:.cpp=.o): %.o: %.cpp $(EMU_HEADERS) $(EMU_CUH)
+# The flags the objects were built with: a change rebuilds them.
+$(EMU)/flags: FORCE
+	@mkdir -p $(@D) && { echo '$(EMU_FLAGS)' | cmp -s - $@ || echo '$(EMU_FLAGS)' > $@; }
+$(EMU_GEN:.cpp=.o): %.o: %.cpp $(EMU_HEADERS) $(EMU_CUH) $(EMU)/flags
 	@$(EMU_CXX) -c $< -o $@ 2> $@.log || { cat $@.log; exit 1; }
-$(EMU)/runtime.o: tests/cuda_emu/runtime.cpp $(EMU_HEADERS)
+$(EMU)/runtime.o: tests/cuda_emu/runtime.cpp $(EMU_HEADERS) $(EMU)/flags
 	@mkdir -p $(@D) && $(EMU_CXX) -c $< -o $@ 2> $@.log || { cat $@.log; exit 1; }
-$(EMU_CSRC_OBJS): $(EMU)/csrc/%.o: csrc/%.cpp $(EMU_HEADERS)
+$(EMU_CSRC_OBJS): $(EMU)/csrc/%.o: csrc/%.cpp $(EMU_HEADERS) $(EMU)/flags
 	@mkdir -p $(@D) && $(EMU_CXX) -c $< -o $@ 2> $@.log || { cat $@.log; exit 1; }
 $(EMU)/libqwix_cuda_emu.so: $(EMU_OBJS)
 	@$(CXX) $(EMU_FLAGS) -shared $^ -o $@ -L$(TORCH_LIB) -lc10 -ltorch_cpu
@@ -116,13 +120,14 @@ $(EMU)/libqwix_cuda_emu.so: $(EMU_OBJS)
 cuda-emu: venv
 	@echo "building the emulated CUDA kernels $(EMU)/libqwix_cuda_emu.so"
 	@$(MAKE) --no-print-directory -j $(JOBS) $(EMU)/libqwix_cuda_emu.so
-# The ASan and UBSan runtimes go first (the instrumented library is loaded into python).
+# The ASan and UBSan runtimes go first (the instrumented library is loaded into python). Address
+# randomization off (setarch -R): gcc 12's ASan can loop on kernels with high mmap randomization.
 test-cuda-emu: ext cuda-emu
 	@for lib in libasan.so libubsan.so; do [ -f "$$($(CXX) -print-file-name=$$lib)" ] || \
 	  { echo "error: $(CXX) has no $$lib (Debian: libasan8, libubsan1), needed by test-cuda-emu"; exit 1; }; done
 	QWIX_CUDA_EMU_LIB=$(EMU)/libqwix_cuda_emu.so ASAN_OPTIONS=detect_leaks=0 \
 	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
-	  $(PY) -m pytest tests/python/test_cuda_emulated.py -q -x -p no:cacheprovider --capture=sys
+	  setarch $$(uname -m) -R $(PY) -m pytest tests/python/test_cuda_emulated.py -q -x -p no:cacheprovider --capture=sys
 
 test: build cuda-check test-cpp cpp-example test-python test-cuda-emu
 

@@ -53,12 +53,12 @@ __global__ void block_sum_twice_kernel(const int64_t* in, int64_t* out, bool bar
   out[threadIdx.x] = total;
 }
 
-// Reads a __shared__ slot no thread wrote.
+// Block 0 writes all 64 __shared__ slots, block 1 only 32 and reads all 64 (32 never written in it).
 __global__ void unwritten_shared_kernel(int64_t* out) {
   __shared__ int64_t slots[64];
-  if (threadIdx.x < 32) slots[threadIdx.x] = threadIdx.x;
+  if (threadIdx.x < (blockIdx.x == 0 ? 64u : 32u)) slots[threadIdx.x] = threadIdx.x;
   __syncthreads();
-  out[threadIdx.x] = slots[threadIdx.x];
+  out[blockIdx.x * 64 + threadIdx.x] = slots[threadIdx.x];
 }
 
 // Thread 0 leaves before the barrier the others wait at.
@@ -108,7 +108,7 @@ at::Tensor block_sum_twice(const at::Tensor& in, bool barrier) {
 }
 
 at::Tensor unwritten_shared() {
-  at::Tensor out = at::empty({64}, at::kLong);
+  at::Tensor out = at::empty({128}, at::kLong);
   unwritten_shared_kernel<<<2, 64>>>(out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

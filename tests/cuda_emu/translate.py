@@ -93,12 +93,23 @@ def _edits(code):
         args_end = _balanced_end(code, m.end() - 1)
         first_arg = re.split(r",(?![^()]*\))", code[m.end():args_end - 1])[0]
         body = code.find("{", args_end)
+        if body < 0 or ";" in code[args_end:body]:
+            _fail(f"__launch_bounds__ at offset {m.start()} is not on a kernel definition")
         edits.append((body + 1, body + 1, f" ::qwix_emu::check_launch_bounds(({first_arg}));"))
     for m in re.finditer(r"\b(extern\s+)?__shared__\b[^;{}()]*?(\w+)\s*(\[[^;]*\])?\s*;", code):
         if m.group(1):
             _fail("extern (dynamic) __shared__ memory is not emulated")
+        if "," in re.sub(r"\[[^\]]*\]|<[^<>]*>", "", m.group(0)):
+            _fail(f"one variable per __shared__ declaration (offset {m.start()})")
         name = m.group(2)
         edits.append((m.end(), m.end(), f" ::qwix_emu::shared_garbage(&{name}, sizeof({name}));"))
+    registrations = [m.start() for m in re.finditer(r"TORCH_LIBRARY_IMPL\b", code)]
+    if re.search(r"TORCH_LIBRARY_IMPL\(qwix, CUDA, m\)", code):
+        if len(registrations) != 1:
+            _fail("one TORCH_LIBRARY_IMPL block per file (its m.impl calls become m.def)")
+        impl = "TORCH_LIBRARY_IMPL(qwix, CUDA, m)"
+        edits.append((registrations[0], registrations[0] + len(impl), "TORCH_LIBRARY_FRAGMENT(qwix_cuda_emu, m)"))
+        edits += [(m.start(), m.end(), "m.def(") for m in re.finditer(r"\bm\.impl\(", code)]
     return sorted(edits)
 
 
@@ -112,11 +123,6 @@ def translate(src):
         pos = end
     out.append(src[pos:])
     text = "".join(out)
-    if "TORCH_LIBRARY_IMPL(qwix, CUDA, m)" in text:
-        if text.count("TORCH_LIBRARY_IMPL") != 1:
-            _fail("one TORCH_LIBRARY_IMPL block per file (its m.impl calls become m.def)")
-        text = text.replace("TORCH_LIBRARY_IMPL(qwix, CUDA, m)", "TORCH_LIBRARY_FRAGMENT(qwix_cuda_emu, m)")
-        text = text.replace("m.impl(", "m.def(")
     if text.count("\n") != src.count("\n"):
         _fail("the rewrite moved lines")
     return text

@@ -36,14 +36,17 @@ def test_comments_and_strings_are_left_alone():
 
 
 def test_registrations_become_emulated_ops():
-    src = 'TORCH_LIBRARY_IMPL(qwix, CUDA, m) {\n  m.impl("fake_quant_forward", &f);\n}\n'
-    assert translate(src) == 'TORCH_LIBRARY_FRAGMENT(qwix_cuda_emu, m) {\n  m.def("fake_quant_forward", &f);\n}\n'
+    src = 'TORCH_LIBRARY_IMPL(qwix, CUDA, m) {\n  m.impl("fake_quant_forward", &f);  // not m.impl(\n}\n'
+    assert translate(src) == ('TORCH_LIBRARY_FRAGMENT(qwix_cuda_emu, m) {\n  m.def("fake_quant_forward", &f);'
+                              '  // not m.impl(\n}\n')
 
 
 @pytest.mark.parametrize("src,message", [
     ("extern __shared__ float dyn[];", "dynamic\\) __shared__ memory is not emulated"),
     ("x = (1 >> 0); <<<1, 1>>>(y);", "no kernel name before the launch"),
     ("k<<<1, 1>>> + (y);", "expected `>>>\\(`"),
+    ("__global__ void __launch_bounds__(64) k(int);\nvoid host() {}", "not on a kernel definition"),
+    ("__shared__ float a[4], b[8];", "one variable per __shared__ declaration"),
 ])
 def test_what_it_cannot_translate_is_a_clear_error(src, message):
     with pytest.raises(SystemExit, match=message):

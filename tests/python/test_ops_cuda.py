@@ -2,6 +2,8 @@
 reference; opcheck and torch.compile on CUDA. Runs wherever CUDA exists (the
 lent GPU machine runs it via benchmarks/gpu_check.sh); elsewhere the module is
 skipped as a whole, since there is no device to run on."""
+import contextlib
+
 import pytest
 import torch
 
@@ -205,12 +207,8 @@ def test_cuda_decomposed_attention_matches_cpu():
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=float(outs[0].abs().max()) * 2e-2)
 
 
-@pytest.mark.parametrize("qtype,method", [("int8", "absmax"), ("nf4", "absmax"), ("int4", "minmax"),
-                                          ("float4_e2m1fn", "absmax"), ("float8_e4m3fn", "absmax,0.5")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_special_values_match_cpu(qtype, method, dtype):
-    """NaN/Inf groups, values near FLT_MAX (huge scales), subnormals and -0: the kernels' fast
-    reciprocal path falls back to the checked division and gives the CPU's bits."""
+def special_values_input(dtype):
+    """[16, 256]: rows with NaN, +Inf, -Inf, values up to +-3e38, -0, subnormals, a run of zeros."""
     x = make_input((16, 256))
     x[1, 3] = float("nan")
     x[2, 5] = float("inf")
@@ -219,7 +217,16 @@ def test_cuda_special_values_match_cpu(qtype, method, dtype):
     x[5, :8] = -0.0
     x[6] = x[6] * 1e-42  # subnormal and tiny
     x[7, 100:] = 0.0
-    x = x.to(dtype)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("qtype,method", [("int8", "absmax"), ("nf4", "absmax"), ("int4", "minmax"),
+                                          ("float4_e2m1fn", "absmax"), ("float8_e4m3fn", "absmax,0.5")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_special_values_match_cpu(qtype, method, dtype):
+    """NaN/Inf groups, values near FLT_MAX (huge scales), subnormals and -0: the kernels' fast
+    reciprocal path falls back to the checked division and gives the CPU's bits."""
+    x = special_values_input(dtype)
     for kw in [dict(ch=[0]), dict(ch=[]), dict(ch=[1]), dict(ch=[0], tiled=[1], tiles=[128])]:
         args = (qtype, method, kw["ch"], kw.get("tiled", []), kw.get("tiles", []), True)
         y, m = torch.ops.qwix.fake_quant_forward(x, *args)
@@ -337,22 +344,20 @@ def test_cuda_func_transforms_match_cpu():
         assert_same(b.cpu(), a, f"result {i}")
 
 
-def test_cuda_ops_and_a_qat_training_step_never_sync_with_the_host():
-    """Issue 3's "no host syncs anywhere": every op, its backward and a QAT training step (dynamic and
-    SRQ statistics, an SGD step) run with torch's sync debug mode set to raise on any synchronization."""
+def ops_and_a_qat_training_step(device, guard=contextlib.nullcontext):
+    """Every op, its backward and a QAT training step (dynamic and SRQ statistics, an SGD step) on
+    `device`, the work inside `guard` (test_ops_integration runs it on the CPU, so it stays valid)."""
     torch.manual_seed(0)
-    fp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16)).cuda()
+    fp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16)).to(device)
     rules = [qwix.QuantizationRule(module_path="0", weight_qtype="int8", act_qtype="int8", act_static_scale=True),
              qwix.QuantizationRule(weight_qtype="int4", act_qtype="float8_e4m3fn", tile_size=32)]
-    x = make_input((32, 64)).cuda()
+    x = make_input((32, 64)).to(device)
     model = qwix.quantize_model(fp, qwix.QatProvider(rules), x)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    xs = make_input((64, 256)).cuda().requires_grad_()
-    count = torch.zeros((), dtype=torch.int32, device="cuda")
-    sums = [torch.zeros(64, 1, device="cuda")]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    xs = make_input((64, 256)).to(device).requires_grad_()
+    count = torch.zeros((), dtype=torch.int32, device=device)
+    sums = [torch.zeros(64, 1, device=device)]
+    with guard():
         for kw in [dict(channelwise_axes=(0,)), dict(), dict(channelwise_axes=(1,)),
                    dict(channelwise_axes=(0,), tiled_axes={1: 128})]:
             qwix.fake_quant(xs, "int8", calibration_method="absmax,0.8", **kw).sum().backward()
@@ -368,6 +373,19 @@ def test_cuda_ops_and_a_qat_training_step_never_sync_with_the_host():
             opt.zero_grad()
             model(x).square().mean().backward()
             opt.step()
+    assert int(count) == 2 and xs.grad is not None and all(p.grad is not None for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _raise_on_host_sync():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert int(count) == 2 and xs.grad is not None
+
+
+def test_cuda_ops_and_a_qat_training_step_never_sync_with_the_host():
+    """Issue 3's "no host syncs anywhere": torch's sync debug mode raises on any synchronization."""
+    ops_and_a_qat_training_step("cuda", _raise_on_host_sync)

@@ -268,3 +268,10 @@ def test_compile_srq_mutation_inductor():
         assert_same(cf(x, *state), _srq_step_ops(x, *eager_state))
         assert state[0].item() == i + 1
         assert_same(state[1], eager_state[1])
+
+
+def test_the_cuda_sync_free_sequence_runs_on_the_cpu():
+    """test_ops_cuda runs this sequence under torch's sync debug mode on a GPU; here it stays valid."""
+    from test_ops_cuda import ops_and_a_qat_training_step
+
+    ops_and_a_qat_training_step("cpu")

@@ -12,9 +12,9 @@
 // that does not take part, a launch exceeding the grid limits or the kernel's
 // __launch_bounds__. __shared__ arrays start each block as garbage (0xA5
 // bytes; translate.py adds the fill). Blocks run one after another and fibers
-// are never preempted, so atomics are plain read-modify-writes. Not emulated:
-// the numerics' device-only branches (`__CUDA_ARCH__`), nvcc's FMA
-// contraction, speed.
+// are never preempted, so atomics are plain read-modify-writes. FMA
+// contraction is GCC's (Makefile), not nvcc's own choices. Not emulated: the
+// numerics' device-only branches (`__CUDA_ARCH__`), speed.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
