@@ -129,10 +129,13 @@ std::unordered_map<void*, uint64_t> g_shared_filled;
 std::recursive_mutex g_launch_mutex;  // one launch at a time (coordinates, __shared__ are global); recursive: a launch from a kernel fails clearly
 thread_local std::exception_ptr t_last_error;
 
-void set_thread_index(unsigned t) {
+// The 3-D index of the block's t-th thread (x fastest, as CUDA numbers them).
+dim3 index_of(unsigned t) {
   const dim3 d = g_block->dims;
-  threadIdx = dim3(t % d.x, t / d.x % d.y, t / (d.x * d.y));
+  return dim3(t % d.x, t / d.x % d.y, t / (d.x * d.y));
 }
+
+void set_thread_index(unsigned t) { threadIdx = index_of(t); }
 
 void to_scheduler(bool exiting) {
   Block& b = *g_block;
@@ -259,9 +262,9 @@ void wait_for(const unsigned& generation, unsigned arrived_at, Where where) {
 }
 
 std::string coords(unsigned t) {
-  const dim3 d = g_block->dims;
+  const dim3 i = index_of(t);
   std::ostringstream s;
-  s << "(" << t % d.x << "," << t / d.x % d.y << "," << t / (d.x * d.y) << ")";
+  s << "(" << i.x << "," << i.y << "," << i.z << ")";
   return s.str();
 }
 

@@ -76,13 +76,16 @@ def test_cuda_half_types_match_cpu(dtype, qtype, shape):
             assert torch.equal(m.cpu(), m_cpu)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_unaligned_and_strided_inputs(dtype):
+def unaligned_and_strided_inputs(dtype):
     """A storage offset that breaks 16-byte alignment, a transposed and a channels_last tensor."""
     base = make_input((64 * 256 + 1,), dtype=dtype)
-    cases = [base[1:].view(64, 256), make_input((256, 64), dtype=dtype).t(),
-             make_input((4, 8, 6, 6), dtype=dtype).to(memory_format=torch.channels_last)]
-    for x in cases:
+    return [base[1:].view(64, 256), make_input((256, 64), dtype=dtype).t(),
+            make_input((4, 8, 6, 6), dtype=dtype).to(memory_format=torch.channels_last)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_unaligned_and_strided_inputs(dtype):
+    for x in unaligned_and_strided_inputs(dtype):
         for kw in [dict(channelwise_axes=(0,)), dict()]:
             assert_same(qwix.fake_quant(x.cuda(), "int8", **kw).cpu(), qwix.fake_quant(x, "int8", **kw))
             assert_same(qwix.fake_quant(x.cuda(), "int4", calibration_method="absmax,0.9", **kw).cpu(),

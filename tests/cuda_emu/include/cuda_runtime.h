@@ -91,24 +91,23 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return r;
 }
 
-// Fibers are never preempted and blocks run one at a time: atomics are plain read-modify-writes.
-inline unsigned atomicMax(unsigned* p, unsigned v) {
-  const unsigned o = *p;
+// Fibers are never preempted and blocks run one at a time: atomics are plain read-modify-writes
+// (CUDA's int and unsigned int overloads of max / min, double of add).
+template <typename T>
+T atomicMax(T* p, T v) {
+  const T o = *p;
   *p = v > o ? v : o;
   return o;
 }
-inline int atomicMax(int* p, int v) {
-  const int o = *p;
-  *p = v > o ? v : o;
-  return o;
-}
-inline int atomicMin(int* p, int v) {
-  const int o = *p;
+template <typename T>
+T atomicMin(T* p, T v) {
+  const T o = *p;
   *p = v < o ? v : o;
   return o;
 }
-inline double atomicAdd(double* p, double v) {
-  const double o = *p;
+template <typename T>
+T atomicAdd(T* p, T v) {
+  const T o = *p;
   *p = o + v;
   return o;
 }
