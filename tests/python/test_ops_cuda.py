@@ -25,6 +25,7 @@ SHAPES_AXES = [
     ((32, 512), dict(channelwise_axes=(0,), tiled_axes={1: 128})),  # tiles of the last axis
     ((256, 64), dict(channelwise_axes=(1,))),  # columns: inner kept (8 columns per thread)
     ((200, 48), dict(channelwise_axes=(1,))),  # columns, a partial span of rows
+    ((67, 16), dict(channelwise_axes=(1,))),  # columns: a last span of 3 rows (rows loaded 4 / 2 at a time)
     ((6, 70, 24), dict(channelwise_axes=(0, 2))),  # columns under a kept outer axis
     ((90, 12), dict(channelwise_axes=(1,))),  # columns % 8 != 0: generic kernels
     ((6, 8, 16), dict(channelwise_axes=(1,))),  # kept axis in the middle: generic kernels
