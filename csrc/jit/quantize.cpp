@@ -137,6 +137,22 @@ void insert_void(Graph& g, c10::Symbol op, std::vector<NamedValue> args) {
 
 // ---- inlining of calls whose code holds intercepted ops ----
 
+// torch.jit.trace records a submodule called several times as calls of its methods forward, forward1,
+// forward2, ...: each is a call of the submodule, as in Python.
+bool is_numbered_forward(const std::string& name) {
+  return name.size() > 7 && name.compare(0, 7, "forward") == 0 &&
+         std::all_of(name.begin() + 7, name.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// A forward (or a traced forwardN) of another module than the graph's own: a call of a submodule.
+bool is_submodule_call(const Node* n) {
+  if (n->kind() != c10::prim::CallMethod) return false;
+  auto cls = n->input(0)->type()->cast<c10::ClassType>();
+  const std::string& name = n->s(c10::attr::name);
+  return cls && cls->is_module() &&
+         (name == "forward" || (is_numbered_forward(name) && n->input(0) != n->owningGraph()->inputs()[0]));
+}
+
 torch::jit::Function* inlinable_callee(const Node* n) {
   if (n->kind() == c10::prim::CallFunction) {
     auto ft = n->input(0)->type()->cast<c10::FunctionType>();
@@ -145,9 +161,8 @@ torch::jit::Function* inlinable_callee(const Node* n) {
   if (n->kind() == c10::prim::CallMethod) {
     auto cls = n->input(0)->type()->cast<c10::ClassType>();
     if (!cls) return nullptr;  // an interface: dispatched at run time
-    const std::string& name = n->s(c10::attr::name);
-    if (cls->is_module() && name == "forward") return nullptr;  // a submodule call: its own module
-    return cls->findMethod(name);
+    if (is_submodule_call(n)) return nullptr;  // its own module
+    return cls->findMethod(n->s(c10::attr::name));
   }
   return nullptr;
 }
@@ -329,6 +344,7 @@ struct Instance {
   std::string signature;
   std::vector<Site> sites;
   std::map<std::string, int64_t> counts;  // op counts of the running forward (probing)
+  std::map<std::string, std::pair<bool, std::vector<int64_t>>> stats;  // QuantStats added: symmetric, shape
   bool ran = false;                       // its forward ran in the example forward
   bool above_candidate = false;           // it or a descendant is a candidate
 };
@@ -340,9 +356,11 @@ std::string site_name(const Instance& inst, const Site& s) {
   return r;
 }
 
+// Everything the inserted code depends on: instances whose signatures are equal share one type (finish).
+// An activation's code has a rank check that a weight's has not.
 std::string operand_signature(const OperandPlan& p) {
   std::ostringstream os;
-  os << p.qtype << "/" << p.calibration_method << "/" << join_ints(p.channelwise_axes) << "/";
+  os << (p.is_weight ? "w:" : "a:") << p.qtype << "/" << p.calibration_method << "/" << join_ints(p.channelwise_axes) << "/";
   for (const auto& [a, t] : p.tiled_axes) os << a << ":" << t << ",";
   os << "/" << p.static_scale << join_ints(p.batch_axes) << "/"
      << (p.clip_gradient ? (*p.clip_gradient ? "1" : "0") : "n");
@@ -427,6 +445,7 @@ class Pass {
     has_parameters_ = m.parameters().size() > 0;
     collect(m);
     make_working_tree(m);
+    collect_numbered_forward_calls();
     for (Instance& inst : instances_) {
       if (inst.above_candidate) keep_off_fast_paths(inst);
       if (inst.candidate) prepare(inst);
@@ -492,8 +511,8 @@ class Pass {
     }
   }
 
-  std::shared_ptr<Graph> forward_graph(const Instance& inst) const {
-    torch::jit::Function* fn = inst.module.type()->findMethod("forward");
+  std::shared_ptr<Graph> forward_graph(const Instance& inst, const std::string& method = "forward") const {
+    torch::jit::Function* fn = inst.module.type()->findMethod(method);
     if (fn == nullptr || !fn->isGraphFunction()) return nullptr;
     return torch::jit::toGraphFunction(*fn).graph();
   }
@@ -505,10 +524,32 @@ class Pass {
     }
   }
 
-  // Inline, find the intercepted ops, insert the probes.
+  // The traced forwardN methods that some graph of the tree calls on a submodule, by the submodule's type.
+  void collect_numbered_forward_calls() {
+    std::function<void(Block*)> walk = [&](Block* b) {
+      for (Node* n : b->nodes()) {
+        if (is_submodule_call(n) && is_numbered_forward(n->s(c10::attr::name)))
+          numbered_forwards_[n->input(0)->type()->cast<c10::ClassType>().get()].insert(n->s(c10::attr::name));
+        for (Block* sb : n->blocks()) walk(sb);
+      }
+    };
+    for (const Instance& inst : instances_)
+      for (torch::jit::Function* fn : inst.module.type()->methods())
+        if (fn->isGraphFunction()) walk(torch::jit::toGraphFunction(*fn).graph()->block());
+  }
+
+  // Each method that runs as the module's forward: forward, and the forwardN a trace calls.
   void prepare(Instance& inst) {
-    auto g = forward_graph(inst);
+    prepare_method(inst, "forward");
+    if (auto it = numbered_forwards_.find(inst.module.type().get()); it != numbered_forwards_.end())
+      for (const std::string& name : it->second) prepare_method(inst, name);
+  }
+
+  // Inline, find the intercepted ops, insert the probes.
+  void prepare_method(Instance& inst, const std::string& method) {
+    auto g = forward_graph(inst, method);
     if (!g) return;
+    const size_t first_site = inst.sites.size();
     const bool attention = provider_.decomposes_attention(inst.path);
     Inliner(attention).run(*g);
     if (attention) decompose_attention(g->block(), where_);
@@ -524,13 +565,13 @@ class Pass {
       }
     };
     walk(g->block());
-    if (inst.sites.empty()) return;
+    if (inst.sites.size() == first_site) return;
 
     Node* begin = g->create(jit_internal::probe_begin_symbol(), 0);
     g->block()->prependNode(begin);
     add_probe_input(*g, begin, jit_internal::probe_id(session_, static_cast<int64_t>(targets_.size())));
     targets_.emplace_back(ii, -1);
-    for (size_t si = 0; si < inst.sites.size(); ++si) {
+    for (size_t si = first_site; si < inst.sites.size(); ++si) {
       Site& s = inst.sites[si];
       WithInsertPoint ip(s.node);
       Node* p = g->insertNode(g->create(jit_internal::probe_symbol(), 0));
@@ -678,12 +719,11 @@ class Pass {
   }
 
   void transform(Instance& inst) {
-    auto g = forward_graph(inst);
-    if (!g) return;
-    std::set<std::string> stat_names;
+    std::map<const Graph*, std::set<std::string>> stat_names;  // per method
     for (size_t si = 0; si < inst.sites.size(); ++si) {
       Site& s = inst.sites[si];
       if (!provider_.match_rule(inst.path, s.op)) continue;
+      Graph* g = s.node->owningGraph();
       std::string sig = "|" + std::to_string(si) + ":";
       if (s.executions == 0) {
         insert_guard(*g, inst, s);
@@ -705,11 +745,11 @@ class Pass {
       Value* ql = s.lhs;
       Value* qr = s.rhs;
       if (plan->lhs.quantize && s.lhs_rec.floating) {
-        ql = quantize_operand(*g, inst, s, s.lhs, s.lhs_rec, plan->lhs, "_lhs", stat_names);
+        ql = quantize_operand(*g, inst, s, s.lhs, s.lhs_rec, plan->lhs, "_lhs", stat_names[g]);
         sig += "L" + operand_signature(plan->lhs);
       }
       if (plan->rhs.quantize && s.rhs_rec.floating) {
-        qr = quantize_operand(*g, inst, s, s.rhs, s.rhs_rec, plan->rhs, "_rhs", stat_names);
+        qr = quantize_operand(*g, inst, s, s.rhs, s.rhs_rec, plan->rhs, "_rhs", stat_names[g]);
         sig += "R" + operand_signature(plan->rhs);
       }
       if (ql == s.lhs && qr == s.rhs) continue;
@@ -795,6 +835,8 @@ class Pass {
     auto op = [&](const char* name, std::vector<NamedValue> args) {
       return g.insert(c10::Symbol::fromQualString(name), args);
     };
+    // First, so that a call of another rank fails here, not in the aten::size of a fractional tile below.
+    if (!p.is_weight) insert_rank_check(g, inst, s, x, static_cast<int64_t>(rec.sizes.size()), suffix + 1);
     // Tiles: whole elements are constants; a fraction of the axis is resolved at run time,
     // int(round(x.size(axis) * f)) (round half to even, as resolve_tiled_axes).
     std::vector<int64_t> tiled_axes, const_tiles;
@@ -817,7 +859,6 @@ class Pass {
                                  : g.insertConstant(c10::IValue(const_tiles));
     const c10::IValue axes(tiled_axes);
     const c10::IValue channelwise(p.channelwise_axes);
-    if (!p.is_weight) insert_rank_check(g, inst, s, x, static_cast<int64_t>(rec.sizes.size()), suffix + 1);
     if (!p.static_scale) {
       const c10::IValue clip = p.clip_gradient ? c10::IValue(*p.clip_gradient) : c10::IValue();
       return op("qwix::fake_quant", {x, c10::IValue(p.qtype), c10::IValue(p.calibration_method), channelwise, axes,
@@ -835,12 +876,24 @@ class Pass {
     TORCH_CHECK_VALUE(stat_names.insert(name).second, "qwix: module ", quote(inst.path), ": two ", s.op,
                       " ops ran as the same op id in different calls of the example forward, so both would need the "
                       "QuantStat ", name, "; a static scale cannot be used for them in TorchScript");
-    TORCH_CHECK_VALUE(!inst.module.type()->hasAttribute(name), "qwix: module ", quote(inst.path),
-                      " already has an attribute ", quote(name), ", the name of the QuantStat of ", site_name(inst, s));
     const at::Tensor meta = at::empty(rec.sizes, at::TensorOptions().dtype(rec.dtype).device(at::kMeta));
     const QuantStatTensors shapes = make_quant_stat(meta, p);
     const bool symmetric = shapes.sums.size() == 1;
-    add_stat(inst, name, symmetric, shapes.sums[0].sizes().vec(), rec.device);
+    const auto stat_kind = std::make_pair(symmetric, shapes.sums[0].sizes().vec());
+    if (auto added = inst.stats.find(name); added != inst.stats.end()) {
+      // The same op id in another forward method of a traced module (a submodule called twice): one
+      // QuantStat, as in Python.
+      TORCH_CHECK_VALUE(added->second == stat_kind, "qwix: ", site_name(inst, s), ": its calls (traced as "
+                        "forward methods of their own) need QuantStats of different shapes for ", name, " (",
+                        join_ints(added->second.second), ", ", join_ints(stat_kind.second), "); give them "
+                        "inputs of one shape or use a dynamic scale");
+    } else {
+      TORCH_CHECK_VALUE(!inst.module.type()->hasAttribute(name), "qwix: module ", quote(inst.path),
+                        " already has an attribute ", quote(name), ", the name of the QuantStat of ",
+                        site_name(inst, s));
+      add_stat(inst, name, symmetric, stat_kind.second, rec.device);
+      inst.stats.emplace(name, stat_kind);
+    }
 
     Value* self = g.inputs()[0];
     Value* xd = op("aten::detach", {x});
@@ -993,9 +1046,12 @@ class Pass {
     auto result = jit_internal::clone_module_tree(work_, choose, /*copy_tensors=*/false);
     Module out = result.module;
     out.register_attribute(kQuantizedAttr, c10::BoolType::get(), true);
-    for (const Instance& inst : instances_)  // so that a model built around one is not quantized twice
-      if (inst.modified) Module(result.objects.at(inst.module._ivalue().get())).register_attribute(
-                             kQuantizedAttr, c10::BoolType::get(), true);
+    // Every module with quantized code in its subtree is marked (each has a type of its own): a model built
+    // around one is not quantized twice, and set_quant_stats_update / calibrate accept it, as in Python.
+    for (const Instance& inst : instances_)
+      if (keys.at(inst.module._ivalue().get())[0] != '=')
+        Module(result.objects.at(inst.module._ivalue().get()))
+            .register_attribute(kQuantizedAttr, c10::BoolType::get(), true);
     return out;
   }
 
@@ -1015,6 +1071,7 @@ class Pass {
   size_t unexecuted_count_ = 0;
   std::map<std::string, std::vector<std::string>> unseen_calls_;  // path -> "name (file:line)"
   std::unordered_map<const Node*, std::string> where_;  // locations of ops from a decomposed attention
+  std::unordered_map<const c10::ClassType*, std::set<std::string>> numbered_forwards_;  // type -> forwardN called
 };
 
 }  // namespace

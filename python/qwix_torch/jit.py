@@ -75,8 +75,12 @@ def _flag_modules(model: torch.jit.ScriptModule, what: str):
 def jit_set_quant_stats_update(model: torch.jit.ScriptModule, enabled: bool) -> None:
     """Enables or disables SRQ statistics updates in training mode (never in eval mode, except
     inside :func:`jit_calibrate`)."""
-    for m in _flag_modules(model, "set_quant_stats_update"):
-        m._c.setattr(_UPDATE, bool(enabled))
+    flagged = _flag_modules(model, "set_quant_stats_update")
+    from qwix_torch.qat import check_enabled_flag
+
+    check_enabled_flag(enabled)
+    for m in flagged:
+        m._c.setattr(_UPDATE, enabled)
 
 
 def jit_calibrate(model: torch.jit.ScriptModule, batches: Iterable[Any], *, progress: bool = True):

@@ -701,6 +701,7 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
         return jit_quantize_model(model, provider, *example_inputs, inplace=inplace, example_kwargs=example_kwargs)
     if not isinstance(provider, QatProvider):
         raise TypeError(f"qwix: quantize_model needs a QatProvider, got {type(provider).__name__}")
+    _refuse_compiled_modules(model)
     example_kwargs = _check_example_kwargs(example_kwargs)
     for path, module in model.named_modules():
         if "_qwix_state" in module.__dict__:
@@ -747,6 +748,20 @@ def quantize_model(model: nn.Module, provider: QatProvider, *example_inputs: Any
                       "the QAT hooks and statistics): train and save (state_dict) this object itself, or quantize the "
                       "original nn.Module", stacklevel=2)
     return model
+
+
+def _refuse_compiled_modules(model: nn.Module) -> None:
+    """A torch.compile wrapper (OptimizedModule) would run the QAT hooks both eagerly and traced, and its
+    `_orig_mod.` path prefix would change which rules match: quantize first, then compile."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    if eval_frame is None:
+        return
+    for path, module in model.named_modules():
+        if isinstance(module, eval_frame.OptimizedModule):
+            what = f"its submodule {path!r} is" if path else "this model is"
+            raise TypeError(f"qwix: {what} a torch.compile wrapper (OptimizedModule); quantize the module itself "
+                            "and compile the QAT model afterwards: qat = quantize_model(compiled._orig_mod, provider, "
+                            "...), then torch.compile(qat)")
 
 
 def _python_modules(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], Dict[str, List[str]]]:
@@ -866,14 +881,24 @@ def set_quant_stats_update(model: nn.Module, enabled: bool) -> None:
         return jit_set_quant_stats_update(model, enabled)
     if not _states(model):
         raise ValueError("qwix: set_quant_stats_update needs a model returned by quantize_model")
+    check_enabled_flag(enabled)
     for m in model.modules():  # the given module's subtree (as on the TorchScript path)
         if "_qwix_state" in m.__dict__:
             m._qwix_update = bool(enabled)
 
 
+def check_enabled_flag(enabled: Any) -> None:
+    if not isinstance(enabled, bool):  # (bool("no") is True), as nn.Module.train(mode)
+        raise TypeError(f"qwix: set_quant_stats_update's enabled must be True or False, got {enabled!r}")
+
+
 def run_batches(model: Any, batches: Iterable[Any], progress: bool) -> None:
     """Forward-only over ``batches`` (``model(b)``, ``model(*b)`` or ``model(**b)``) with a tqdm bar."""
     from tqdm.auto import tqdm
+
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(f"qwix: calibrate needs an iterable of batches ([x], a DataLoader, ...), got a tensor of shape "
+                        f"{list(batches.shape)}, whose rows it would take as batches; pass [x] for one batch")
 
     total = len(batches) if hasattr(batches, "__len__") else None
     with torch.no_grad():

@@ -316,6 +316,77 @@ def test_traced_convolutions_match_python_path():
     assert [n for n, _ in ts.up2.named_children()] == ["conv_transpose2d0_lhs"]
 
 
+class CalledThrice(nn.Module):
+    """A layer called three times and a block (with a child of its own) called twice: a trace records the
+    repeat calls as the submodule's methods forward1, forward2, ..."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.blk = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+
+    def forward(self, x):
+        h = self.fc(torch.relu(self.fc(torch.relu(self.fc(x)))))
+        return self.blk(self.blk(h))
+
+
+class SelfHelper(nn.Module):
+    """A method named like a traced one, called on self: its ops are this module's, as in Python."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        return self.forward1(x)
+
+    def forward1(self, x):
+        return F.linear(x, self.w)
+
+
+@pytest.mark.parametrize("rules", [
+    [QuantizationRule(module_path="fc", weight_qtype="int4", act_qtype="int8")],
+    [QuantizationRule(weight_qtype="int4", act_qtype="int8", act_static_scale=True)],
+], ids=["fc only, dynamic", "srq"])
+def test_traced_submodule_called_several_times_is_that_module_on_every_call(rules):
+    # Each traced call of fc (forward, forward1, forward2) is fc's linear0, as in Python: the repeat calls were
+    # inlined into the root (quantized with the root's rule and a root QuantStat) or, where only fc matched, left
+    # in floating point.
+    torch.manual_seed(0)
+    m, x = CalledThrice(), torch.randn(4, 16)
+    traced = torch.jit.trace(m, x)
+    assert "forward2" in traced.code
+    pe, pj = QatProvider(rules), QatProvider(rules)
+    eager = qwix.quantize_model(m, pe, x)
+    ts = qwix.jit_quantize_model(traced, pj, x)
+    for step in range(2):
+        x = torch.randn(4, 16)
+        assert_same(ts(x), eager(x), f"step {step}")
+    assert_same_state(eager, ts)
+    if rules[0].act_static_scale:
+        assert int(ts.fc.linear0_lhs.count) == 6 and int(getattr(ts.blk, "0").linear0_lhs.count) == 4
+        assert not hasattr(ts, "linear0_lhs")
+    x.requires_grad_(True)
+    (ge,), (gt,) = torch.autograd.grad(eager(x).sum(), [x]), torch.autograd.grad(ts(x).sum(), [x])
+    assert_same(gt, ge, "input gradient")
+    for step in range(2):  # (saved and loaded: the forwardN methods keep their quantization)
+        buf = io.BytesIO()
+        torch.jit.save(ts, buf)
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
+        x = torch.randn(4, 16)
+        assert_same(loaded(x), eager(x), f"loaded, step {step}")
+        ts = loaded
+
+
+def test_a_forward1_method_called_on_self_belongs_to_the_module():
+    torch.manual_seed(0)
+    m, x = SelfHelper(), torch.randn(4, 16)
+    eager, ts, _, pj = both(m, W8A8, x)
+    assert_same(ts(x), eager(x), "self.forward1")
+    assert "qwix::fake_quant" in str(ts.forward.graph)
+
+
 @pytest.mark.parametrize("quantize_in", ["train", "eval"])
 def test_fused_transformer_fast_paths_are_not_taken(quantize_in):
     # In eval mode without gradients nn.MultiheadAttention / TransformerEncoderLayer / TransformerEncoder take
@@ -368,6 +439,45 @@ def test_instances_of_one_type_with_different_rules():
         x = torch.randn(4, 16)
         assert_same(ts(x), eager(x), "twin 2")
     assert hasattr(ts.b, "linear0_lhs") and not hasattr(ts.a, "linear0_lhs")
+
+
+class MatMul(nn.Module):
+    def forward(self, a, b):
+        return torch.matmul(a, b)
+
+
+class WeightAndActivationMatMuls(nn.Module):
+    """Two instances of one class, one multiplying by a weight, one by an activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.m1, self.m2 = MatMul(), MatMul()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x, y):
+        return self.m1(x, self.w), self.m2(x, y)
+
+
+def test_instances_share_a_type_only_with_the_same_weight_and_activation_operands():
+    # With weight_qtype == act_qtype the plans of m1 (b: a weight) and m2 (b: an activation) were equal, so both
+    # got m1's code, where b has no rank check: m2 quantized a rank-3 b with its rank-2 plan, silently.
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8), torch.randn(8, 8)
+    eager, ts, _, _ = both(WeightAndActivationMatMuls(), W8A8, x, y)
+    assert ts.m1._c._type().qualified_name() != ts.m2._c._type().qualified_name()
+    for a, b in zip(ts(x, y), eager(x, y)):
+        assert_same(a, b, "matmuls")
+    with pytest.raises(torch.jit.Error, match=r"module 'm2', op matmul0 .*its rhs has a rank other than 2"):
+        ts(x, torch.randn(2, 8, 8))
+
+
+def test_a_call_of_another_rank_with_a_fractional_tile_raises_the_rank_error():
+    # The tile (a fraction of the axis) read the axis's size before the rank check: ATen's "Dimension out of range".
+    ts = qwix.jit_quantize_model(torch.jit.script(MatMul()), QatProvider([QuantizationRule(act_qtype="int8",
+                                                                                           tile_size=0.5)]),
+                                 torch.randn(2, 8, 8), torch.randn(2, 8, 4))
+    with pytest.raises(torch.jit.Error, match=r"module '', op matmul0 .*its lhs has a rank other than 3"):
+        ts(torch.randn(8, 8), torch.randn(8, 4))
 
 
 def test_instances_with_the_same_plan_share_one_type():
@@ -499,6 +609,41 @@ def test_statistics_update_only_in_training_mode_and_when_enabled():
     jit_set_quant_stats_update(ts, True)
     ts(torch.randn(4, 16))
     assert int(stat.count) == 2
+
+
+class Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(MLP(d_out=16), MLP(d_out=16))
+        self.head = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+def test_set_quant_stats_update_and_calibrate_take_a_container_submodule():
+    # As on the Python path: a submodule whose subtree was quantized, not only one whose own code was
+    # (`blocks` runs no op of its own; it was refused as "not returned by quantize_model").
+    torch.manual_seed(0)
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    x = torch.randn(4, 16)
+    eager, ts, _, _ = both(Blocks(), rules, x)
+    def counts(m):
+        first, second = getattr(m.blocks, "0"), getattr(m.blocks, "1")  # (a ScriptModule has no [i])
+        return [int(first.fc1.linear0_lhs.count), int(second.fc2.linear0_lhs.count), int(m.head.linear0_lhs.count)]
+
+    for model in (eager, ts):
+        assert qwix.is_quantized(model.blocks)
+        model.train()
+        qwix.set_quant_stats_update(model.blocks, False)
+        model(x)
+        assert counts(model) == [0, 0, 1]
+        qwix.calibrate(model.blocks, [x, x], progress=False)
+        assert counts(model) == [2, 2, 1]
+        qwix.set_quant_stats_update(model.blocks, True)
+        model(x)
+        assert counts(model) == [3, 3, 2]
+    assert_same_state(eager, ts)
 
 
 def test_calibrate_matches_python_path():

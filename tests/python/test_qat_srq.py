@@ -363,6 +363,37 @@ def test_calibrate_with_a_loader_of_pairs_says_what_to_pass():
     assert int(q.fc1.linear0_lhs.count) == 1
 
 
+@pytest.mark.parametrize("script", [False, True])
+def test_bad_arguments_to_calibrate_and_set_quant_stats_update(script):
+    model = torch.jit.script(MLP()) if script else MLP()
+    q = qwix.quantize_model(model, srq(), torch.randn(2, 16))
+    # A bare tensor would be iterated row by row as 2 batches of shape [16].
+    with pytest.raises(TypeError, match=r"iterable of batches.*tensor of shape \[2, 16\].*pass \[x\]"):
+        qwix.calibrate(q, torch.randn(2, 16), progress=False)
+    assert int(q.fc1.linear0_lhs.count) == 0
+    for bad in ("no", 0, None):  # bool("no") is True: a typo would leave updates on
+        with pytest.raises(TypeError, match=rf"enabled must be True or False, got {bad!r}"):
+            qwix.set_quant_stats_update(q, bad)
+    q.train()(torch.randn(2, 16))
+    assert int(q.fc1.linear0_lhs.count) == 1
+
+
+def test_a_torch_compile_wrapper_is_refused_with_what_to_do():
+    # An OptimizedModule ran the QAT hooks eagerly and traced (Dynamo's AssertionError "already tracked for
+    # mutation"), and its `_orig_mod.` prefix would change which rules match.
+    rules = srq()
+    compiled = torch.compile(MLP(), backend="eager")
+    with pytest.raises(TypeError, match=r"this model is a torch.compile wrapper.*quantize_model\(compiled._orig_mod"):
+        qwix.quantize_model(compiled, rules, torch.randn(2, 16))
+    outer = nn.Sequential(MLP())
+    outer[0] = torch.compile(outer[0], backend="eager")
+    with pytest.raises(TypeError, match=r"its submodule '0' is a torch.compile wrapper"):
+        qwix.quantize_model(outer, rules)
+    q = torch.compile(qwix.quantize_model(compiled._orig_mod, rules, torch.randn(2, 16)), backend="eager")
+    q.train()(torch.randn(2, 16))
+    assert int(q.fc1.linear0_lhs.count) == 1
+
+
 class _SequentialWithItsOwnOp(nn.Sequential):
     def __init__(self):
         super().__init__(nn.Linear(8, 8), nn.ReLU())
