@@ -1,6 +1,7 @@
 #pragma once
 // Device-side helpers for the qwix CUDA kernels: vector access, the
 // calibration statistic and its (sub-)warp/block reductions, group lookup.
+#include <cfloat>
 #include <c10/macros/Macros.h>  // C10_HOST_DEVICE, used by IntegerDivider.cuh
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/util/BFloat16.h>
@@ -84,7 +85,8 @@ struct Stat {
       *a = (bad ? nan : from_sortable_bits(mn)) * s;
       *b = (bad ? nan : from_sortable_bits(mx)) * s;
     } else {
-      *a = static_cast<float>(sqrt(sumsq / static_cast<double>(count))) * s;
+      // NaN when non-finite, as the CPU's: a sum of squares is >= 0, and the test is false for NaN and +Inf.
+      *a = (sumsq <= DBL_MAX ? static_cast<float>(sqrt(sumsq / static_cast<double>(count))) : nan) * s;
     }
   }
 };

@@ -518,9 +518,11 @@ class Pass {
   }
 
   void keep_off_fast_paths(Instance& inst) {
-    if (auto g = forward_graph(inst); g && disable_fused_fast_paths(*g, inst.path)) {
-      inst.signature += "|no fast path";
-      inst.modified = true;
+    for (const std::string& method : forward_methods(inst)) {
+      if (auto g = forward_graph(inst, method); g && disable_fused_fast_paths(*g, inst.path)) {
+        inst.signature += "|no fast path in " + method;
+        inst.modified = true;
+      }
     }
   }
 
@@ -538,11 +540,16 @@ class Pass {
         if (fn->isGraphFunction()) walk(torch::jit::toGraphFunction(*fn).graph()->block());
   }
 
-  // Each method that runs as the module's forward: forward, and the forwardN a trace calls.
-  void prepare(Instance& inst) {
-    prepare_method(inst, "forward");
+  // The methods that run as the module's forward: forward, and the forwardN a trace calls.
+  std::vector<std::string> forward_methods(const Instance& inst) const {
+    std::vector<std::string> names{"forward"};
     if (auto it = numbered_forwards_.find(inst.module.type().get()); it != numbered_forwards_.end())
-      for (const std::string& name : it->second) prepare_method(inst, name);
+      names.insert(names.end(), it->second.begin(), it->second.end());
+    return names;
+  }
+
+  void prepare(Instance& inst) {
+    for (const std::string& method : forward_methods(inst)) prepare_method(inst, method);
   }
 
   // Inline, find the intercepted ops, insert the probes.

@@ -384,16 +384,19 @@ def _calibrate_expanded(xf: torch.Tensor, m: Method, lay: Layout) -> Dict[str, t
         z = torch.zeros(keep, dtype=torch.float32)
         return {"absmax": z} if m.kind != "minmax" else {"min": z, "max": z.clone()}
     xe = xf.reshape(lay.expanded)
+    # A group holding NaN or +-Inf calibrates to NaN, whatever the method (DESIGN: such a group yields NaN).
+    bad = _reduce((~torch.isfinite(xe)).to(torch.float32), lay.reduce_dims, "amax") > 0
+
+    def finite_groups(v: torch.Tensor) -> torch.Tensor:
+        return mul32(torch.where(bad, torch.full_like(v, float("nan")), v), m.s)
+
     if m.kind == "absmax":
-        return {"absmax": mul32(_reduce(xe.abs(), lay.reduce_dims, "amax"), m.s)}
+        return {"absmax": finite_groups(_reduce(xe.abs(), lay.reduce_dims, "amax"))}
     if m.kind == "minmax":
-        return {
-            "min": mul32(_reduce(xe, lay.reduce_dims, "amin"), m.s),
-            "max": mul32(_reduce(xe, lay.reduce_dims, "amax"), m.s),
-        }
+        return {"min": finite_groups(_reduce(xe, lay.reduce_dims, "amin")),
+                "max": finite_groups(_reduce(xe, lay.reduce_dims, "amax"))}
     if m.kind == "rms":
-        r = _reduce(xe.double().square(), lay.reduce_dims, "mean").sqrt().float()
-        return {"absmax": mul32(r, m.s)}
+        return {"absmax": finite_groups(_reduce(xe.double().square(), lay.reduce_dims, "mean").sqrt().float())}
     raise AssertionError(m)
 
 

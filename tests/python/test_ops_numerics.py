@@ -321,6 +321,34 @@ def test_nonfinite_row_is_nan_others_unaffected(qtype, method, bad):
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("method", ["absmax", "absmax,0.8", "minmax", "minmax,0.9", "rms", "rms,3"])
+@pytest.mark.parametrize("shape,axes,tiles", [
+    ((6, 40), (0,), None),  # rows (the fused path)
+    ((40, 16), (1,), None),  # columns (groups along the innermost axis)
+    ((6, 40), (), {1: 8}),  # tiles
+    ((6, 40), (), None),  # per-tensor
+], ids=["rows", "columns", "tiles", "tensor"])
+def test_nonfinite_group_calibrates_to_nan_and_masks_its_gradient(bad, method, shape, axes, tiles):
+    # Every method gives NaN for a group holding NaN or +-Inf (rms gave Inf for Inf) and the reference agrees
+    # (it gave the true absmax, Inf, and a finite min); other groups are exact. The clipped gradient of such a
+    # group is 0, its range being NaN.
+    x = make_input(shape, stable_seed(method, "nonfinite-cal"))
+    x[3, 5] = bad
+    got = qwix.compute_calibration(x, method, channelwise_axes=axes, tiled_axes=tiles)
+    want = ref.ref_calibrate(x, method, axes, tiles)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.isnan(want[k]).sum() == 1, want[k]
+        assert_same(got[k], want[k], k)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(qwix.fake_quant(xg, "int8", calibration_method=method, channelwise_axes=axes,
+                                               tiled_axes=tiles, clip_gradient=True).sum(), [xg])
+    mask = ref.ref_grad_mask(x, "int8", method, axes, tiles, True)
+    assert not mask[3, 5] and (mask.any() if axes or tiles else not mask.any())  # only its group is cut off
+    assert torch.equal(g, mask.to(g.dtype))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nonfinite_tile_and_tensor(bad):
     x = make_input((4, 16), 9)
     x[1, 5] = bad

@@ -16,6 +16,11 @@ namespace {
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 float absmax_from_bits(uint32_t bits) { return bits >= kNonFiniteAbsBits ? kNaN : bits_float(bits); }
+// A float's square is below 2^256, so the double sum of squares is finite exactly when every element is:
+// a group holding NaN or Inf gets NaN, as with the other methods (the sum alone gave Inf for Inf).
+float rms_from_sumsq(double sumsq, double count) {
+  return std::isfinite(sumsq) ? static_cast<float>(std::sqrt(sumsq / count)) : kNaN;
+}
 
 // Each chunk keeps a partial state per group, so chunks of at least G elements bound the scratch by
 // about numel states: with many groups and few elements each (a kept innermost axis, [8, 2^20] per
@@ -99,7 +104,7 @@ void sumsq_groups(const T* x, const Layout& l, float* a) {
   for (int64_t g = 0; g < G; ++g) {
     double s = 0.0;
     for (int64_t c = 0; c < chunks; ++c) s += part[c * G + g];
-    a[g] = static_cast<float>(std::sqrt(s / count));
+    a[g] = rms_from_sumsq(s, count);
   }
 }
 
@@ -121,7 +126,7 @@ void run_calibration(const T* x, int64_t n, const Calibration& c, float* a, floa
       return;
     }
     case Calibration::Kind::Rms:
-      *a = static_cast<float>(std::sqrt(run_sumsq(x, n) / static_cast<double>(n))) * c.multiplier;
+      *a = rms_from_sumsq(run_sumsq(x, n), static_cast<double>(n)) * c.multiplier;
       return;
     case Calibration::Kind::Fixed:
       if (c.symmetric()) {
