@@ -102,6 +102,16 @@ void update_quant_stat_composite(const at::Tensor& count, at::TensorList sums, a
   for (size_t i = 0; i < sums.size(); ++i) {
     check_writable(sums[i], "statistic " + std::to_string(i));
     const at::Tensor& c = calibration[i];
+    const int64_t rank = std::max<int64_t>(c.dim(), 1);  // (a scalar takes axis 0, as in ATen's mean)
+    std::vector<bool> seen(rank, false);
+    for (const int64_t a : batch_axes) {
+      TORCH_CHECK_INDEX(a >= -rank && a < rank, "qwix: update_quant_stat's batch axis ", a, " is out of range for a ",
+                        "calibration of rank ", c.dim(), " (batch_axes ", batch_axes, "; allowed: -", rank, " to ",
+                        rank - 1, ")");
+      TORCH_CHECK_VALUE(!seen[a < 0 ? a + rank : a], "qwix: update_quant_stat's batch_axes ", batch_axes,
+                        " name axis ", a < 0 ? a + rank : a, " twice");
+      seen[a < 0 ? a + rank : a] = true;
+    }
     at::Tensor avg = batch_axes.empty() ? c : c.mean(batch_axes, /*keepdim=*/true);
     TORCH_CHECK_VALUE(sums[i].sym_sizes() == avg.sym_sizes(), "qwix: statistic ", i, " has shape ",
                       sums[i].sym_sizes(), " but the calibration of shape ", c.sym_sizes(),

@@ -300,6 +300,19 @@ def test_python_wrappers_name_malformed_axes_and_tiles():
                                                                                               channelwise_axes=[0]))
 
 
+def test_update_quant_stat_names_bad_batch_axes_and_writes_nothing():
+    # (ATen's mean raised them without saying which op or argument)
+    count, s = torch.tensor(0, dtype=torch.int32), torch.zeros(1, 8)
+    with pytest.raises(IndexError, match=r"qwix: update_quant_stat's batch axis 2 is out of range for a calibration "
+                                         r"of rank 2 \(batch_axes \[2\]; allowed: -2 to 1\)"):
+        torch.ops.qwix.update_quant_stat(count, [s], [torch.ones(4, 8)], [2], 1)
+    with pytest.raises(ValueError, match=r"batch_axes \[0, -2\] name axis 0 twice"):
+        torch.ops.qwix.update_quant_stat(count, [s], [torch.ones(4, 8)], [0, -2], 1)
+    assert int(count) == 0 and not s.any()
+    torch.ops.qwix.update_quant_stat(count, [s], [torch.ones(4, 8)], [-2], 1)
+    assert int(count) == 1 and torch.equal(s, torch.ones(1, 8))
+
+
 def test_update_quant_stat_takes_one_or_two_statistics():
     count = torch.tensor(0, dtype=torch.int32)
     for n in (0, 3):  # 0 read past an empty list (a segfault)
