@@ -360,7 +360,8 @@ std::string site_name(const Instance& inst, const Site& s) {
 // An activation's code has a rank check that a weight's has not.
 std::string operand_signature(const OperandPlan& p) {
   std::ostringstream os;
-  os << (p.is_weight ? "w:" : "a:") << p.qtype << "/" << p.calibration_method << "/" << join_ints(p.channelwise_axes) << "/";
+  os << (p.is_weight ? "w:" : "a:") << p.qtype << "/" << p.calibration_method << "/"
+     << join_ints(p.channelwise_axes) << "/";
   for (const auto& [a, t] : p.tiled_axes) os << a << ":" << t << ",";
   os << "/" << p.static_scale << join_ints(p.batch_axes) << "/"
      << (p.clip_gradient ? (*p.clip_gradient ? "1" : "0") : "n");

@@ -379,6 +379,31 @@ def test_traced_submodule_called_several_times_is_that_module_on_every_call(rule
         ts = loaded
 
 
+class TwoLengths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(x), self.fc(x[:, :3])
+
+
+def test_traced_calls_needing_quantstats_of_two_shapes_are_an_error():
+    # Per-token statistics of [2, 5, 16] and [2, 3, 16] inputs ([1, 5, 1], [1, 3, 1]) cannot share fc's
+    # linear0_lhs; the Python path fails too, at the example forward's second update.
+    m, x = TwoLengths(), torch.randn(2, 5, 16)
+    rules = [QuantizationRule(weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+    with pytest.raises(ValueError, match=r"module 'fc', op linear0 .*QuantStats of different shapes for linear0_lhs "
+                                         r"\(\[1, 5, 1\], \[1, 3, 1\]\)"):
+        qwix.jit_quantize_model(torch.jit.trace(m, x), QatProvider(rules), x)
+    with pytest.raises(ValueError, match=r"module 'fc', op linear0 .*statistic of shape \[1, 5, 1\] does not broadcast"):
+        qwix.quantize_model(m, QatProvider(rules), x)
+    eager, ts = (qwix.quantize_model(m, QatProvider(W8A8), x),
+                 qwix.jit_quantize_model(torch.jit.trace(m, x), QatProvider(W8A8), x))
+    for a, b in zip(ts(x), eager(x)):
+        assert_same(a, b, "dynamic scales")
+
+
 def test_a_forward1_method_called_on_self_belongs_to_the_module():
     torch.manual_seed(0)
     m, x = SelfHelper(), torch.randn(4, 16)
