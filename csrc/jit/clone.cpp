@@ -10,6 +10,9 @@
 #include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/ir/ir.h>
 
+#include <tuple>
+#include <vector>
+
 #include "jit/internal.h"
 
 namespace qwix::jit_internal {
@@ -98,6 +101,11 @@ class Cloner {
   }
 
   CloneResult take(Module root) {
+    // A module passed as a method argument (torch.jit.trace passes a submodule shared by several parents
+    // this way) keeps its old type in the signature, so its calls would run the old, unquantized code.
+    // Checked once every type that will be replaced is known.
+    for (const auto& [graph, src_type, method] : cloned_graphs_)
+      for (size_t i = 1; i < graph->inputs().size(); ++i) check_value(graph->inputs()[i], *src_type, method);
     result_.module = std::move(root);
     return std::move(result_);
   }
@@ -131,6 +139,7 @@ class Cloner {
     remap_block(graph->block(), *src_type, fn.name());
     auto schema = fn.getSchema().cloneWithRemappedTypes(
         [&](c10::TypePtr t) -> c10::TypePtr { return t == src_type ? c10::TypePtr(type) : t; });
+    cloned_graphs_.emplace_back(graph, src_type, fn.name());
     auto* copied = type->compilation_unit()->create_function(c10::QualifiedName(*type->name(), fn.name()), graph);
     copied->setSchema(std::move(schema));
     return copied;
@@ -155,16 +164,20 @@ class Cloner {
 
   void check_value(Value* v, const c10::ClassType& src_type, const std::string& method) {
     auto cls = v->type()->cast<c10::ClassType>();
+    const bool argument = v->node()->kind() == c10::prim::Param;
     TORCH_CHECK_VALUE(!cls || !replaced_.count(cls.get()), "qwix: method '", method, "' of ", src_type.repr_str(),
                       " uses a module of type ", cls ? cls->repr_str() : "", " as a value other than through an "
-                      "attribute of self (", v->node()->kind().toQualString(),
-                      "); the TorchScript pass cannot give such a module its own quantized type");
+                      "attribute of self (", argument ? "an argument of the method" : v->node()->kind().toQualString(),
+                      "); the TorchScript pass cannot give such a module its own quantized type",
+                      argument ? " (torch.jit.trace passes a submodule that several modules share this way: quantize "
+                                 "the nn.Module, or torch.jit.script it)" : "");
   }
 
   const TypeChooser& choose_;
   bool copy_tensors_;
   std::unordered_map<std::string, c10::ClassTypePtr> key_types_;
   std::unordered_set<const c10::ClassType*> replaced_;
+  std::vector<std::tuple<std::shared_ptr<Graph>, c10::ClassTypePtr, std::string>> cloned_graphs_;
   std::unordered_map<const c10::TensorImpl*, at::Tensor> tensors_;
   c10::IValue::HashIdentityIValueMap memo_;
   CloneResult result_;

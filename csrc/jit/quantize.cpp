@@ -138,22 +138,29 @@ void insert_void(Graph& g, c10::Symbol op, std::vector<NamedValue> args) {
 // ---- inlining of calls whose code holds intercepted ops ----
 
 // torch.jit.trace records a submodule called several times as calls of its methods forward, forward1,
-// forward2, ...: each is a call of the submodule, as in Python.
+// forward2, ...: each is a call of the submodule, as in Python. TorchScript does not mark traced code, so
+// a forwardN called on another module counts as such a call when it runs the same intercepted ops as that
+// module's forward (a re-trace of the same code); otherwise it is a helper method, inlined into the caller
+// as any other (a scripted child's own `forward1`). TracedForwards: module type -> its traced forwardN.
+using TracedForwards = std::unordered_map<const c10::ClassType*, std::set<std::string>>;
+
 bool is_numbered_forward(const std::string& name) {
   return name.size() > 7 && name.compare(0, 7, "forward") == 0 &&
          std::all_of(name.begin() + 7, name.end(), [](char c) { return c >= '0' && c <= '9'; });
 }
 
-// A forward (or a traced forwardN) of another module than the graph's own: a call of a submodule.
-bool is_submodule_call(const Node* n) {
+// A call of a submodule: its forward (or a traced forwardN) on another module than the graph's own.
+bool is_submodule_call(const Node* n, const TracedForwards& traced) {
   if (n->kind() != c10::prim::CallMethod) return false;
   auto cls = n->input(0)->type()->cast<c10::ClassType>();
+  if (!cls || !cls->is_module()) return false;
   const std::string& name = n->s(c10::attr::name);
-  return cls && cls->is_module() &&
-         (name == "forward" || (is_numbered_forward(name) && n->input(0) != n->owningGraph()->inputs()[0]));
+  if (name == "forward") return true;
+  const auto it = traced.find(cls.get());
+  return it != traced.end() && it->second.count(name) && n->input(0) != n->owningGraph()->inputs()[0];
 }
 
-torch::jit::Function* inlinable_callee(const Node* n) {
+torch::jit::Function* inlinable_callee(const Node* n, const TracedForwards& traced) {
   if (n->kind() == c10::prim::CallFunction) {
     auto ft = n->input(0)->type()->cast<c10::FunctionType>();
     return ft ? ft->function() : nullptr;
@@ -161,7 +168,7 @@ torch::jit::Function* inlinable_callee(const Node* n) {
   if (n->kind() == c10::prim::CallMethod) {
     auto cls = n->input(0)->type()->cast<c10::ClassType>();
     if (!cls) return nullptr;  // an interface: dispatched at run time
-    if (is_submodule_call(n)) return nullptr;  // its own module
+    if (is_submodule_call(n, traced)) return nullptr;  // its own module
     return cls->findMethod(n->s(c10::attr::name));
   }
   return nullptr;
@@ -209,6 +216,72 @@ bool may_be_mutated(const Value* list) {
 
 bool is_attention(const Node* n) { return n->kind() == c10::aten::scaled_dot_product_attention; }
 
+// The input a node's output is a view of, per its schema's alias annotations (`t(Tensor(a) self) -> Tensor(a)`);
+// nullptr for other nodes.
+const Value* viewed_input(const Node* n) {
+  const c10::FunctionSchema* schema = n->maybeSchema();
+  if (schema == nullptr || schema->is_mutable() || schema->returns().size() != 1) return nullptr;
+  const c10::AliasInfo* out = schema->returns()[0].alias_info();
+  if (out != nullptr && out->beforeSets().empty() && !out->containedTypes().empty())
+    out = &out->containedTypes()[0];  // a list of views (`chunk(...) -> Tensor(a)[]`)
+  if (out == nullptr || out->isWildcardBefore() || out->beforeSets().empty()) return nullptr;
+  for (size_t i = 0; i < schema->arguments().size() && i < n->inputs().size(); ++i) {
+    const c10::AliasInfo* in = schema->arguments()[i].alias_info();
+    if (in != nullptr && in->beforeSets() == out->beforeSets()) return n->input(i);
+  }
+  return nullptr;
+}
+
+// Whether an operand is a parameter (or a view of one) on every run (`must`), or may be one on some run
+// (`may`: through a branch one of whose results is a parameter), from the graph alone. The probes see one
+// run; an operand whose kind can change between runs keeps the example's plan in TorchScript.
+bool parameter_on_runs(const Value* v, bool must) {
+  const Node* n = v->node();
+  if (n->kind() == c10::prim::GetAttr) {
+    auto cls = n->input()->type()->cast<c10::ClassType>();
+    const auto slot = cls ? cls->findAttributeSlot(n->s(c10::attr::name)) : std::nullopt;
+    return slot && cls->is_parameter(*slot);
+  }
+  // Ops that return their input or a copy depending on its layout or dtype: a parameter's layout and dtype
+  // do not change between runs, so the example's answer holds (followed only for `must`).
+  static const std::set<c10::Symbol> kViewOrCopy = {
+      c10::aten::contiguous, c10::aten::reshape, c10::aten::reshape_as, c10::aten::to, c10::aten::type_as,
+      c10::aten::flatten};
+  if (!must && kViewOrCopy.count(n->kind())) return false;
+  if (const Value* base = viewed_input(n)) return parameter_on_runs(base, must);
+  if (n->kind() == c10::prim::unchecked_cast) return parameter_on_runs(n->input(0), must);  // Optional refined
+  // An element of a list: of a ListConstruct (any element, index unknown), or of a list of views.
+  if (n->kind() == c10::prim::ListUnpack || n->kind() == c10::aten::__getitem__) {
+    const Node* list = n->input(0)->node();
+    if (list->kind() == c10::prim::ListConstruct) {
+      if (may_be_mutated(list->output())) return false;  // (appended to: its elements are not its inputs)
+      if (n->kind() == c10::prim::ListUnpack) return parameter_on_runs(list->input(v->offset()), must);
+      bool all = !list->inputs().empty(), any = false;
+      for (const Value* e : list->inputs()) {
+        const bool p = parameter_on_runs(e, must);
+        all = all && p;
+        any = any || p;
+      }
+      return must ? all : any;
+    }
+    if (const Value* base = viewed_input(list)) return parameter_on_runs(base, must);
+    return false;
+  }
+  if (n->kind() == c10::prim::If) {
+    const size_t i = v->offset();
+    bool all = true, any = false;
+    for (const Block* b : n->blocks()) {
+      const Value* out = b->outputs()[i];
+      if (out->node()->kind() == c10::prim::Uninitialized) continue;  // a branch that raises (an assert)
+      const bool p = parameter_on_runs(out, must);
+      all = all && p;
+      any = any || p;
+    }
+    return must ? all : any;
+  }
+  return false;
+}
+
 // Replaces every sdpa node of the block (and its sub-blocks) by the decomposed function's body. `where`
 // gets, for each node it inlines, the sdpa call's location (theirs is the function's source text).
 void decompose_attention(Block* b, std::unordered_map<const Node*, std::string>& where) {
@@ -235,7 +308,7 @@ void decompose_attention(Block* b, std::unordered_map<const Node*, std::string>&
 // attention: scaled_dot_product_attention counts as an op (it will be decomposed into two matmuls).
 class Inliner {
  public:
-  explicit Inliner(bool attention) : attention_(attention) {}
+  Inliner(bool attention, const TracedForwards& traced) : attention_(attention), traced_(traced) {}
   void run(Graph& g) {
     while (inline_block(g.block())) {
     }
@@ -256,7 +329,7 @@ class Inliner {
   bool block_has_ops(Block* b) {
     for (Node* n : b->nodes()) {
       if (intercepted_op(n) || (attention_ && is_attention(n))) return true;
-      if (auto* fn = inlinable_callee(n); fn && has_ops(fn)) return true;
+      if (auto* fn = inlinable_callee(n, traced_); fn && has_ops(fn)) return true;
       // (a fork's function: not quantized, but inlining its caller lets the pass see the fork and warn)
       if (n->kind() == c10::prim::fork && n->hasAttribute(torch::jit::attr::Subgraph) &&
           block_has_ops(n->g(torch::jit::attr::Subgraph)->block()))
@@ -272,7 +345,7 @@ class Inliner {
     for (auto it = b->nodes().begin(); it != b->nodes().end();) {
       Node* n = *it;
       ++it;
-      if (auto* fn = inlinable_callee(n); fn && has_ops(fn)) {
+      if (auto* fn = inlinable_callee(n, traced_); fn && has_ops(fn)) {
         if (n->kind() == c10::prim::CallFunction) n->removeInput(0);
         torch::jit::inlineCallTo(n, &torch::jit::toGraphFunction(*fn));
         changed = true;
@@ -284,6 +357,7 @@ class Inliner {
   }
 
   bool attention_;
+  const TracedForwards& traced_;
   std::unordered_map<torch::jit::Function*, bool> memo_;
 };
 
@@ -306,7 +380,9 @@ bool disable_fused_fast_paths(Graph& g, const std::string& path) {
       Node* branch = n->owningBlock()->owningNode();
       TORCH_CHECK_VALUE(branch && branch->kind() == c10::prim::If, "qwix: module '", path, "' calls ",
                         n->kind().toQualString(), " outside a branch (", location(n), "); this fused op reads "
-                        "the weights of modules that rules quantize, and there is no regular path to take instead");
+                        "the weights of modules that rules quantize, and there is no regular path to take instead "
+                        "(torch.jit.trace in eval mode under no_grad records only the fused op: trace in training "
+                        "mode or with gradients enabled, or use torch.jit.script)");
       const bool then_branch = branch->blocks()[0] == n->owningBlock();
       WithInsertPoint ip(branch);
       branch->replaceInput(0, g.insertConstant(!then_branch));
@@ -457,6 +533,7 @@ class Pass {
       if (inst.candidate) transform(inst);
     warn_unexecuted();
     warn_unseen_calls();
+    warn_kind_may_change();
     warn_if_nothing_matched(example_ran);
     return finish();
   }
@@ -464,15 +541,19 @@ class Pass {
  private:
   // Paths (first occurrence, pre-order, as named_modules()) and which modules a rule can match.
   void collect(const Module& root) {
-    std::function<void(const Module&, const std::string&)> walk = [&](const Module& mod, const std::string& path) {
+    std::function<void(const Module&, const std::string&, bool)> walk = [&](const Module& mod, const std::string& path,
+                                                                            bool in_parametrization) {
       if (!seen_.emplace(mod._ivalue().get(), orig_.size()).second) return;
       TORCH_CHECK_VALUE(!mod.type()->hasAttribute(kQuantizedAttr), "qwix: submodule ", quote(path),
                         " of this TorchScript module is already quantized (it came from quantize_model); quantizing "
                         "it again would fake-quantize its ops twice: quantize the floating-point model instead");
       orig_.push_back({mod, path});
-      for (const auto& c : mod.named_children()) walk(c.value, path.empty() ? c.name : path + "." + c.name);
+      in_parametrization = in_parametrization || is_parametrization_list(*mod.type());
+      if (in_parametrization) in_parametrization_.insert(path);
+      for (const auto& c : mod.named_children())
+        walk(c.value, path.empty() ? c.name : path + "." + c.name, in_parametrization);
     };
-    walk(root, "");
+    walk(root, "", false);
     std::function<bool(const Module&)> subtree = [&](const Module& mod) -> bool {
       const auto* key = mod._ivalue().get();
       if (auto it = subtree_.find(key); it != subtree_.end()) return it->second;
@@ -484,7 +565,17 @@ class Pass {
     subtree(root);
   }
 
+  // torch.nn.utils.parametrize's container (a trace records its modules as submodules): their ops compute
+  // a weight whenever it is read and are never quantized, as on the Python path.
+  static bool is_parametrization_list(const c10::ClassType& type) {
+    if (!type.name()) return false;
+    const std::string qualified = type.name()->qualifiedName();
+    return type.name()->name() == "ParametrizationList" &&
+           qualified.find("torch.nn.utils.parametrize.") != std::string::npos;
+  }
+
   bool is_candidate(const std::string& path) const {
+    if (in_parametrization_.count(path)) return false;
     for (const auto& op : valid_op_names())
       if (provider_.match_rule(path, op)) return true;
     return false;
@@ -527,13 +618,34 @@ class Pass {
     }
   }
 
-  // The traced forwardN methods that some graph of the tree calls on a submodule, by the submodule's type.
+  // The intercepted ops of a method, in graph order (sdpa as itself).
+  static std::vector<std::string> op_sequence(const c10::ClassType& cls, const std::string& method) {
+    std::vector<std::string> ops;
+    torch::jit::Function* fn = cls.findMethod(method);
+    if (fn == nullptr || !fn->isGraphFunction()) return ops;
+    std::function<void(Block*)> walk = [&](Block* b) {
+      for (Node* n : b->nodes()) {
+        if (auto op = intercepted_op(n)) ops.push_back(*op);
+        if (is_attention(n)) ops.push_back("sdpa");
+        for (Block* sb : n->blocks()) walk(sb);
+      }
+    };
+    walk(torch::jit::toGraphFunction(*fn).graph()->block());
+    return ops;
+  }
+
+  // The traced forwardN methods that some graph of the tree calls on a submodule (see TracedForwards),
+  // decided on the untouched graphs, before any is prepared.
   void collect_numbered_forward_calls() {
     std::function<void(Block*)> walk = [&](Block* b) {
       for (Node* n : b->nodes()) {
-        if (is_submodule_call(n) && is_numbered_forward(n->s(c10::attr::name)))
-          numbered_forwards_[n->input(0)->type()->cast<c10::ClassType>().get()].insert(n->s(c10::attr::name));
         for (Block* sb : n->blocks()) walk(sb);
+        if (n->kind() != c10::prim::CallMethod || n->input(0) == n->owningGraph()->inputs()[0]) continue;
+        auto cls = n->input(0)->type()->cast<c10::ClassType>();
+        const std::string& name = n->s(c10::attr::name);
+        if (cls && cls->is_module() && is_numbered_forward(name) &&
+            op_sequence(*cls, name) == op_sequence(*cls, "forward"))
+          numbered_forwards_[cls.get()].insert(name);
       }
     };
     for (const Instance& inst : instances_)
@@ -559,7 +671,7 @@ class Pass {
     if (!g) return;
     const size_t first_site = inst.sites.size();
     const bool attention = provider_.decomposes_attention(inst.path);
-    Inliner(attention).run(*g);
+    Inliner(attention, numbered_forwards_).run(*g);
     if (attention) decompose_attention(g->block(), where_);
     const size_t ii = &inst - instances_.data();
     std::function<void(Block*)> walk = [&](Block* b) {
@@ -750,6 +862,8 @@ class Pass {
              (s.indices.size() == 1 ? std::to_string(*s.indices.begin()) : "*");  // SRQ names use the op id
       check_plan_runs(inst, s, s.lhs_rec, plan->lhs, *plan);
       check_plan_runs(inst, s, s.rhs_rec, plan->rhs, *plan);
+      note_kind_may_change(inst, s, s.lhs, s.lhs_rec, plan->lhs, "lhs");
+      note_kind_may_change(inst, s, s.rhs, s.rhs_rec, plan->rhs, "rhs");
       Value* ql = s.lhs;
       Value* qr = s.rhs;
       if (plan->lhs.quantize && s.lhs_rec.floating) {
@@ -774,6 +888,27 @@ class Pass {
       inst.signature += sig;
       inst.modified = true;
     }
+  }
+
+  // A quantized operand that was a parameter in the example but may be an activation on another run (an
+  // Optional weight argument filled from a parameter), or the reverse: TorchScript keeps the example's plan
+  // (weight_qtype or act_qtype) for every run, where the Python path plans each call. Warned about (run).
+  void note_kind_may_change(const Instance& inst, const Site& s, const Value* v, const OperandRecord& rec,
+                            const OperandPlan& p, const char* operand) {
+    if (!p.quantize || !rec.floating) return;
+    const bool changes = rec.is_weight ? !parameter_on_runs(v, /*must=*/true) : parameter_on_runs(v, /*must=*/false);
+    if (changes)
+      kind_may_change_.push_back(site_name(inst, s) + ": its " + operand + " was " +
+                                 (rec.is_weight ? "a parameter" : "an activation") + " in the example forward");
+  }
+
+  void warn_kind_may_change() const {
+    if (kind_may_change_.empty()) return;
+    std::string list;
+    for (const auto& k : kind_may_change_) list += "\n  " + k;
+    TORCH_WARN("qwix: these operands reach their op through a branch or an argument, so they may be a parameter "
+               "on some runs and an activation on others; TorchScript quantizes them on every run as the example "
+               "forward's kind says (weight_qtype or act_qtype), where the Python path decides per call:", list);
   }
 
   // The ops' own checks (a tile that does not divide, an MX block) on the example operand's shape (its first
@@ -961,10 +1096,10 @@ class Pass {
   // Calls whose ops run outside the module's graph, out of the pass's sight: a Python function
   // (@torch.jit.ignore, which may run none) and a torch.jit.fork of a function that runs some. Their ops
   // stay floating-point, where the Python path quantizes them. "" for other nodes.
-  static std::string unseen_call(Node* n) {
+  std::string unseen_call(Node* n) const {
     if (n->kind() == c10::prim::PythonOp) return static_cast<torch::jit::PythonOp*>(n)->name();
     if (n->kind() == c10::prim::fork && n->hasAttribute(torch::jit::attr::Subgraph) &&
-        Inliner(false).has_ops(*n->g(torch::jit::attr::Subgraph)))
+        Inliner(false, numbered_forwards_).has_ops(*n->g(torch::jit::attr::Subgraph)))
       return "torch.jit.fork";
     return "";
   }
@@ -1079,7 +1214,9 @@ class Pass {
   size_t unexecuted_count_ = 0;
   std::map<std::string, std::vector<std::string>> unseen_calls_;  // path -> "name (file:line)"
   std::unordered_map<const Node*, std::string> where_;  // locations of ops from a decomposed attention
-  std::unordered_map<const c10::ClassType*, std::set<std::string>> numbered_forwards_;  // type -> forwardN called
+  TracedForwards numbered_forwards_;
+  std::set<std::string> in_parametrization_;  // paths of parametrization modules (never quantized)
+  std::vector<std::string> kind_may_change_;  // operands whose weight / activation kind may differ by run
 };
 
 }  // namespace

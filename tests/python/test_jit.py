@@ -412,6 +412,130 @@ def test_a_forward1_method_called_on_self_belongs_to_the_module():
     assert "qwix::fake_quant" in str(ts.forward.graph)
 
 
+class ChildWithForward1(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) * 0.2)
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def forward1(self, x):
+        return F.linear(x, self.w)
+
+
+class CallsChildForward1(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.child = ChildWithForward1()
+
+    def forward(self, x):
+        return self.child.forward1(x)
+
+
+@pytest.mark.parametrize("path", ["", "child"])
+def test_a_scripted_childs_forward1_is_a_helper_of_the_caller(path):
+    # Not a traced call of the child (its ops differ from the child's forward): its linear is the root's, as in
+    # Python (it was taken for a call of the child: left in floating point under a root rule).
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    eager, ts, pe, pj = both(CallsChildForward1(), [QuantizationRule(module_path=path, weight_qtype="int8",
+                                                                     act_qtype="int8")], x)
+    assert_same(ts(x), eager(x), "child.forward1")
+    assert pj.get_unused_rules() == pe.get_unused_rules()
+
+
+class Shares(nn.Module):
+    """One Linear shared by two parents: a trace passes it to the first parent as an argument."""
+
+    class Parent(nn.Module):
+        def __init__(self, fc):
+            super().__init__()
+            self.fc = fc
+
+        def forward(self, x):
+            return self.fc(x)
+
+    def __init__(self):
+        super().__init__()
+        fc = nn.Linear(16, 16)
+        self.a, self.b = Shares.Parent(fc), Shares.Parent(fc)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_a_traced_module_passed_as_an_argument_is_an_error():
+    # Its argument kept the old type: the call ran the old, floating-point forward, silently.
+    m, x = Shares(), torch.randn(4, 16)
+    with pytest.raises(ValueError, match=r"uses a module of type .*Linear.* as a value other than through an attribute "
+                                         r"of self \(an argument of the method\).*quantize the nn.Module"):
+        qwix.jit_quantize_model(torch.jit.trace(m, x), QatProvider(W8A8), x)
+    eager, ts, _, _ = both(m, W8A8, x)  # scripted, the shared module is two attributes (docs: Shared submodules)
+    assert_same(ts(x), eager(x), "scripted")
+
+
+class Mix(nn.Module):
+    """A parametrization whose forward runs a matmul (W -> W @ M)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("m", torch.randn(16, 16) * 0.3)
+
+    def forward(self, w):
+        return w @ self.m
+
+
+def test_a_traced_parametrization_is_not_quantized():
+    # A trace records the parametrization as a submodule; its matmul computes the weight and is never quantized
+    # (qat.md), as on the Python path (it was quantized as module '0.parametrizations.weight.0').
+    torch.manual_seed(0)
+    m, x = nn.Sequential(nn.Linear(16, 16)), torch.randn(4, 16)
+    torch.nn.utils.parametrize.register_parametrization(m[0], "weight", Mix())
+    pe, pj = QatProvider(W8A8), QatProvider(W8A8)
+    eager = qwix.quantize_model(m, pe, x)
+    ts = qwix.jit_quantize_model(torch.jit.trace(m, x), pj, x)
+    mix = getattr(getattr(ts, "0").parametrizations.weight, "0")
+    assert "qwix" not in str(mix.graph) and "qwix::fake_quant" in str(getattr(ts, "0").graph)
+    assert_same(ts(x), eager(x), "parametrized")
+
+
+class OptionalWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16))
+
+    def forward(self, x, w: Optional[torch.Tensor] = None):
+        if w is None:
+            w = self.w
+        return F.linear(x, w)
+
+
+def test_an_operand_whose_kind_may_change_between_runs_is_warned_about():
+    # TorchScript plans each op once, from the example: a weight argument that is the parameter in the example
+    # and an activation later (or the reverse) keeps the example's plan, where the Python path plans per call.
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    rules = [QuantizationRule(weight_qtype="int4", act_qtype="int8")]
+    for example in ((x,), (x, w)):
+        with pytest.warns(UserWarning, match=r"may be a parameter on some runs and an activation on others.*\n  "
+                                             r"module '', op linear0 .*its rhs was (a parameter|an activation)"):
+            qwix.jit_quantize_model(torch.jit.script(OptionalWeight()), QatProvider(rules), *example)
+    with warnings.catch_warnings():  # weights read from attributes (through views, branches of parameters)
+        warnings.filterwarnings("error", message="qwix: these operands")
+        both(Views(), W8A8, torch.randn(4, 16))
+        both(nn.MultiheadAttention(16, 2, batch_first=True), W8A8, *[torch.randn(2, 5, 16)] * 3)
+
+
+def test_a_trace_of_a_fused_fast_path_says_how_to_trace_instead():
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+    with pytest.raises(ValueError, match=r"outside a branch.*trace in training mode or with gradients enabled"):
+        qwix.jit_quantize_model(traced, QatProvider(W8A8), x)
+
+
 @pytest.mark.parametrize("quantize_in", ["train", "eval"])
 def test_fused_transformer_fast_paths_are_not_taken(quantize_in):
     # In eval mode without gradients nn.MultiheadAttention / TransformerEncoderLayer / TransformerEncoder take
