@@ -232,10 +232,25 @@ const Value* viewed_input(const Node* n) {
   return nullptr;
 }
 
+// The value a call returns at `offset`, in the callee's graph (calls without intercepted ops stay calls);
+// v itself for other values.
+const Value* through_calls(const Value* v) {
+  const Node* n = v->node();
+  torch::jit::Function* fn = nullptr;
+  if (n->kind() == c10::prim::CallFunction) {
+    if (auto ft = n->input(0)->type()->cast<c10::FunctionType>()) fn = ft->function();
+  } else if (n->kind() == c10::prim::CallMethod) {
+    if (auto cls = n->input(0)->type()->cast<c10::ClassType>()) fn = cls->findMethod(n->s(c10::attr::name));
+  }
+  if (fn == nullptr || !fn->isGraphFunction()) return v;
+  return through_calls(torch::jit::toGraphFunction(*fn).graph()->outputs().at(v->offset()));
+}
+
 // Whether an operand is a parameter (or a view of one) on every run (`must`), or may be one on some run
 // (`may`: through a branch one of whose results is a parameter), from the graph alone. The probes see one
 // run; an operand whose kind can change between runs keeps the example's plan in TorchScript.
 bool parameter_on_runs(const Value* v, bool must) {
+  v = through_calls(v);
   const Node* n = v->node();
   if (n->kind() == c10::prim::GetAttr) {
     auto cls = n->input()->type()->cast<c10::ClassType>();
@@ -248,6 +263,16 @@ bool parameter_on_runs(const Value* v, bool must) {
       c10::aten::contiguous, c10::aten::reshape, c10::aten::reshape_as, c10::aten::to, c10::aten::type_as,
       c10::aten::flatten};
   if (!must && kViewOrCopy.count(n->kind())) return false;
+  if (n->kind() == c10::aten::detach) return false;  // not a view of the parameter for Python's test either
+  // An element of a tuple built in the graph (a helper returning `self.w, self.b`, inlined).
+  if (n->kind() == c10::prim::TupleUnpack || n->kind() == c10::prim::TupleIndex) {
+    const Node* tuple = through_calls(n->input(0))->node();
+    if (tuple->kind() != c10::prim::TupleConstruct) return false;
+    if (n->kind() == c10::prim::TupleUnpack) return parameter_on_runs(tuple->input(v->offset()), must);
+    const auto index = torch::jit::constant_as<int64_t>(n->input(1));
+    return index && *index >= 0 && static_cast<size_t>(*index) < tuple->inputs().size() &&
+           parameter_on_runs(tuple->input(*index), must);
+  }
   if (const Value* base = viewed_input(n)) return parameter_on_runs(base, must);
   if (n->kind() == c10::prim::unchecked_cast) return parameter_on_runs(n->input(0), must);  // Optional refined
   // An element of a list: of a ListConstruct (any element, index unknown), or of a list of views.
@@ -534,6 +559,7 @@ class Pass {
     warn_unexecuted();
     warn_unseen_calls();
     warn_kind_may_change();
+    warn_numbered_helpers();
     warn_if_nothing_matched(example_ran);
     return finish();
   }
@@ -618,39 +644,74 @@ class Pass {
     }
   }
 
-  // The intercepted ops of a method, in graph order (sdpa as itself).
-  static std::vector<std::string> op_sequence(const c10::ClassType& cls, const std::string& method) {
-    std::vector<std::string> ops;
-    torch::jit::Function* fn = cls.findMethod(method);
-    if (fn == nullptr || !fn->isGraphFunction()) return ops;
-    std::function<void(Block*)> walk = [&](Block* b) {
-      for (Node* n : b->nodes()) {
-        if (auto op = intercepted_op(n)) ops.push_back(*op);
-        if (is_attention(n)) ops.push_back("sdpa");
-        for (Block* sb : n->blocks()) walk(sb);
+  // A method's code with every call followed into its callee, as the kinds of its nodes in order
+  // (constants left out: a trace bakes the example's sizes into them); whether it runs an intercepted op.
+  // Read only: torch::jit::Inline would make the callees cache optimized graphs without the probes.
+  static std::pair<std::vector<c10::Symbol>, bool> inlined_code(const c10::ClassType& cls, const std::string& method) {
+    std::vector<c10::Symbol> kinds;
+    bool ops = false;
+    std::function<void(const Block*)> walk = [&](const Block* b) {
+      for (const Node* n : b->nodes()) {
+        torch::jit::Function* callee = nullptr;
+        if (n->kind() == c10::prim::CallFunction) {
+          if (auto ft = n->input(0)->type()->cast<c10::FunctionType>()) callee = ft->function();
+        } else if (n->kind() == c10::prim::CallMethod) {
+          if (auto c = n->input(0)->type()->cast<c10::ClassType>()) callee = c->findMethod(n->s(c10::attr::name));
+        }
+        if (callee != nullptr && callee->isGraphFunction()) {
+          walk(torch::jit::toGraphFunction(*callee).graph()->block());
+          continue;
+        }
+        if (n->kind() != c10::prim::Constant) kinds.push_back(n->kind());
+        ops = ops || intercepted_op(n) || is_attention(n);
+        for (const Block* sb : n->blocks()) walk(sb);
       }
     };
-    walk(torch::jit::toGraphFunction(*fn).graph()->block());
-    return ops;
+    torch::jit::Function* fn = cls.findMethod(method);
+    if (fn != nullptr && fn->isGraphFunction()) walk(torch::jit::toGraphFunction(*fn).graph()->block());
+    return {kinds, ops};
   }
 
-  // The traced forwardN methods that some graph of the tree calls on a submodule (see TracedForwards),
-  // decided on the untouched graphs, before any is prepared.
+  // The traced forwardN methods that some graph of the tree calls on a submodule (see TracedForwards): those
+  // whose code, inlined, is the module's forward's, node for node. Decided on the untouched graphs, before
+  // any is prepared. A forwardN with ops and other code is a helper; a warning lists those of modules a rule
+  // may quantize (a traced repeat call that took another branch is one too, and its ops then count as the
+  // caller's).
   void collect_numbered_forward_calls() {
+    std::set<std::tuple<const c10::ClassType*, std::string, bool>> helpers;  // callee type, method, caller candidate
+    bool caller_candidate = false;
     std::function<void(Block*)> walk = [&](Block* b) {
       for (Node* n : b->nodes()) {
         for (Block* sb : n->blocks()) walk(sb);
         if (n->kind() != c10::prim::CallMethod || n->input(0) == n->owningGraph()->inputs()[0]) continue;
         auto cls = n->input(0)->type()->cast<c10::ClassType>();
         const std::string& name = n->s(c10::attr::name);
-        if (cls && cls->is_module() && is_numbered_forward(name) &&
-            op_sequence(*cls, name) == op_sequence(*cls, "forward"))
-          numbered_forwards_[cls.get()].insert(name);
+        if (!cls || !cls->is_module() || !is_numbered_forward(name)) continue;
+        const auto [code, ops] = inlined_code(*cls, name);
+        if (code == inlined_code(*cls, "forward").first) numbered_forwards_[cls.get()].insert(name);
+        else if (ops) helpers.emplace(cls.get(), name, caller_candidate);
       }
     };
-    for (const Instance& inst : instances_)
+    for (const Instance& inst : instances_) {
+      caller_candidate = inst.candidate;
       for (torch::jit::Function* fn : inst.module.type()->methods())
         if (fn->isGraphFunction()) walk(torch::jit::toGraphFunction(*fn).graph()->block());
+    }
+    for (const Instance& inst : instances_)  // where a rule may quantize the caller's or the callee's ops
+      for (const auto& [type, name, by_candidate] : helpers)
+        if (type == inst.module.type().get() && (by_candidate || inst.above_candidate))
+          numbered_helpers_.insert(quote(inst.path) + "." + name);
+  }
+
+  void warn_numbered_helpers() const {
+    if (numbered_helpers_.empty()) return;
+    std::string list;
+    for (const auto& h : numbered_helpers_) list += (list.empty() ? "" : ", ") + h;
+    TORCH_WARN("qwix: these methods are called on their module by another module and named like a traced repeat "
+               "call (forward1, ...), but their code differs from the module's forward: their ops count as the "
+               "caller's, as a scripted helper method's do (in Python, as ops run outside the module's forward). "
+               "If one is a traced call of the module that took another branch, quantize the nn.Module instead: ",
+               list);
   }
 
   // The methods that run as the module's forward: forward, and the forwardN a trace calls.
@@ -1217,6 +1278,7 @@ class Pass {
   TracedForwards numbered_forwards_;
   std::set<std::string> in_parametrization_;  // paths of parametrization modules (never quantized)
   std::vector<std::string> kind_may_change_;  // operands whose weight / activation kind may differ by run
+  std::set<std::string> numbered_helpers_;  // "'path'.forwardN" taken for helpers (warned about)
 };
 
 }  // namespace

@@ -108,9 +108,10 @@ void update_quant_stat_composite(const at::Tensor& count, at::TensorList sums, a
       TORCH_CHECK_INDEX(a >= -rank && a < rank, "qwix: update_quant_stat's batch axis ", a, " is out of range for a ",
                         "calibration of rank ", c.dim(), " (batch_axes ", batch_axes, "; allowed: -", rank, " to ",
                         rank - 1, ")");
-      TORCH_CHECK_VALUE(!seen[a < 0 ? a + rank : a], "qwix: update_quant_stat's batch_axes ", batch_axes,
-                        " name axis ", a < 0 ? a + rank : a, " twice");
-      seen[a < 0 ? a + rank : a] = true;
+      const int64_t axis = a < 0 ? a + rank : a;
+      TORCH_CHECK_VALUE(!seen[axis], "qwix: update_quant_stat's batch_axes ", batch_axes, " name axis ", axis,
+                        " twice");
+      seen[axis] = true;
     }
     at::Tensor avg = batch_axes.empty() ? c : c.mean(batch_axes, /*keepdim=*/true);
     TORCH_CHECK_VALUE(sums[i].sym_sizes() == avg.sym_sizes(), "qwix: statistic ", i, " has shape ",

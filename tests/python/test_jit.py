@@ -4,7 +4,7 @@ load, type sharing between module instances, get_unused_rules, and clear errors.
 import collections
 import io
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import pytest
 import torch
@@ -425,25 +425,81 @@ class ChildWithForward1(nn.Module):
         return F.linear(x, self.w)
 
 
-class CallsChildForward1(nn.Module):
+class ChildWithTheSameOps(ChildWithForward1):
+    def forward(self, x):
+        return F.linear(x, self.w)
+
+    @torch.jit.export
+    def forward1(self, x):
+        return F.linear(x, self.w) * 2
+
+
+class ChildWithAHelper(ChildWithForward1):
     def __init__(self):
         super().__init__()
-        self.child = ChildWithForward1()
+        self.sub = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.sub(x)
+
+    def helper(self, x):
+        return F.linear(x, self.w)
+
+    @torch.jit.export
+    def forward1(self, x):
+        return self.helper(x)
+
+
+class CallsChildForward1(nn.Module):
+    def __init__(self, child):
+        super().__init__()
+        self.child = child
 
     def forward(self, x):
         return self.child.forward1(x)
 
 
 @pytest.mark.parametrize("path", ["", "child"])
-def test_a_scripted_childs_forward1_is_a_helper_of_the_caller(path):
-    # Not a traced call of the child (its ops differ from the child's forward): its linear is the root's, as in
-    # Python (it was taken for a call of the child: left in floating point under a root rule).
+@pytest.mark.parametrize("child", [ChildWithForward1, ChildWithTheSameOps, ChildWithAHelper])
+def test_a_scripted_childs_forward1_is_a_helper_of_the_caller(path, child):
+    # Not a traced call of the child (its code differs from the child's forward, whatever ops each runs): its
+    # linear is the root's, as in Python (it was taken for a call of the child: left in floating point under a
+    # root rule, quantized under a rule for the child). A warning lists such methods.
     torch.manual_seed(0)
     x = torch.randn(4, 16)
-    eager, ts, pe, pj = both(CallsChildForward1(), [QuantizationRule(module_path=path, weight_qtype="int8",
-                                                                     act_qtype="int8")], x)
+    rules = [QuantizationRule(module_path=path, weight_qtype="int8", act_qtype="int8")]
+    with pytest.warns(UserWarning, match=r"named like a traced repeat call.*'child'.forward1"):
+        eager, ts, pe, pj = both(CallsChildForward1(child()), rules, x)
     assert_same(ts(x), eager(x), "child.forward1")
     assert pj.get_unused_rules() == pe.get_unused_rules()
+
+
+class TwoPaths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) * 0.2)
+
+    def forward(self, x):
+        if x.shape[0] == 4:
+            return F.linear(x, self.w)
+        return x @ self.w.t()
+
+
+class CallsTwoPaths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = TwoPaths()
+
+    def forward(self, x):
+        return self.c(x), self.c(x[:2])
+
+
+def test_a_traced_repeat_call_that_took_another_branch_is_warned_about():
+    # Its code differs from the module's forward, so it cannot be told from a helper method: a warning says so.
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match=r"named like a traced repeat call.*took another branch.*'c'.forward1"):
+        qwix.jit_quantize_model(torch.jit.trace(CallsTwoPaths(), x, check_trace=False),
+                                QatProvider([QuantizationRule(module_path="c", weight_qtype="int8")]), x)
 
 
 class Shares(nn.Module):
@@ -512,6 +568,28 @@ class OptionalWeight(nn.Module):
         return F.linear(x, w)
 
 
+class TrainOnlyCopy(OptionalWeight):
+    def forward(self, x):
+        w = self.w
+        if self.training:
+            w = w * 1.0
+        return F.linear(x, w)
+
+
+class TupleHelper(OptionalWeight):
+    def params(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.w, self.w[:, 0]
+
+    def forward(self, x):
+        w, b = self.params()
+        return F.linear(x, w, b)
+
+
+class Detached(OptionalWeight):
+    def forward(self, x):
+        return F.linear(x, self.w.detach())
+
+
 def test_an_operand_whose_kind_may_change_between_runs_is_warned_about():
     # TorchScript plans each op once, from the example: a weight argument that is the parameter in the example
     # and an activation later (or the reverse) keeps the example's plan, where the Python path plans per call.
@@ -521,10 +599,17 @@ def test_an_operand_whose_kind_may_change_between_runs_is_warned_about():
         with pytest.warns(UserWarning, match=r"may be a parameter on some runs and an activation on others.*\n  "
                                              r"module '', op linear0 .*its rhs was (a parameter|an activation)"):
             qwix.jit_quantize_model(torch.jit.script(OptionalWeight()), QatProvider(rules), *example)
-    with warnings.catch_warnings():  # weights read from attributes (through views, branches of parameters)
+    with pytest.warns(UserWarning, match=r"its rhs was an activation"):  # train/eval changes the kind: warned
+        qwix.jit_quantize_model(torch.jit.script(TrainOnlyCopy()), QatProvider(rules), x)
+    # Weights read from attributes (through views, branches that raise, helpers returning tuples) and detached
+    # copies (activations, as in Python) are not warned about.
+    with warnings.catch_warnings():
         warnings.filterwarnings("error", message="qwix: these operands")
         both(Views(), W8A8, torch.randn(4, 16))
         both(nn.MultiheadAttention(16, 2, batch_first=True), W8A8, *[torch.randn(2, 5, 16)] * 3)
+        for model in (TupleHelper(), Detached()):
+            eager, ts, _, _ = both(model, W8A8, x)
+            assert_same(ts(x), eager(x), type(model).__name__)
 
 
 def test_a_trace_of_a_fused_fast_path_says_how_to_trace_instead():
