@@ -139,9 +139,9 @@ void insert_void(Graph& g, c10::Symbol op, std::vector<NamedValue> args) {
 
 // torch.jit.trace records a submodule called several times as calls of its methods forward, forward1,
 // forward2, ...: each is a call of the submodule, as in Python. TorchScript does not mark traced code, so
-// a forwardN called on another module counts as such a call when it runs the same intercepted ops as that
-// module's forward (a re-trace of the same code); otherwise it is a helper method, inlined into the caller
-// as any other (a scripted child's own `forward1`). TracedForwards: module type -> its traced forwardN.
+// a forwardN called on another module counts as such a call when its code is that module's forward's
+// (Pass::collect_numbered_forward_calls); otherwise it is a helper method, inlined into the caller as any
+// other (a scripted child's own `forward1`). TracedForwards: module type -> its traced forwardN.
 using TracedForwards = std::unordered_map<const c10::ClassType*, std::set<std::string>>;
 
 bool is_numbered_forward(const std::string& name) {
@@ -160,18 +160,22 @@ bool is_submodule_call(const Node* n, const TracedForwards& traced) {
   return it != traced.end() && it->second.count(name) && n->input(0) != n->owningGraph()->inputs()[0];
 }
 
-torch::jit::Function* inlinable_callee(const Node* n, const TracedForwards& traced) {
+// The function a CallFunction or CallMethod node calls; nullptr for other nodes and for calls of an
+// interface (dispatched at run time).
+torch::jit::Function* callee_of(const Node* n) {
   if (n->kind() == c10::prim::CallFunction) {
     auto ft = n->input(0)->type()->cast<c10::FunctionType>();
     return ft ? ft->function() : nullptr;
   }
   if (n->kind() == c10::prim::CallMethod) {
     auto cls = n->input(0)->type()->cast<c10::ClassType>();
-    if (!cls) return nullptr;  // an interface: dispatched at run time
-    if (is_submodule_call(n, traced)) return nullptr;  // its own module
-    return cls->findMethod(n->s(c10::attr::name));
+    return cls ? cls->findMethod(n->s(c10::attr::name)) : nullptr;
   }
   return nullptr;
+}
+
+torch::jit::Function* inlinable_callee(const Node* n, const TracedForwards& traced) {
+  return is_submodule_call(n, traced) ? nullptr : callee_of(n);  // a submodule call: its own module
 }
 
 // The names the decomposed attention's source uses (see decomposed_attention_source); TorchScript's own
@@ -235,13 +239,7 @@ const Value* viewed_input(const Node* n) {
 // The value a call returns at `offset`, in the callee's graph (calls without intercepted ops stay calls);
 // v itself for other values.
 const Value* through_calls(const Value* v) {
-  const Node* n = v->node();
-  torch::jit::Function* fn = nullptr;
-  if (n->kind() == c10::prim::CallFunction) {
-    if (auto ft = n->input(0)->type()->cast<c10::FunctionType>()) fn = ft->function();
-  } else if (n->kind() == c10::prim::CallMethod) {
-    if (auto cls = n->input(0)->type()->cast<c10::ClassType>()) fn = cls->findMethod(n->s(c10::attr::name));
-  }
+  torch::jit::Function* fn = callee_of(v->node());
   if (fn == nullptr || !fn->isGraphFunction()) return v;
   return through_calls(torch::jit::toGraphFunction(*fn).graph()->outputs().at(v->offset()));
 }
@@ -250,6 +248,16 @@ const Value* through_calls(const Value* v) {
 // (`may`: through a branch one of whose results is a parameter), from the graph alone. The probes see one
 // run; an operand whose kind can change between runs keeps the example's plan in TorchScript.
 bool parameter_on_runs(const Value* v, bool must) {
+  // Several values that may reach the operand (list elements, branch results): all of them, or any.
+  auto over = [must](const auto& values) {
+    bool all = !values.empty(), any = false;
+    for (const Value* e : values) {
+      const bool p = parameter_on_runs(e, must);
+      all = all && p;
+      any = any || p;
+    }
+    return must ? all : any;
+  };
   v = through_calls(v);
   const Node* n = v->node();
   if (n->kind() == c10::prim::GetAttr) {
@@ -281,28 +289,18 @@ bool parameter_on_runs(const Value* v, bool must) {
     if (list->kind() == c10::prim::ListConstruct) {
       if (may_be_mutated(list->output())) return false;  // (appended to: its elements are not its inputs)
       if (n->kind() == c10::prim::ListUnpack) return parameter_on_runs(list->input(v->offset()), must);
-      bool all = !list->inputs().empty(), any = false;
-      for (const Value* e : list->inputs()) {
-        const bool p = parameter_on_runs(e, must);
-        all = all && p;
-        any = any || p;
-      }
-      return must ? all : any;
+      return over(list->inputs());
     }
     if (const Value* base = viewed_input(list)) return parameter_on_runs(base, must);
     return false;
   }
   if (n->kind() == c10::prim::If) {
-    const size_t i = v->offset();
-    bool all = true, any = false;
+    std::vector<const Value*> results;
     for (const Block* b : n->blocks()) {
-      const Value* out = b->outputs()[i];
-      if (out->node()->kind() == c10::prim::Uninitialized) continue;  // a branch that raises (an assert)
-      const bool p = parameter_on_runs(out, must);
-      all = all && p;
-      any = any || p;
+      const Value* out = b->outputs()[v->offset()];
+      if (out->node()->kind() != c10::prim::Uninitialized) results.push_back(out);  // (Uninitialized: it raises)
     }
-    return must ? all : any;
+    return over(results);
   }
   return false;
 }
@@ -652,12 +650,7 @@ class Pass {
     bool ops = false;
     std::function<void(const Block*)> walk = [&](const Block* b) {
       for (const Node* n : b->nodes()) {
-        torch::jit::Function* callee = nullptr;
-        if (n->kind() == c10::prim::CallFunction) {
-          if (auto ft = n->input(0)->type()->cast<c10::FunctionType>()) callee = ft->function();
-        } else if (n->kind() == c10::prim::CallMethod) {
-          if (auto c = n->input(0)->type()->cast<c10::ClassType>()) callee = c->findMethod(n->s(c10::attr::name));
-        }
+        torch::jit::Function* callee = callee_of(n);
         if (callee != nullptr && callee->isGraphFunction()) {
           walk(torch::jit::toGraphFunction(*callee).graph()->block());
           continue;
